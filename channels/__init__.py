@@ -1,0 +1,20 @@
+"""Channel adapters: one module per vendor, both directions.
+
+``CHANNELS`` is the explicit registry: provider name -> channel id -> class. channels.yaml
+names both (``channel: sms, provider: twilio``); the fake provider can play any channel.
+"""
+
+from __future__ import annotations
+
+from channels.base import Channel
+from channels.fake import FakeChannel
+
+__all__ = ["CHANNELS", "Channel", "channel_class"]
+
+CHANNELS: dict[str, dict[str, type[Channel]]] = {
+    "fake": {c: FakeChannel for c in FakeChannel.channel_ids},
+}
+
+
+def channel_class(channel: str, provider: str) -> type[Channel] | None:
+    return CHANNELS.get(provider, {}).get(channel)

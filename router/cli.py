@@ -7,12 +7,12 @@ Exit codes: 0 success, 1 the input has errors (each printed as
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from router.exceptions import OmnirouteError
 from routing_rules import (
     RulesError,
     TraceStep,
@@ -94,11 +94,22 @@ def _fact_warnings(facts: dict[str, Any], ruleset: Any) -> list[str]:
 
 @rules_app.command("explain")
 def rules_explain(
-    rules: Annotated[Path, typer.Argument(help="the rules file")],
-    facts: Annotated[Path, typer.Option("--facts", help="a JSON object of facts")],
+    rules: Annotated[
+        Path | None, typer.Argument(help="the rules file (not with --decision)")
+    ] = None,
+    facts: Annotated[Path | None, typer.Option("--facts", help="a JSON object of facts")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="show each rule tried")] = False,
+    decision: Annotated[
+        int | None, typer.Option("--decision", help="replay a stored routing decision by id")
+    ] = None,
 ) -> None:
-    """Print the Decision JSON for some facts (``--trace``: why each rule did or did not match)."""
+    """Print the Decision JSON for some facts (``--trace``: why each rule did or did not match),
+    or replay a stored decision against the ruleset it was made with (``--decision ID``)."""
+    if decision is not None:
+        _replay_decision(decision, trace)
+        return
+    if rules is None or facts is None:
+        _fail_usage("give RULES and --facts FACTS.json, or --decision ID")
     ruleset = _load_rules(rules)
     try:
         given = json.loads(_read(facts))
@@ -108,10 +119,15 @@ def rules_explain(
         _fail_usage(f"{facts}: facts must be a JSON object")
     for warning in _fact_warnings(given, ruleset):
         typer.echo(f"warning: {warning}", err=True)
+    _print_decision(ruleset, given, trace)
+
+
+def _print_decision(ruleset: Any, given: dict[str, Any], trace: bool) -> Any:
     steps: list[TraceStep] = []
     decision = reference_evaluate(given, ruleset, steps)
-    engine_decision = ruleset.engine.evaluate(given)
-    assert engine_decision == decision, "engine and reference disagree: please report this"
+    assert ruleset.engine.evaluate(given) == decision, (
+        "engine and reference disagree: please report this"
+    )
     if trace:
         for step in steps:
             outcome = "matched" if step.matched else f"no: {step.reason}"
@@ -119,6 +135,49 @@ def rules_explain(
         if not any(s.matched for s in steps):
             typer.echo("no rule matched: default")
     typer.echo(json.dumps(decision.to_dict(), indent=2))
+    return decision
+
+
+def _replay_decision(decision_id: int, trace: bool) -> None:
+    from sqlalchemy import select
+
+    from router.models import RoutingDecision
+    from router.models import Ruleset as RulesetRow
+
+    def load(conn: Any) -> tuple[Any, Any]:
+        row = conn.execute(select(RoutingDecision).where(RoutingDecision.id == decision_id)).first()
+        if row is None:
+            return None, None
+        text = conn.execute(
+            select(RulesetRow.text)
+            .where(RulesetRow.version == row.ruleset_version)
+            .order_by(RulesetRow.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        return row, text
+
+    row, text = _with_db(lambda db: db.read(load))
+    if row is None:
+        _fail_usage(f"no routing decision {decision_id}")
+    if text is None:
+        _fail_usage(
+            f"decision {decision_id} was made with ruleset {row.ruleset_version}, which is not stored"
+        )
+    ruleset = load_ruleset(text.encode("utf-8"), f"ruleset {row.ruleset_version}")
+    typer.echo(
+        f"decision {decision_id} for conversation {row.conversation_id} with ruleset {row.ruleset_version}"
+    )
+    typer.echo("facts: " + json.dumps(row.facts, sort_keys=True))
+    replayed = _print_decision(ruleset, row.facts, trace).to_dict()
+    stored = row.decision
+    same = {k: v for k, v in replayed.items() if k != "queue"} == {
+        k: v for k, v in stored.items() if k != "queue"
+    }
+    if same and replayed["queue"] != stored["queue"] and stored["rule"] is None:
+        typer.echo(f"(the inbox's default_queue {stored['queue']!r} replaced the default queue)")
+    elif replayed != stored:
+        typer.echo("replay differs from the stored decision: " + json.dumps(stored))
+        raise typer.Exit(1)
 
 
 @rules_app.command("test")
@@ -141,6 +200,226 @@ def rules_test(
     typer.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed:
         raise typer.Exit(1)
+
+
+# -- the server and its data -----------------------------------------------------------
+def _settings() -> Any:
+    from router.exceptions import ConfigError
+    from router.settings import load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        _fail_usage(exc.message)
+
+
+def _with_db(fn: Any) -> Any:
+    """Run ``fn(db)`` (async) against the configured database."""
+    import asyncio
+
+    from router.db import Database
+
+    settings = _settings()
+
+    async def run() -> Any:
+        db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        await db.start()
+        try:
+            return await fn(db)
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except OmnirouteError as exc:
+        _fail_usage(exc.message)
+
+
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the current schema (creates a SQLite file if needed)."""
+    from router.migrate import head_revision, upgrade
+
+    settings = _settings()
+    try:
+        upgrade(settings.database_url)
+    except Exception as exc:
+        _fail_usage(f"migration failed: {type(exc).__name__}: {exc}")
+    typer.echo(f"database at {head_revision()}")
+
+
+users_app = typer.Typer(help="Users, roles and tokens.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    role: Annotated[str, typer.Option("--role", help="agent | supervisor | admin")] = "agent",
+) -> None:
+    """Create a user and print their token (shown once, stored only as a SHA-256 hash)."""
+    from router.auth import create_user
+    from router.types import Role
+
+    if role not in {r.value for r in Role}:
+        _fail_usage(f'unknown role "{role}" (agent | supervisor | admin)')
+    _, token = _with_db(lambda db: db.write(create_user, name, role))
+    typer.echo(f"user {name} ({role}) created. Token (shown once):\n{token}")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: str,
+    password: Annotated[
+        str,
+        typer.Option(
+            prompt=True, confirmation_prompt=True, hide_input=True, help="at least 10 characters"
+        ),
+    ],
+) -> None:
+    """Set a user's password (stored as an argon2 hash)."""
+    from router.auth import set_password
+
+    _with_db(lambda db: db.write(set_password, name, password))
+    typer.echo(f"password for {name} set")
+
+
+@users_app.command("rotate")
+def users_rotate(name: str) -> None:
+    """Issue a new token (the old one stops working at once)."""
+    from router.auth import rotate_token
+
+    token = _with_db(lambda db: db.write(rotate_token, name))
+    typer.echo(f"new token for {name} (shown once):\n{token}")
+
+
+@users_app.command("revoke")
+def users_revoke(name: str) -> None:
+    """Revoke a user's token and sessions."""
+    from router.auth import revoke_user
+
+    _with_db(lambda db: db.write(revoke_user, name))
+    typer.echo(f"{name} revoked")
+
+
+agents_app = typer.Typer(help="Agents: skills, capacity, phone.", no_args_is_help=True)
+app.add_typer(agents_app, name="agents")
+
+
+@agents_app.command("add")
+def agents_add(
+    name: str,
+    skills: Annotated[str, typer.Option("--skills", help="billing=5,lang_de=3")] = "",
+    capacity: Annotated[
+        str, typer.Option("--capacity", help="webchat=3,email=5,voice=1,total=6")
+    ] = "",
+    phone: Annotated[
+        str | None, typer.Option("--phone", help="E.164 number or sip:user@host")
+    ] = None,
+    exclusive_channels: Annotated[
+        str, typer.Option("--exclusive-channels", help="e.g. voice")
+    ] = "",
+    display_name: Annotated[str | None, typer.Option("--display-name")] = None,
+) -> None:
+    """Make NAME an agent (creating the user if needed; its token is printed once).
+    Queue membership comes only from members: in rules.yaml."""
+    from sqlalchemy import select
+
+    from router.agents import DEFAULT_CAPACITY, create_agent, parse_capacity, parse_skills
+    from router.auth import create_user
+    from router.db import Tx
+    from router.models import User
+
+    try:
+        parsed_skills = parse_skills(skills)
+        parsed_capacity = parse_capacity(capacity) if capacity else dict(DEFAULT_CAPACITY)
+    except OmnirouteError as exc:
+        _fail_usage(exc.message)
+    sip = phone if phone and phone.startswith("sip:") else None
+    number = phone if phone and not phone.startswith("sip:") else None
+    exclusive = [c.strip() for c in exclusive_channels.split(",") if c.strip()]
+
+    def add(tx: Tx) -> tuple[int, str | None]:
+        user_id = tx.execute(select(User.id).where(User.name == name)).scalar_one_or_none()
+        token = None
+        if user_id is None:
+            user_id, token = create_user(tx, name, "agent")
+        agent_id = create_agent(
+            tx,
+            user_id,
+            display_name or name,
+            parsed_skills,
+            parsed_capacity,
+            phone=number,
+            sip=sip,
+            exclusive_channels=exclusive,
+        )
+        return agent_id, token
+
+    agent_id, token = _with_db(lambda db: db.write(add))
+    typer.echo(f"agent {name} (#{agent_id}) created")
+    if token:
+        typer.echo(f"token (shown once):\n{token}")
+
+
+channels_app = typer.Typer(help="channels.yaml.", no_args_is_help=True)
+app.add_typer(channels_app, name="channels")
+
+
+@channels_app.command("check")
+def channels_check(
+    path: Annotated[Path, typer.Argument(help="the channels file")],
+    rules: Annotated[
+        Path | None, typer.Option("--rules", help="check default_queue against this rules file")
+    ] = None,
+) -> None:
+    """Validate channels.yaml and print every error, one per line."""
+    from router.channels_config import load_channels
+
+    queues = set(_load_rules(rules).queues) if rules is not None else None
+    try:
+        config = load_channels(_read(path), str(path), queues=queues)
+    except RulesError as exc:
+        _print_errors(exc, path)
+    typer.echo(f"ok: {len(config.inboxes)} inboxes, {len(config.meta_apps)} Meta apps")
+
+
+@app.command("serve")
+def serve() -> None:
+    """Serve the API, webhooks and websockets (settings from OMNIROUTE_* variables)."""
+    import asyncio
+    import logging
+
+    import uvicorn
+
+    from router.app import create_app
+    from router.runtime import Runtime
+
+    settings = _settings()
+    try:
+        settings.require_secret()
+    except OmnirouteError as exc:
+        _fail_usage(exc.message)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    runtime = Runtime(settings)
+    try:
+        runtime.take_sqlite_lock()
+        asyncio.run(runtime.preflight())
+    except OmnirouteError as exc:
+        _fail_usage(exc.message)
+    uvicorn.run(
+        create_app(settings, runtime=runtime),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        lifespan="on",
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry for ``python -m router.cli``

@@ -39,3 +39,53 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     peers.stop_private_fallbacks()
+
+
+# -- the server under test ---------------------------------------------------------------
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+
+import httpx  # noqa: E402
+
+from adapters.clock import FakeClock  # noqa: E402
+from router.runtime import Runtime  # noqa: E402
+from router.settings import Settings  # noqa: E402
+from tests import support  # noqa: E402
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    with support.database_url(backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> Iterator[str]:
+    with support.database_url("sqlite", tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return support.make_settings(tmp_path / "conf", db_url)
+
+
+@pytest.fixture
+async def runtime(settings: Settings, clock: FakeClock) -> AsyncIterator[Runtime]:
+    async with support.started_runtime(settings, clock) as rt:
+        yield rt
+
+
+@pytest.fixture
+async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    async with support.client_for(runtime) as c:
+        yield c

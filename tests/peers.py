@@ -1418,7 +1418,7 @@ class SmtpSink:
         self.messages.clear()
         self.auth_attempts.clear()
 
-    async def wait_for(self, n: int = 1, timeout: float = 10.0) -> list[ReceivedMessage]:  # noqa: ASYNC109
+    async def wait_for(self, n: int = 1, timeout: float = 10.0) -> list[ReceivedMessage]:
         """Return (a copy of) ``messages`` once at least ``n`` arrived; TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
         while len(self.messages) < n:

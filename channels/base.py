@@ -1,0 +1,274 @@
+"""The channel contract: what every vendor module implements, in both directions.
+
+Inbound: ``verify(request)`` (signature check on the raw bytes, before parsing) and
+``parse(request)`` into :class:`InboundMessage`, :class:`StatusUpdate` or :class:`Reject`
+items (a bad item of a batch is rejected with its raw bytes; the rest goes on). Pollers
+(email) call ``context.deliver(items)`` instead.
+
+Outbound: ``send(OutboundMessage) -> SendReceipt``, raising :class:`TemporarySendError`
+(retried with backoff) or :class:`PermanentSendError` (the message fails with the
+provider's reason). ``find_sent`` answers "did an interrupted send go out?" for channels
+whose uncertain-send policy is ``check``.
+
+The core never switches on the channel type: what differs is declared as class attributes
+(``max_text_length``, ``attachments``, ``rich_text``, ``messaging_window``,
+``uncertain_policy``). Channels import nothing of the core; the core hands them a
+:class:`ChannelContext`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+__all__ = [
+    "Attachment",
+    "Channel",
+    "ChannelContext",
+    "InboundMessage",
+    "InboxConfig",
+    "OutboundMessage",
+    "ParsedItem",
+    "PermanentSendError",
+    "Reject",
+    "SendReceipt",
+    "Sender",
+    "StatusUpdate",
+    "TemporarySendError",
+    "UncertainPolicy",
+    "WebhookRequest",
+    "WebhookResponse",
+]
+
+_DURATION = re.compile(r"^\d+[smhd]$")
+
+
+class UncertainPolicy(StrEnum):
+    """What to do with a send found interrupted by a crash (DESIGN.md, delivery semantics)."""
+
+    RESEND = "resend"  # safe to resend (email: the same Message-ID dedupes downstream)
+    CHECK = "check"  # ask the provider whether it exists before resending
+    ASK = "ask"  # mark it uncertain; the agent decides ("may not have been sent, resend?")
+
+
+# -- configuration ------------------------------------------------------------------
+class InboxConfig(BaseModel):
+    """Keys every inbox in channels.yaml has; channel modules subclass it with theirs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel: str
+    provider: str
+    default_queue: str | None = None
+    continuity: Literal["join_open", "per_channel"] = "join_open"
+    reopen_window: str = "7d"
+    allowed_origins: list[str] = []
+    uncertain_policy: UncertainPolicy | None = None
+
+    @field_validator("reopen_window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not _DURATION.match(value):
+            raise ValueError(f'invalid duration "{value}" (like 30m, 8h or 7d)')
+        return value
+
+    @property
+    def reopen_window_seconds(self) -> int:
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        return int(self.reopen_window[:-1]) * units[self.reopen_window[-1]]
+
+
+# -- inbound ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """Who wrote: an identity (``kind`` + normalized ``address``) and whether it is verified."""
+
+    kind: str  # email | phone | messenger | whatsapp | webchat
+    address: str
+    verified: bool
+    name: str | None = None
+    verified_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    content_type: str
+    size: int
+    blob_key: str | None = None  # stored through the blob adapter
+    url: str | None = None  # provider URL, not fetched yet
+    inline: bool = False
+
+
+@dataclass(slots=True)
+class InboundMessage:
+    external_id: str  # unique per inbox: the dedupe key
+    sender: Sender
+    text: str = ""
+    subject: str | None = None
+    html: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    language: str | None = None
+    provider_ts: datetime | None = None
+    auto: bool = False  # an automatic message (out-of-office): attached, never reopens
+    hints: dict[str, str] = field(default_factory=dict)  # unverified claims: name, email
+    references: list[str] = field(default_factory=list)  # provider ids this replies to
+    thread_token: str | None = None  # a channel-level threading token, checked by the core
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """A delivery report for one of our outbound messages, by the provider's id."""
+
+    provider_id: str
+    status: str  # queued | sent | delivered | read | failed | undelivered
+    error: str | None = None
+    at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """An item that cannot be handled: quarantined with its raw bytes and the reason."""
+
+    reason: str
+    raw: bytes
+
+
+ParsedItem = InboundMessage | StatusUpdate | Reject
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRequest:
+    """What a webhook channel needs of an HTTP request (the core builds it)."""
+
+    method: str
+    url: str  # the public URL the provider called (configured, never guessed)
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
+    form: Mapping[str, str] = field(default_factory=dict)
+    remote: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookResponse:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain"
+
+
+# -- outbound -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    message_id: int
+    conversation_id: int
+    recipient: Sender
+    text: str
+    subject: str | None = None
+    html: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    is_auto: bool = False
+    sender_name: str | None = None
+    attempt: int = 1
+    data: Mapping[str, Any] = field(default_factory=dict)  # channel-specific (thread ids...)
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    provider_id: str | None
+    status: str = "sent"
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TemporarySendError(Exception):
+    """Retry later (rate limit, 5xx, timeout). ``retry_after`` in seconds when the provider says."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class PermanentSendError(Exception):
+    """Will never succeed (blocked, invalid recipient, window closed): the message fails."""
+
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# -- the contract -------------------------------------------------------------------
+class BlobStore(Protocol):
+    async def put(self, data: bytes, content_type: str, filename: str | None = None) -> str: ...
+
+    async def get(self, key: str) -> bytes: ...
+
+
+@dataclass
+class ChannelContext:
+    """What the core hands a channel: its inbox slug, where we are reachable, the clock,
+    and a callback for pollers to deliver what they fetched."""
+
+    slug: str
+    public_base_url: str
+    now: Callable[[], datetime]
+    deliver: Callable[[list[ParsedItem]], Awaitable[Any]] | None = None
+    blobs: BlobStore | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # test-only overrides and the like
+
+
+class Channel:
+    """Base class of every channel. Subclasses set the class attributes they differ in."""
+
+    channel_id: ClassVar[str] = ""
+    provider: ClassVar[str] = ""
+    channel_ids: ClassVar[tuple[str, ...]] = ()  # the channel ids this class can serve
+    config_model: ClassVar[type[InboxConfig]] = InboxConfig
+    max_text_length: ClassVar[int | None] = None
+    attachments: ClassVar[bool] = False
+    rich_text: ClassVar[bool] = False
+    messaging_window: ClassVar[timedelta | None] = None
+    uncertain_policy: ClassVar[UncertainPolicy] = UncertainPolicy.ASK
+    webhook: ClassVar[bool] = False  # receives provider webhooks (verify + parse)
+
+    def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
+        self.slug = slug
+        self.config = config
+        self.context = context
+
+    @property
+    def policy(self) -> UncertainPolicy:
+        return self.config.uncertain_policy or self.uncertain_policy
+
+    async def start(self) -> None:
+        """Start pollers or clients. Webhook-only channels need nothing."""
+
+    async def stop(self) -> None:
+        """Stop pollers, close clients; in-flight work is finished or left recoverable."""
+
+    def verify(self, request: WebhookRequest) -> bool:
+        """Check the request's signature over the raw bytes. Deny by default."""
+        return False
+
+    def parse(self, request: WebhookRequest) -> list[ParsedItem]:
+        """Turn a verified request into items. Unknown payloads give ``[]`` (ignored)."""
+        return []
+
+    def ack(self, request: WebhookRequest) -> WebhookResponse:
+        """The answer the provider expects once everything is persisted."""
+        return WebhookResponse(200, b"", "text/plain")
+
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        raise PermanentSendError(f"the {self.provider} {self.channel_id} channel cannot send")
+
+    async def find_sent(self, message: OutboundMessage, since: datetime) -> SendReceipt | None:
+        """For ``check``: the provider's record of this message if it was sent, else None."""
+        return None

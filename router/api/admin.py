@@ -1,0 +1,136 @@
+"""Admin routes: the active ruleset, quarantined input, uncertain sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from sqlalchemy import Connection, select
+
+from router.api.deps import get_runtime, require
+from router.auth import Principal
+from router.exceptions import NotFound
+from router.models import Outbox, Quarantine
+from router.outbox import resend
+from router.runtime import Runtime
+from router.serialize import iso
+from router.types import Role
+
+router = APIRouter(prefix="/api/admin", tags=["admin"])
+admin = require(Role.ADMIN)
+
+
+@router.get(
+    "/rules", summary="The active ruleset, each process's version and the last load's errors"
+)
+async def get_rules(
+    runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+) -> dict[str, Any]:
+    return await runtime.rules.status()
+
+
+@router.put(
+    "/rules",
+    summary="Validate and activate a ruleset (YAML body); 422 with located errors",
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/yaml": {"schema": {"type": "string"}}},
+            "required": True,
+        }
+    },
+)
+async def put_rules(
+    request: Request, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(admin)
+) -> dict[str, Any]:
+    body = await request.body()
+    ruleset = await runtime.rules.put(body, f"api:{user.name}")
+    return {
+        "version": ruleset.version,
+        "rules": len(ruleset.rules),
+        "queues": sorted(ruleset.queues),
+    }
+
+
+def _quarantine(conn: Connection, limit: int) -> list[dict[str, Any]]:
+    rows = conn.execute(select(Quarantine).order_by(Quarantine.id.desc()).limit(limit)).all()
+    return [
+        {
+            "id": q.id,
+            "inbox_id": q.inbox_id,
+            "source": q.source,
+            "reason": q.reason,
+            "size": len(q.raw),
+            "created_at": iso(q.created_at),
+            "resolved_at": iso(q.resolved_at),
+        }
+        for q in rows
+    ]
+
+
+@router.get("/quarantine", summary="Inbound input that could not be handled, newest first")
+async def list_quarantine(
+    limit: int = 100, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+) -> list[dict[str, Any]]:
+    return await runtime.db.read(_quarantine, min(max(limit, 1), 1000))
+
+
+@router.get("/quarantine/{item_id}/raw", summary="Download a quarantined item's raw bytes")
+async def quarantine_raw(
+    item_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+) -> Response:
+    raw = await runtime.db.read(
+        lambda c: c.execute(
+            select(Quarantine.raw).where(Quarantine.id == item_id)
+        ).scalar_one_or_none()
+    )
+    if raw is None:
+        raise NotFound(f"no quarantined item {item_id}")
+    return Response(
+        raw,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="quarantine-{item_id}.bin"'},
+    )
+
+
+def _outbox_report(conn: Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(Outbox)
+        .where((Outbox.uncertain_resends > 0) | Outbox.state.in_(["uncertain", "failed"]))
+        .order_by(Outbox.id.desc())
+        .limit(500)
+    ).all()
+    return [
+        {
+            "id": o.id,
+            "message_id": o.message_id,
+            "conversation_id": o.conversation_id,
+            "state": o.state,
+            "attempts": o.attempts,
+            "uncertain_resends": o.uncertain_resends,
+            "last_error": o.last_error,
+            "provider_id": o.provider_id,
+        }
+        for o in rows
+    ]
+
+
+@router.get(
+    "/outbox",
+    summary="Sends that failed, are uncertain, or were resent after a crash (possible duplicates)",
+)
+async def outbox_report(
+    runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+) -> list[dict[str, Any]]:
+    return await runtime.db.read(_outbox_report)
+
+
+@router.post("/outbox/{outbox_id}/resend", summary="Send an uncertain or failed message again")
+async def outbox_resend(
+    outbox_id: int, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(admin)
+) -> dict[str, Any]:
+    done = await runtime.db.write(resend, outbox_id, f"resend requested by {user.name}")
+    if not done:
+        raise NotFound(f"outbox {outbox_id} is not uncertain or failed")
+    runtime.outbox.wake()
+    return {"resent": True}

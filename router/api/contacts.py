@@ -1,0 +1,125 @@
+"""Contacts: read and edit a contact; custom attributes are checked against the active
+ruleset's ``attributes:`` declarations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection, select, update
+
+from router.api.deps import get_runtime, require
+from router.auth import Principal
+from router.db import Tx
+from router.exceptions import InvalidInput, NotFound
+from router.models import Contact, ContactHint, ContactIdentity
+from router.runtime import Runtime
+from router.serialize import iso
+from router.types import Role
+from routing_rules import FactType
+from routing_rules.facts import is_number
+
+router = APIRouter(prefix="/api/contacts", tags=["contacts"])
+agent = require(Role.AGENT)
+
+
+def contact_view(conn: Connection, contact_id: int) -> dict[str, Any]:
+    contact = conn.execute(select(Contact).where(Contact.id == contact_id)).first()
+    if contact is None:
+        raise NotFound(f"no contact {contact_id}")
+    identities = conn.execute(
+        select(ContactIdentity)
+        .where(ContactIdentity.contact_id == contact_id)
+        .order_by(ContactIdentity.id)
+    ).all()
+    hints = conn.execute(
+        select(ContactHint).where(ContactHint.contact_id == contact_id).order_by(ContactHint.id)
+    ).all()
+    return {
+        "id": contact.id,
+        "name": contact.name,
+        "email": contact.email,
+        "phone": contact.phone,
+        "language": contact.language,
+        "tier": contact.tier,
+        "vip": contact.vip,
+        "attributes": contact.attributes or {},
+        "merged_into_id": contact.merged_into_id,
+        "created_at": iso(contact.created_at),
+        "identities": [
+            {
+                "id": i.id,
+                "kind": i.kind,
+                "address": i.address,
+                "verified": i.verified,
+                "verified_by": i.verified_by,
+            }
+            for i in identities
+        ],
+        "unverified_hints": [{"kind": h.kind, "value": h.value, "source": h.source} for h in hints],
+    }
+
+
+class ContactPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=200)
+    language: str | None = Field(None, pattern=r"^[a-z]{2}$")
+    tier: str | None = Field(None, max_length=64)
+    vip: bool | None = None
+    attributes: dict[str, Any] | None = None
+
+
+def _check_attributes(values: dict[str, Any], declared: dict[str, FactType]) -> None:
+    for name, value in values.items():
+        if name not in declared:
+            raise InvalidInput(
+                f'unknown attribute "{name}" (declare it under attributes: in rules.yaml)',
+                field=f"attributes.{name}",
+            )
+        if value is None:
+            continue
+        kind = declared[name]
+        ok = (
+            (kind is FactType.NUMBER and is_number(value))
+            or (kind is FactType.STRING and isinstance(value, str))
+            or (kind is FactType.BOOL and isinstance(value, bool))
+        )
+        if not ok:
+            raise InvalidInput(
+                f'attribute "{name}" must be a {kind.value}', field=f"attributes.{name}"
+            )
+
+
+def _patch(tx: Tx, contact_id: int, patch: ContactPatch) -> None:
+    current = tx.execute(select(Contact.attributes).where(Contact.id == contact_id)).first()
+    if current is None:
+        raise NotFound(f"no contact {contact_id}")
+    values = patch.model_dump(exclude_unset=True, exclude={"attributes"})
+    if patch.attributes is not None:
+        merged = {**(current.attributes or {}), **patch.attributes}
+        values["attributes"] = {k: v for k, v in merged.items() if v is not None}
+    values["updated_at"] = tx.now
+    tx.execute(update(Contact).where(Contact.id == contact_id).values(**values))
+
+
+@router.get("/{contact_id}", summary="A contact with verified identities and unverified hints")
+async def get_contact(
+    contact_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+) -> dict[str, Any]:
+    return await runtime.db.read(contact_view, contact_id)
+
+
+@router.patch(
+    "/{contact_id}", summary="Edit a contact (attributes are validated against rules.yaml)"
+)
+async def patch_contact(
+    contact_id: int,
+    patch: ContactPatch,
+    runtime: Runtime = Depends(get_runtime),
+    _: Principal = Depends(agent),
+) -> dict[str, Any]:
+    if patch.attributes:
+        _check_attributes(patch.attributes, runtime.rules.ruleset.attributes)
+    await runtime.db.write(_patch, contact_id, patch)
+    return await runtime.db.read(contact_view, contact_id)

@@ -1,0 +1,48 @@
+"""The signed-in user."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from router.api.deps import get_runtime, require
+from router.auth import Principal, set_password, verify_password
+from router.exceptions import Forbidden
+from router.runtime import Runtime
+from router.types import Role
+
+router = APIRouter(prefix="/api/me", tags=["me"])
+
+
+class PasswordChange(BaseModel):
+    current: str | None = Field(None, description="required when a password is already set")
+    new: str = Field(min_length=10, max_length=1024)
+
+
+@router.get("", summary="Who am I")
+async def me(user: Principal = Depends(require(Role.AGENT))) -> dict[str, Any]:
+    return {
+        "id": user.user_id,
+        "name": user.name,
+        "role": user.role.value,
+        "agent_id": user.agent_id,
+    }
+
+
+@router.post("/password", summary="Set or change my password (argon2)")
+async def change_password(
+    change: PasswordChange,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(require(Role.AGENT)),
+) -> dict[str, bool]:
+    if user.password_changed_at is not None:
+        ok = (
+            change.current is not None
+            and await runtime.db.read(verify_password, user.name, change.current) is not None
+        )
+        if not ok:
+            raise Forbidden("the current password is wrong")
+    await runtime.db.write(set_password, user.name, change.new)
+    return {"changed": True}

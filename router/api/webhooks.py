@@ -1,0 +1,89 @@
+"""Provider webhooks: verify the signature on the raw bytes before anything else (403 and
+nothing stored otherwise), persist every item, answer, and only then route.
+
+The URL a signature covers is the configured public base URL plus the path (never the Host
+header, which a proxy may change), so signatures verify behind load balancers."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Request
+from fastapi.responses import Response
+
+from channels.base import Channel, WebhookRequest
+from router.api.deps import get_runtime
+from router.exceptions import NotFound
+from router.pipeline import quarantine
+from router.runtime import Runtime
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+log = logging.getLogger(__name__)
+MAX_BODY = 5 * 1024 * 1024
+
+
+async def webhook_request(request: Request, public_base_url: str) -> WebhookRequest:
+    body = await request.body()
+    url = (
+        public_base_url + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    )
+    form: dict[str, str] = {}
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    return WebhookRequest(
+        method=request.method,
+        url=url,
+        headers={k.lower(): v for k, v in request.headers.items()},
+        body=body,
+        query=dict(request.query_params),
+        form=form,
+        remote=request.client.host if request.client else "",
+    )
+
+
+async def handle(
+    runtime: Runtime, channel: Channel, request: Request, background: BackgroundTasks
+) -> Response:
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        return Response("payload too large", status_code=413)
+    hook = await webhook_request(request, runtime.settings.public_base_url)
+    if not channel.verify(hook):
+        runtime.metrics.webhook_rejected.labels(channel.provider, "signature").inc()
+        log.warning(
+            "webhook for %s refused: bad or missing signature (from %s)", channel.slug, hook.remote
+        )
+        return Response("forbidden", status_code=403)
+    inbox = runtime.inboxes[channel.slug]
+    try:
+        items = channel.parse(hook)
+    except Exception as exc:  # a parser bug must not lose the request: keep it raw
+        log.exception("parsing a %s webhook failed; quarantined", channel.slug)
+        await runtime.db.write(
+            quarantine, inbox.id, "webhook", f"parse failed: {type(exc).__name__}: {exc}", hook.body
+        )
+        runtime.metrics.quarantined.labels("webhook").inc()
+        items = []
+    outcomes = await runtime.ingest(channel.slug, items)
+    background.add_task(runtime.after_ingest, outcomes)  # route after the provider has its answer
+    ack = channel.ack(hook)
+    return Response(ack.body, status_code=ack.status, media_type=ack.content_type)
+
+
+def inbox_channel(runtime: Runtime, slug: str, provider: str) -> Channel:
+    channel = runtime.channels.get(slug)
+    if channel is None or channel.provider != provider or not runtime.inboxes[slug].enabled:
+        raise NotFound(f"no {provider} inbox {slug!r}")
+    return channel
+
+
+@router.post(
+    "/fake/{inbox}", summary="The fake channel's signed JSON webhook (tests, demos, benchmarks)"
+)
+async def fake_webhook(
+    inbox: str,
+    request: Request,
+    background: BackgroundTasks,
+    runtime: Runtime = Depends(get_runtime),
+) -> Response:
+    return await handle(runtime, inbox_channel(runtime, inbox, "fake"), request, background)

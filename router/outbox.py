@@ -1,0 +1,643 @@
+"""The outbox: every outbound message is sent at least once, and none is lost.
+
+    queued --claim--> sending --provider ok--> sent
+       ^                 |  \\--temporary error--> queued (backoff with jitter)
+       |                 |   \\--permanent error / attempts used up--> failed
+       |                 \\--process died mid-send--> uncertain (the inbox's policy decides)
+       \\---------- resend (policy resend, a check that found nothing, an agent's "resend")
+
+The move to ``sending`` is committed before the provider is called, so a crash inside a
+send leaves evidence. A claim is a conditional update (plus ``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL), so two workers never send one row. Policies for an uncertain send:
+``resend`` (email: the same Message-ID lets the receiving side drop a duplicate),
+``check`` (ask the provider whether it exists, resend only if not), ``ask`` (mark the
+message uncertain; the agent sees "may not have been sent, resend?"). Every uncertain
+resend is counted on the row and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from channels.base import (
+    Attachment,
+    Channel,
+    OutboundMessage,
+    PermanentSendError,
+    Sender,
+    SendReceipt,
+    TemporarySendError,
+    UncertainPolicy,
+)
+from router.db import Database, Tx
+from router.events import add_event, agent_stream
+from router.exceptions import InvalidInput, NotFound
+from router.failpoints import failpoint
+from router.models import ContactIdentity, Conversation, Message, Outbox, Process
+from router.serialize import message_payload
+from router.types import Actor, ConversationState, DeliveryStatus, Direction, EventKind, OutboxState
+
+__all__ = ["ClaimedSend", "OutboxSender", "claim_due", "enqueue_message", "resend"]
+
+log = logging.getLogger(__name__)
+
+
+def _recipient(tx: Tx, conversation: Conversation, identity_id: int | None) -> tuple[int, int]:
+    """``(inbox_id, identity_id)`` to reply through: by default the channel and identity of
+    the customer's latest inbound message."""
+    if identity_id is not None:
+        owner = tx.execute(
+            select(ContactIdentity.contact_id).where(ContactIdentity.id == identity_id)
+        ).scalar_one_or_none()
+        if owner != conversation.contact_id:
+            raise InvalidInput("that identity does not belong to this conversation's contact")
+        inbox_id = tx.execute(
+            select(Message.inbox_id)
+            .where(Message.identity_id == identity_id, Message.direction == "in")
+            .order_by(Message.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        return int(inbox_id or conversation.inbox_id), identity_id
+    last = tx.execute(
+        select(Message.inbox_id, Message.identity_id)
+        .where(
+            Message.conversation_id == conversation.id,
+            Message.direction == "in",
+            Message.identity_id.is_not(None),
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    ).first()
+    if last is None:
+        raise InvalidInput("no customer identity to reply to in this conversation")
+    return int(last.inbox_id), int(last.identity_id)
+
+
+def enqueue_message(
+    tx: Tx,
+    conversation_id: int,
+    text: str,
+    *,
+    author: Actor,
+    agent_id: int | None = None,
+    is_auto: bool = False,
+    is_note: bool = False,
+    subject: str | None = None,
+    attachments: list[dict[str, Any]] | None = None,
+    identity_id: int | None = None,
+    client_id: str | None = None,
+    template: str | None = None,
+) -> int | None:
+    """Store an outbound message (and its outbox row, unless it is an internal note) in the
+    caller's transaction. Returns the message id."""
+    conversation = tx.execute(
+        select(Conversation).where(Conversation.id == conversation_id)
+    ).first()
+    if conversation is None:
+        raise NotFound(f"no conversation {conversation_id}")
+    now = tx.now
+    if is_note:
+        inbox_id, recipient = conversation.inbox_id, None
+    else:
+        inbox_id, recipient = _recipient(tx, conversation, identity_id)
+    data = {k: v for k, v in {"client_id": client_id, "template": template}.items() if v}
+    message_id = int(
+        tx.execute(
+            insert(Message)
+            .values(
+                conversation_id=conversation_id,
+                inbox_id=inbox_id,
+                direction=Direction.OUT.value,
+                author=author.value,
+                agent_id=agent_id,
+                identity_id=recipient,
+                text=text,
+                subject=subject,
+                attachments=attachments or [],
+                delivery_status=(DeliveryStatus.SENT if is_note else DeliveryStatus.QUEUED).value,
+                is_auto=is_auto,
+                is_note=is_note,
+                data=data,
+                created_at=now,
+            )
+            .returning(Message.id)
+        ).scalar_one()
+    )
+    if is_note:
+        add_event(
+            tx,
+            conversation_id,
+            EventKind.NOTE,
+            Actor(author),
+            agent_id=agent_id,
+            message_id=message_id,
+        )
+    else:
+        identity = tx.execute(
+            select(ContactIdentity.kind, ContactIdentity.address).where(
+                ContactIdentity.id == recipient
+            )
+        ).one()
+        tx.execute(
+            insert(Outbox).values(
+                message_id=message_id,
+                conversation_id=conversation_id,
+                inbox_id=inbox_id,
+                state=OutboxState.QUEUED.value,
+                attempts=0,
+                next_attempt_at=now,
+                payload={"recipient": {"kind": identity.kind, "address": identity.address}},
+                created_at=now,
+            )
+        )
+        add_event(
+            tx,
+            conversation_id,
+            EventKind.MESSAGE_OUT,
+            Actor(author),
+            agent_id=agent_id,
+            message_id=message_id,
+            auto=is_auto,
+        )
+        changes: dict[str, Any] = {"last_outbound_at": now, "updated_at": now}
+        human = author == Actor.AGENT and not is_auto
+        if human and conversation.first_response_at is None:
+            changes["first_response_at"] = now
+            add_event(
+                tx,
+                conversation_id,
+                EventKind.FIRST_RESPONSE,
+                Actor.AGENT,
+                agent_id=agent_id,
+                message_id=message_id,
+            )
+        if human and conversation.state == ConversationState.ASSIGNED:
+            changes["state"] = ConversationState.WAITING_CUSTOMER.value
+        tx.execute(update(Conversation).where(Conversation.id == conversation_id).values(**changes))
+    if conversation.assigned_agent_id is not None:
+        row = tx.execute(select(Message).where(Message.id == message_id)).one()
+        tx.emit(
+            agent_stream(conversation.assigned_agent_id),
+            "message",
+            {
+                "conversation_id": conversation_id,
+                "message": message_payload(row, conversation.channel),
+            },
+        )
+    return message_id
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedSend:
+    outbox_id: int
+    message_id: int
+    conversation_id: int
+    inbox_id: int
+    attempt: int
+    claimed_at: datetime
+    message: OutboundMessage
+
+
+def _outbound(row: Any) -> OutboundMessage:
+    recipient = (row.payload or {}).get("recipient", {})
+    return OutboundMessage(
+        message_id=row.message_id,
+        conversation_id=row.conversation_id,
+        recipient=Sender(recipient.get("kind", ""), recipient.get("address", ""), True),
+        text=row.text,
+        subject=row.subject,
+        attachments=tuple(
+            Attachment(
+                a.get("filename") or "file",
+                a.get("content_type") or "application/octet-stream",
+                int(a.get("size") or 0),
+                a.get("blob_key"),
+            )
+            for a in row.attachments or []
+        ),
+        is_auto=row.is_auto,
+        sender_name=row.display_name,
+        attempt=row.attempts,
+        data=row.data or {},
+    )
+
+
+def _load_claimed(
+    conn: Connection, outbox_ids: list[int], claimed_at: datetime
+) -> list[ClaimedSend]:
+    if not outbox_ids:
+        return []
+    from router.models import Agent
+
+    rows = conn.execute(
+        select(
+            Outbox.id.label("outbox_id"),
+            Outbox.inbox_id,
+            Outbox.attempts,
+            Outbox.payload,
+            Message.id.label("message_id"),
+            Message.conversation_id,
+            Message.text,
+            Message.subject,
+            Message.attachments,
+            Message.is_auto,
+            Message.data,
+            Agent.display_name,
+        )
+        .join(Message, Message.id == Outbox.message_id)
+        .outerjoin(Agent, Agent.id == Message.agent_id)
+        .where(Outbox.id.in_(outbox_ids))
+        .order_by(Outbox.id)
+    ).all()
+    return [
+        ClaimedSend(
+            r.outbox_id,
+            r.message_id,
+            r.conversation_id,
+            r.inbox_id,
+            r.attempts,
+            claimed_at,
+            _outbound(r),
+        )
+        for r in rows
+    ]
+
+
+def claim_due(tx: Tx, holder: str, limit: int) -> list[ClaimedSend]:
+    """Claim up to ``limit`` due rows: ``queued -> sending``, committed before any send."""
+    due = (
+        select(Outbox.id)
+        .where(Outbox.state == OutboxState.QUEUED.value, Outbox.next_attempt_at <= tx.now)
+        .order_by(Outbox.id)
+        .limit(limit)
+    )
+    if tx.dialect == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    ids = [int(i) for i in tx.execute(due).scalars()]
+    if not ids:
+        return []
+    claimed = [
+        int(i)
+        for i in tx.execute(
+            update(Outbox)
+            .where(Outbox.id.in_(ids), Outbox.state == OutboxState.QUEUED.value)
+            .values(
+                state=OutboxState.SENDING.value,
+                claimed_by=holder,
+                claimed_at=tx.now,
+                attempts=Outbox.attempts + 1,
+            )
+            .returning(Outbox.id)
+        ).scalars()
+    ]
+    if claimed:
+        message_ids = (
+            tx.execute(select(Outbox.message_id).where(Outbox.id.in_(claimed))).scalars().all()
+        )
+        tx.execute(
+            update(Message)
+            .where(Message.id.in_(message_ids))
+            .values(delivery_status=DeliveryStatus.SENDING.value)
+        )
+    return _load_claimed(tx.conn, claimed, tx.now)
+
+
+def _notify(tx: Tx, message_id: int, status: str, error: str | None = None) -> None:
+    row = tx.execute(
+        select(Message.conversation_id, Conversation.assigned_agent_id)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Message.id == message_id)
+    ).one()
+    if row.assigned_agent_id is not None:
+        tx.emit(
+            agent_stream(row.assigned_agent_id),
+            "delivery",
+            {
+                "conversation_id": row.conversation_id,
+                "message_id": message_id,
+                "status": status,
+                "error": error,
+            },
+        )
+
+
+def mark_sent(tx: Tx, outbox_id: int, holder: str, receipt: SendReceipt) -> bool:
+    done = tx.execute(
+        update(Outbox)
+        .where(
+            Outbox.id == outbox_id,
+            Outbox.state == OutboxState.SENDING.value,
+            Outbox.claimed_by == holder,
+        )
+        .values(
+            state=OutboxState.SENT.value,
+            provider_id=receipt.provider_id,
+            sent_at=tx.now,
+            last_error=None,
+        )
+        .returning(Outbox.message_id)
+    ).scalar_one_or_none()
+    if done is None:
+        return False
+    message = tx.execute(select(Message.data).where(Message.id == done)).scalar_one()
+    tx.execute(
+        update(Message)
+        .where(
+            Message.id == done,
+            Message.delivery_status.in_(
+                [
+                    DeliveryStatus.SENDING.value,
+                    DeliveryStatus.QUEUED.value,
+                    DeliveryStatus.UNCERTAIN.value,
+                ]
+            ),
+        )
+        .values(
+            delivery_status=receipt.status if receipt.status in ("sent", "delivered") else "sent",
+            external_id=receipt.provider_id,
+            data={**(message or {}), **dict(receipt.data)},
+        )
+    )
+    _notify(tx, int(done), "sent")
+    return True
+
+
+def mark_retry(
+    tx: Tx, outbox_id: int, holder: str, error: str, at: datetime, max_attempts: int
+) -> str:
+    row = tx.execute(select(Outbox.attempts, Outbox.message_id).where(Outbox.id == outbox_id)).one()
+    if row.attempts >= max_attempts:
+        return mark_failed(tx, outbox_id, holder, f"gave up after {row.attempts} attempts: {error}")
+    tx.execute(
+        update(Outbox)
+        .where(
+            Outbox.id == outbox_id,
+            Outbox.state == OutboxState.SENDING.value,
+            Outbox.claimed_by == holder,
+        )
+        .values(
+            state=OutboxState.QUEUED.value,
+            next_attempt_at=at,
+            last_error=error[:2000],
+            claimed_by=None,
+        )
+    )
+    tx.execute(
+        update(Message)
+        .where(Message.id == row.message_id)
+        .values(delivery_status=DeliveryStatus.QUEUED.value)
+    )
+    return "retry"
+
+
+def mark_failed(tx: Tx, outbox_id: int, holder: str | None, error: str) -> str:
+    query = update(Outbox).where(Outbox.id == outbox_id)
+    if holder is not None:
+        query = query.where(Outbox.claimed_by == holder)
+    message_id = tx.execute(
+        query.values(state=OutboxState.FAILED.value, last_error=error[:2000]).returning(
+            Outbox.message_id
+        )
+    ).scalar_one_or_none()
+    if message_id is not None:
+        tx.execute(
+            update(Message)
+            .where(Message.id == message_id)
+            .values(delivery_status=DeliveryStatus.FAILED.value, error=error[:2000])
+        )
+        _notify(tx, int(message_id), DeliveryStatus.FAILED.value, error)
+    return "failed"
+
+
+def find_stale_sends(tx: Tx, me: str, dead_after: float) -> list[int]:
+    """Rows left in ``sending`` by a process that is gone: mark them uncertain."""
+    alive_since = tx.now - timedelta(seconds=dead_after)
+    live = select(Process.id).where(Process.heartbeat_at >= alive_since, Process.id != me)
+    stale = (
+        select(Outbox.id)
+        .where(
+            Outbox.state == OutboxState.SENDING.value,
+            Outbox.claimed_by != me,
+            Outbox.claimed_by.not_in(live),
+        )
+        .order_by(Outbox.id)
+    )
+    ids = [int(i) for i in tx.execute(stale).scalars()]
+    if ids:
+        tx.execute(
+            update(Outbox)
+            .where(Outbox.id.in_(ids), Outbox.state == OutboxState.SENDING.value)
+            .values(state=OutboxState.UNCERTAIN.value)
+        )
+    return ids
+
+
+def resend(tx: Tx, outbox_id: int, reason: str) -> bool:
+    """Queue an uncertain (or failed) send again; counted as a possible duplicate."""
+    message_id = tx.execute(
+        update(Outbox)
+        .where(
+            Outbox.id == outbox_id,
+            Outbox.state.in_([OutboxState.UNCERTAIN.value, OutboxState.FAILED.value]),
+        )
+        .values(
+            state=OutboxState.QUEUED.value,
+            next_attempt_at=tx.now,
+            claimed_by=None,
+            uncertain_resends=Outbox.uncertain_resends + 1,
+            last_error=reason,
+        )
+        .returning(Outbox.message_id)
+    ).scalar_one_or_none()
+    if message_id is None:
+        return False
+    tx.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(delivery_status=DeliveryStatus.QUEUED.value, error=None)
+    )
+    log.warning(
+        "outbox %s: resending a send that may have gone out already (%s)", outbox_id, reason
+    )
+    return True
+
+
+def mark_uncertain_for_agent(tx: Tx, outbox_id: int) -> None:
+    message_id = tx.execute(select(Outbox.message_id).where(Outbox.id == outbox_id)).scalar_one()
+    tx.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(
+            delivery_status=DeliveryStatus.UNCERTAIN.value, error="may not have been sent; resend?"
+        )
+    )
+    _notify(tx, int(message_id), DeliveryStatus.UNCERTAIN.value, "may not have been sent; resend?")
+
+
+def backlog(conn: Connection) -> int:
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(Outbox)
+            .where(Outbox.state.in_([OutboxState.QUEUED.value, OutboxState.SENDING.value]))
+        ).scalar_one()
+    )
+
+
+class OutboxSender:
+    """The worker that sends due outbox rows through their inbox's channel."""
+
+    def __init__(
+        self,
+        db: Database,
+        channel_for: Callable[[int], Channel | None],
+        *,
+        holder: str,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+        dead_after: float,
+        concurrency: int = 16,
+        on_sent: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.channel_for = channel_for
+        self.holder = holder
+        self.max_attempts = max_attempts
+        self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        self.dead_after = dead_after
+        self._wake = asyncio.Event()
+        self._limit = asyncio.Semaphore(concurrency)
+        self.on_sent = on_sent
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.recover_uncertain()
+                while await self.process_due():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox worker iteration failed; retrying")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+
+    async def process_due(self, limit: int = 64) -> int:
+        claimed = await self.db.write(claim_due, self.holder, limit)
+        if claimed:
+            await asyncio.gather(*(self._send(job) for job in claimed))
+        return len(claimed)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return max(0.0, min(retry_after, self.backoff_max))
+        ceiling = min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
+        return random.uniform(ceiling / 2, ceiling)  # jitter: never a thundering herd
+
+    async def _send(self, job: ClaimedSend) -> None:
+        async with self._limit:
+            channel = self.channel_for(job.inbox_id)
+            if channel is None:
+                await self.db.write(
+                    mark_retry,
+                    job.outbox_id,
+                    self.holder,
+                    "inbox disabled or not configured",
+                    self.db.clock.now() + timedelta(seconds=60),
+                    self.max_attempts,
+                )
+                return
+            failpoint("before_outbox_send")
+            try:
+                receipt = await channel.send(job.message)
+            except TemporarySendError as exc:
+                at = self.db.clock.now() + timedelta(
+                    seconds=self._backoff(job.attempt, exc.retry_after)
+                )
+                await self.db.write(
+                    mark_retry, job.outbox_id, self.holder, exc.reason, at, self.max_attempts
+                )
+                return
+            except PermanentSendError as exc:
+                await self.db.write(mark_failed, job.outbox_id, self.holder, exc.reason)
+                return
+            except Exception as exc:  # an unexpected error is treated as temporary, and logged
+                log.exception("send of outbox %s raised", job.outbox_id)
+                at = self.db.clock.now() + timedelta(seconds=self._backoff(job.attempt, None))
+                await self.db.write(
+                    mark_retry,
+                    job.outbox_id,
+                    self.holder,
+                    f"{type(exc).__name__}: {exc}",
+                    at,
+                    self.max_attempts,
+                )
+                return
+            failpoint("after_provider_send")
+            await self.db.write(mark_sent, job.outbox_id, self.holder, receipt)
+            if self.on_sent is not None:
+                self.on_sent(job.inbox_id, "sent")
+
+    async def recover_uncertain(self) -> int:
+        """Apply each inbox's policy to sends a dead process left in ``sending``."""
+        ids = await self.db.write(find_stale_sends, self.holder, self.dead_after)
+        for outbox_id in ids:
+            jobs = await self.db.read(_load_claimed, [outbox_id], self.db.clock.now())
+            if not jobs:
+                continue
+            job = jobs[0]
+            channel = self.channel_for(job.inbox_id)
+            policy = channel.policy if channel is not None else UncertainPolicy.ASK
+            if policy is UncertainPolicy.RESEND:
+                await self.db.write(
+                    resend, outbox_id, "uncertain after a crash: resent (policy resend)"
+                )
+            elif policy is UncertainPolicy.CHECK and channel is not None:
+                claimed_at = await self.db.read(
+                    lambda c, i=outbox_id: c.execute(
+                        select(Outbox.claimed_at).where(Outbox.id == i)
+                    ).scalar_one()
+                )
+                try:
+                    found = await channel.find_sent(job.message, claimed_at)
+                except Exception:
+                    log.exception(
+                        "checking uncertain send %s failed; leaving it uncertain for now", outbox_id
+                    )
+                    continue
+                if found is not None:
+                    await self.db.write(_settle_found, outbox_id, found)
+                else:
+                    await self.db.write(
+                        resend,
+                        outbox_id,
+                        "uncertain after a crash: the provider has no record, resent",
+                    )
+            else:
+                await self.db.write(mark_uncertain_for_agent, outbox_id)
+        if ids:
+            self.wake()
+        return len(ids)
+
+
+def _settle_found(tx: Tx, outbox_id: int, receipt: SendReceipt) -> None:
+    tx.execute(
+        update(Outbox)
+        .where(Outbox.id == outbox_id)
+        .values(state=OutboxState.SENDING.value, claimed_by="recovery")
+    )
+    mark_sent(tx, outbox_id, "recovery", receipt)

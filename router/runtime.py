@@ -1,0 +1,418 @@
+"""The runtime: one process's database, bus, rules, channels and workers, wired together.
+
+``Runtime.start()`` connects, takes the SQLite lock (one ``serve`` per SQLite file),
+registers the process, loads the active ruleset and channels.yaml, and starts the workers:
+routing sweep, outbox sender, rules watch (lease holder) and poll, heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+
+from adapters.bus import Bus, make_bus
+from adapters.clock import Clock, SystemClock
+from channels import Channel, channel_class
+from channels.base import ChannelContext, InboxConfig, ParsedItem
+from router.channels_config import ChannelsConfig, load_channels
+from router.db import Database, StreamRecord, Tx, insert_ignore
+from router.exceptions import AlreadyRunning, ConfigError
+from router.failpoints import configure as configure_failpoints
+from router.failpoints import failpoint
+from router.metrics import Metrics
+from router.migrate import current_revision, head_revision
+from router.models import Conversation, Inbox, Process
+from router.outbox import OutboxSender, backlog
+from router.pipeline import InboxInfo, IngestOutcome, Pipeline, load_inbox
+from router.routing import RouteResult, route_conversation
+from router.rules_service import RulesService
+from router.settings import Settings
+from router.tasks import TaskGroup
+from routing_rules import RulesError
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger(__name__)
+
+
+def upsert_inboxes(tx: Tx, config: ChannelsConfig) -> None:
+    """Upsert inboxes by slug; an inbox no longer in the file is disabled, never deleted."""
+    for slug, inbox in config.inboxes.items():
+        settings = {
+            k: v for k, v in inbox.model_dump(mode="json").items() if not _secretish(inbox, k)
+        }
+        values = {
+            "channel": inbox.channel,
+            "provider": inbox.provider,
+            "default_queue": inbox.default_queue,
+            "continuity": inbox.continuity,
+            "reopen_window_s": inbox.reopen_window_seconds,
+            "settings": settings,
+            "enabled": True,
+            "updated_at": tx.now,
+        }
+        if not tx.execute(update(Inbox).where(Inbox.slug == slug).values(**values)).rowcount:
+            insert_ignore(tx.conn, Inbox, {"slug": slug, **values})
+    tx.execute(
+        update(Inbox)
+        .where(Inbox.slug.not_in(list(config.inboxes)))
+        .values(enabled=False, updated_at=tx.now)
+    )
+
+
+def _secretish(model: InboxConfig, field: str) -> bool:
+    from pydantic import SecretStr
+
+    return isinstance(getattr(model, field, None), SecretStr)
+
+
+def _register(tx: Tx, process_id: str) -> None:
+    tx.execute(delete(Process).where(Process.id == process_id))
+    tx.execute(
+        insert(Process).values(
+            id=process_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=tx.now,
+            heartbeat_at=tx.now,
+            last_error={},
+        )
+    )
+
+
+def _heartbeat(tx: Tx, process_id: str) -> None:
+    tx.execute(update(Process).where(Process.id == process_id).values(heartbeat_at=tx.now))
+
+
+def _unregister(tx: Tx, process_id: str) -> None:
+    tx.execute(delete(Process).where(Process.id == process_id))
+
+
+def _new_conversations(conn: Connection, older_than: Any, limit: int) -> list[int]:
+    return [
+        int(i)
+        for i in conn.execute(
+            select(Conversation.id)
+            .where(Conversation.state == "new", Conversation.created_at <= older_than)
+            .order_by(Conversation.id)
+            .limit(limit)
+        ).scalars()
+    ]
+
+
+class Runtime:
+    def __init__(
+        self, settings: Settings, *, clock: Clock | None = None, bus: Bus | None = None
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.process_id = f"{settings.process_id}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.metrics = Metrics()
+        self.bus = bus or make_bus(settings.redis_url, settings.redis_prefix)
+        self.db = Database(
+            settings.database_url,
+            clock=self.clock,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            on_records=self._publish_records,
+        )
+        self.rules = RulesService(
+            self.db,
+            self.bus,
+            rules_path=settings.rules_path,
+            process_id=self.process_id,
+            lease_ttl=settings.lease_ttl,
+        )
+        self.pipeline = Pipeline(self.db)
+        self.pipeline.on_ingested.append(self._count_ingested)
+        self.channels: dict[str, Channel] = {}
+        self.inboxes: dict[str, InboxInfo] = {}
+        self._inbox_by_id: dict[int, str] = {}
+        self.channels_config = ChannelsConfig()
+        self.outbox = OutboxSender(
+            self.db,
+            self.channel_for_inbox_id,
+            holder=self.process_id,
+            max_attempts=settings.outbox_max_attempts,
+            backoff_base=settings.outbox_backoff_base,
+            backoff_max=settings.outbox_backoff_max,
+            dead_after=settings.heartbeat_interval * 3,
+            on_sent=self._count_sent,
+        )
+        self.on_routed: list[Callable[[RouteResult], Coroutine[Any, Any, None]]] = []
+        self.workers = TaskGroup()
+        self.background = TaskGroup()
+        self._lock_file: Any = None
+        self.started = False
+        self.ready_reasons: list[str] = ["starting"]
+
+    # -- life cycle ---------------------------------------------------------------------
+    async def start(self, *, workers: bool = True) -> None:
+        configure_failpoints(self.settings.failpoints or os.environ.get("OMNIROUTE_FAILPOINTS", ""))
+        self.take_sqlite_lock()
+        await self.db.start()
+        try:
+            await self._check_schema(self.db)
+        except ConfigError:
+            await self.db.close()
+            self._release_sqlite_lock()
+            raise
+        await self.bus.start()
+        await self.db.write(_register, self.process_id)
+        await self.rules.start()
+        await self.load_channels()
+        self.started = True
+        if workers:
+            self.start_workers()
+
+    def start_workers(self) -> None:
+        s = self.settings
+        self.workers.spawn(self._heartbeat_loop(s.heartbeat_interval), "heartbeat")
+        self.workers.spawn(self.outbox.run(s.outbox_interval), "outbox")
+        self.workers.spawn(self._routing_sweep(s.worker_interval), "routing-sweep")
+        self.workers.spawn(self.rules.watch(s.rules_watch_interval), "rules-watch")
+        self.workers.spawn(self.rules.poll(s.rules_poll_interval), "rules-poll")
+
+    async def stop(self) -> None:
+        await self.workers.cancel()
+        await self.background.drain(timeout=5)
+        for channel in self.channels.values():
+            try:
+                await channel.stop()
+            except Exception:
+                log.exception("stopping channel %s failed", channel.slug)
+        await self.rules.stop()
+        if self.started:
+            try:
+                await self.db.write(_unregister, self.process_id)
+            except Exception:
+                log.exception("could not unregister the process")
+        await self.bus.close()
+        await self.db.close()
+        self._release_sqlite_lock()
+        self.started = False
+
+    @staticmethod
+    async def _check_schema(db: Database) -> None:
+        try:
+            revision = await db.read(current_revision)
+        except Exception as exc:
+            raise ConfigError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+        if revision != head_revision():
+            raise ConfigError(
+                f"the database is at migration {revision or 'none'}, this omniroute needs {head_revision()}: run `omniroute db upgrade`"
+            )
+
+    async def preflight(self) -> None:
+        """Fail early with one clear message: database reachable and migrated, files valid."""
+        db = Database(self.settings.database_url)
+        await db.start()
+        try:
+            await self._check_schema(db)
+        finally:
+            await db.close()
+        if self.settings.channels_path is not None:
+            try:
+                load_channels(
+                    self.settings.channels_path.read_bytes(), str(self.settings.channels_path)
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read channels file {self.settings.channels_path}: {exc.strerror}"
+                ) from None
+            except RulesError as exc:
+                raise ConfigError(f"channels file rejected:\n{exc}") from None
+
+    def take_sqlite_lock(self) -> None:
+        """One ``serve`` per SQLite file: an exclusive lock on ``<database>.lock``."""
+        if self._lock_file is not None:
+            return
+        path = Database(self.settings.database_url).sqlite_path if self.settings.is_sqlite else None
+        if not path or path == ":memory:":
+            return
+        lock_path = Path(f"{path}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the process's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise AlreadyRunning(
+                f"another omniroute process is serving {path} (lock {lock_path}). SQLite allows one "
+                "process per database: stop the other one, or run several processes on PostgreSQL."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def _release_sqlite_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    async def readiness(self) -> list[str]:
+        """Reasons this process is not ready (empty when ready)."""
+        reasons = []
+        if not self.started:
+            reasons.append("starting")
+        if not await self.db.ping():
+            reasons.append("database unreachable")
+        elif await self.db.read(current_revision) != head_revision():
+            reasons.append("migrations not current")
+        if self.rules.active is None:
+            reasons.append("no active ruleset")
+        if not self.bus.healthy:
+            reasons.append("bus unreachable")
+        return reasons
+
+    # -- channels -----------------------------------------------------------------------
+    async def load_channels(self) -> None:
+        path = self.settings.channels_path
+        if path is None:
+            config = ChannelsConfig()
+        else:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read channels file {path}: {exc.strerror}") from None
+            queues = set(self.rules.active.queues) if self.rules.active else None
+            try:
+                config = load_channels(data, str(path), queues=queues)
+            except RulesError as exc:
+                raise ConfigError(f"channels file rejected:\n{exc}") from None
+        await self.db.write(upsert_inboxes, config)
+        self.channels_config = config
+        for old in self.channels.values():
+            await old.stop()
+        self.channels.clear()
+        self.inboxes.clear()
+        self._inbox_by_id.clear()
+        for slug, inbox_config in config.inboxes.items():
+            cls = channel_class(inbox_config.channel, inbox_config.provider)
+            assert cls is not None  # validated by load_channels
+            context = ChannelContext(
+                slug=slug,
+                public_base_url=self.settings.public_base_url,
+                now=self.clock.now,
+                deliver=self._deliver_for(slug),
+            )
+            channel = cls(slug, inbox_config, context)
+            info = await self.db.read(load_inbox, slug)
+            assert info is not None
+            self.channels[slug] = channel
+            self.inboxes[slug] = info
+            self._inbox_by_id[info.id] = slug
+            await channel.start()
+
+    def _deliver_for(
+        self, slug: str
+    ) -> Callable[[list[ParsedItem]], Coroutine[Any, Any, list[IngestOutcome]]]:
+        async def deliver(items: list[ParsedItem]) -> list[IngestOutcome]:
+            return await self.ingest(slug, items, source="poller", route_now=True)
+
+        return deliver
+
+    def channel_for_inbox_id(self, inbox_id: int) -> Channel | None:
+        slug = self._inbox_by_id.get(inbox_id)
+        return self.channels.get(slug) if slug else None
+
+    # -- the inbound path ---------------------------------------------------------------
+    async def ingest(
+        self,
+        slug: str,
+        items: list[ParsedItem],
+        *,
+        source: str = "webhook",
+        route_now: bool = False,
+    ) -> list[IngestOutcome]:
+        """Persist items for an inbox. The caller answers the provider after this returns and
+        then calls ``after_ingest`` (webhooks), or passes ``route_now`` (pollers)."""
+        inbox = self.inboxes[slug]
+        outcomes = await self.pipeline.accept(inbox, items, source)
+        if route_now:
+            await self.after_ingest(outcomes)
+        return outcomes
+
+    async def after_ingest(self, outcomes: list[IngestOutcome]) -> None:
+        """Route what the ingest created or reopened, in the background."""
+        for outcome in outcomes:
+            if (outcome.created or outcome.reopened) and outcome.conversation_id is not None:
+                self.background.spawn(
+                    self.route(outcome.conversation_id), f"route-{outcome.conversation_id}"
+                )
+
+    def _count_ingested(self, slug: str, outcome: IngestOutcome) -> None:
+        channel = self.inboxes[slug].channel if slug in self.inboxes else "unknown"
+        (self.metrics.messages_duplicate if outcome.duplicate else self.metrics.messages_in).labels(
+            channel
+        ).inc()
+
+    def _count_sent(self, inbox_id: int, status: str) -> None:
+        slug = self._inbox_by_id.get(inbox_id)
+        self.metrics.messages_out.labels(self.inboxes[slug].channel if slug else "unknown").inc()
+
+    async def route(self, conversation_id: int) -> RouteResult | None:
+        ruleset = self.rules.active
+        if ruleset is None:
+            return None  # the sweep routes it once a ruleset is active
+        result = await self.db.write(route_conversation, conversation_id, ruleset)
+        if result is None:
+            return None
+        failpoint("after_route_commit")
+        created = await self.db.read(
+            lambda c: c.execute(
+                select(Conversation.created_at).where(Conversation.id == conversation_id)
+            ).scalar_one()
+        )
+        self.metrics.routing_latency.observe(max(0.0, (self.clock.now() - created).total_seconds()))
+        if result.reply_message_id is not None:
+            self.outbox.wake()
+        for callback in self.on_routed:
+            await callback(result)
+        return result
+
+    async def sweep_new(self) -> int:
+        """Route conversations left in ``new`` (a crash between commit and routing)."""
+        cutoff = self.clock.now() - timedelta(seconds=self.settings.new_conversation_grace)
+        ids = await self.db.read(_new_conversations, cutoff, 500)
+        for conversation_id in ids:
+            await self.route(conversation_id)
+        return len(ids)
+
+    async def _routing_sweep(self, interval: float) -> None:
+        while True:
+            try:
+                await self.sweep_new()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("routing sweep failed")
+            await asyncio.sleep(interval)
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.db.write(_heartbeat, self.process_id)
+                self.metrics.outbox_backlog.set(await self.db.read(backlog))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat failed")
+
+    async def _publish_records(self, records: list[StreamRecord]) -> None:
+        await self.bus.publish_many([(f"stream:{r.stream}", r.frame()) for r in records])

@@ -1,0 +1,127 @@
+"""Settings from the environment (``OMNIROUTE_*``) or an env file, validated at start-up.
+
+An invalid setting fails with a message naming the variable, never its value (values
+may be secrets).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from router.exceptions import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OMNIROUTE_", extra="ignore", validate_default=True
+    )
+
+    # storage
+    database_url: str = Field(
+        "sqlite:///var/omniroute.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql://...",
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL",
+        description="FULL survives power loss after an acknowledgement; NORMAL only a process crash",
+    )
+    db_pool_size: int = Field(10, ge=1, le=500)
+    db_max_overflow: int = Field(10, ge=0, le=500)
+    redis_url: str | None = Field(
+        None, description="redis://...; the in-process bus is used when unset"
+    )
+    redis_prefix: str = "omniroute:"
+    data_dir: Path = Field(Path("var"), description="blobs and local state")
+
+    # the two files admins edit
+    rules_path: Path = Path("rules.yaml")
+    channels_path: Path | None = None
+
+    # serving
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_base_url: str = Field(
+        "http://127.0.0.1:8080", description="the URL providers and browsers use to reach us"
+    )
+    secret_key: SecretStr | None = Field(
+        None, description="32+ random characters; signs threading tokens and sessions"
+    )
+    process_id: str = Field(default_factory=lambda: f"{socket.gethostname()}")
+    failpoints: str = ""
+    demo: bool = False
+
+    # workers (seconds)
+    worker_interval: float = Field(1.0, gt=0)
+    outbox_interval: float = Field(1.0, gt=0)
+    rules_watch_interval: float = Field(2.0, gt=0)
+    rules_poll_interval: float = Field(5.0, gt=0)
+    heartbeat_interval: float = Field(5.0, gt=0)
+    lease_ttl: float = Field(30.0, gt=0)
+    new_conversation_grace: float = Field(
+        2.0, ge=0, description="a `new` conversation older than this is routed by the sweep"
+    )
+    send_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="a send claimed longer ago than this, by a dead process, is uncertain",
+    )
+    outbox_max_attempts: int = Field(12, ge=1)
+    outbox_backoff_base: float = Field(1.0, gt=0)
+    outbox_backoff_max: float = Field(600.0, gt=0)
+    presence_grace: float = Field(
+        60.0, ge=0, description="after a socket loss, presence goes offline after this"
+    )
+    stream_retention_days: float = Field(7.0, gt=0)
+
+    # limits
+    message_max_chars: int = Field(10_000, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must start with sqlite:// or postgresql://")
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    def require_secret(self) -> str:
+        if self.secret_key is None:
+            raise ConfigError("OMNIROUTE_SECRET_KEY: required to serve (32+ random characters)")
+        return self.secret_key.get_secret_value()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings, turning validation errors into a :class:`ConfigError` that names each
+    variable and the problem, and never repeats a value."""
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False, include_input=False, include_context=False):
+            field = "_".join(str(p) for p in error["loc"]).upper()
+            lines.append(f"OMNIROUTE_{field}: {error['msg']}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

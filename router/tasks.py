@@ -1,0 +1,59 @@
+"""Background tasks that are kept referenced (so they are never garbage-collected half-way),
+logged when they fail, and cancelled together at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+__all__ = ["TaskGroup", "spawn"]
+
+log = logging.getLogger(__name__)
+_default: set[asyncio.Task[Any]] = set()
+
+
+def _done(task: asyncio.Task[Any], bucket: set[asyncio.Task[Any]]) -> None:
+    bucket.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+def spawn(
+    coro: Coroutine[Any, Any, Any],
+    name: str | None = None,
+    bucket: set[asyncio.Task[Any]] | None = None,
+) -> asyncio.Task[Any]:
+    bucket = _default if bucket is None else bucket
+    task = asyncio.ensure_future(coro)
+    if name:
+        task.set_name(name)
+    bucket.add(task)
+    task.add_done_callback(lambda t: _done(t, bucket))
+    return task
+
+
+class TaskGroup:
+    """Owns long-running workers and one-off background work of a runtime."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        return spawn(coro, name, self.tasks)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait for one-off work to finish (up to ``timeout``), then cancel what is left."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout)
+        await self.cancel()
+
+    async def cancel(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
