@@ -60,7 +60,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _user(conn: Connection, name: str) -> User:
+def _user(conn: Connection, name: str) -> Any:
     row = conn.execute(select(User).where(User.name == name)).first()
     if row is None:
         raise NotFound(f'no user "{name}"')
