@@ -55,6 +55,7 @@ class FakeConfig(InboxConfig):
 
 
 def _append_synced(path: str, line: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as log:
         log.write(line + "\n")
         log.flush()
@@ -153,7 +154,7 @@ class FakeChannel(Channel):
             raise PermanentSendError(self.permanent_failure, "fake")
         if self.failures_left > 0:
             self.failures_left -= 1
-            raise TemporarySendError("fake temporary failure", retry_after=0)
+            raise TemporarySendError("fake temporary failure")
         self._counter += 1
         provider_id = f"fake-{self.slug}-{message.message_id}-{message.attempt}"
         self.sent.append(message)

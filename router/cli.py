@@ -422,6 +422,100 @@ def serve() -> None:
     )
 
 
+DEMO_AGENTS = (
+    ("anna", "billing=8,lang_de=5,lang_en=5", "Anna Schmidt"),
+    ("ben", "billing=4,lang_en=5", "Ben Okafor"),
+    ("chris", "lang_de=4,lang_en=3", "Chris Meier"),
+)
+
+
+def _demo_environment(var: Path) -> None:
+    """Settings for the demo: a SQLite file and the example files, a generated secret."""
+    import os
+    import secrets
+
+    var.mkdir(parents=True, exist_ok=True)
+    secret_file = var / "secret_key"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_urlsafe(48))
+        secret_file.chmod(0o600)
+    fake_secret = var / "demo_fake_secret"
+    if not fake_secret.exists():
+        fake_secret.write_text(secrets.token_urlsafe(24))
+        fake_secret.chmod(0o600)
+    defaults = {
+        "OMNIROUTE_DATABASE_URL": f"sqlite:///{var / 'omniroute.db'}",
+        "OMNIROUTE_RULES_PATH": "examples/rules.yaml",
+        "OMNIROUTE_CHANNELS_PATH": "examples/channels.yaml",
+        "OMNIROUTE_DATA_DIR": str(var),
+        "OMNIROUTE_SECRET_KEY": secret_file.read_text().strip(),
+        "OMNIROUTE_DEMO_FAKE_SECRET": fake_secret.read_text().strip(),
+        "OMNIROUTE_DEMO": "true",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def _seed_demo(var: Path) -> list[tuple[str, str, str]]:
+    """Create the demo admin and agents once; their tokens are kept in var/demo-tokens.json
+    (demo data only: a real deployment never stores tokens)."""
+    from sqlalchemy import select
+
+    from router.agents import DEFAULT_CAPACITY, create_agent, parse_skills
+    from router.auth import create_user
+    from router.db import Tx
+    from router.models import User
+
+    tokens_file = var / "demo-tokens.json"
+    known: dict[str, dict[str, str]] = json.loads(tokens_file.read_text()) if tokens_file.exists() else {}
+
+    def seed(tx: Tx) -> dict[str, dict[str, str]]:
+        created: dict[str, dict[str, str]] = {}
+        if tx.execute(select(User.id).where(User.name == "admin")).first() is None:
+            _, token = create_user(tx, "admin", "admin")
+            created["admin"] = {"role": "admin", "token": token}
+        for name, skills, display in DEMO_AGENTS:
+            if tx.execute(select(User.id).where(User.name == name)).first() is None:
+                user_id, token = create_user(tx, name, "agent")
+                create_agent(tx, user_id, display, parse_skills(skills), dict(DEFAULT_CAPACITY))
+                created[name] = {"role": "agent", "token": token}
+        return created
+
+    known.update(_with_db(lambda db: db.write(seed)))
+    tokens_file.write_text(json.dumps(known, indent=2))
+    tokens_file.chmod(0o600)
+    return [(name, v["role"], v["token"]) for name, v in known.items()]
+
+
+@app.command("demo")
+def demo(
+    var: Annotated[Path, typer.Option("--var", help="where the demo keeps its database and secrets")] = Path("var"),
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="prepare everything but do not serve")] = False,
+) -> None:
+    """Run the demo on SQLite with no other service: migrate, load the examples, seed an admin
+    and three agents, print their tokens, serve. (``make run`` runs this.)"""
+    from router.migrate import upgrade
+
+    _demo_environment(var.resolve())
+    settings = _settings()
+    upgrade(settings.database_url)
+    accounts = _seed_demo(var.resolve())
+    base = settings.public_base_url
+    typer.echo("\nomniroute demo")
+    typer.echo(f"  API docs:      {base}/docs")
+    for name, role, token in accounts:
+        typer.echo(f"  {role:<6} {name:<6} token: {token}")
+    typer.echo(f"  fake SMS inbox secret (for signed webhooks): {settings_env('OMNIROUTE_DEMO_FAKE_SECRET')}\n")
+    if not no_serve:
+        serve()
+
+
+def settings_env(name: str) -> str:
+    import os
+
+    return os.environ.get(name, "")
+
+
 def main() -> None:  # pragma: no cover - console entry for ``python -m router.cli``
     app()
 

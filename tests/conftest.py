@@ -89,3 +89,15 @@ async def runtime(settings: Settings, clock: FakeClock) -> AsyncIterator[Runtime
 async def client(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
     async with support.client_for(runtime) as c:
         yield c
+
+
+@pytest.fixture
+def pg_url(tmp_path: Path) -> Iterator[str]:
+    """A migrated PostgreSQL database of its own (for tests of several processes)."""
+    with support.database_url("postgres", tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_settings(tmp_path: Path, pg_url: str) -> Settings:
+    return support.make_settings(tmp_path / "conf", pg_url)

@@ -1,0 +1,84 @@
+"""Stream events: per-stream sequence numbers are gapless in commit order, even under
+concurrent writers, and a rolled-back write leaves no trace in any stream."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from router.db import StreamRecord, Tx
+from router.models import EventStream, StreamEvent
+from router.runtime import Runtime
+
+
+async def test_sequences_are_gapless_under_concurrent_writes(runtime: Runtime) -> None:
+    published: list[StreamRecord] = []
+    original = runtime.db.on_records
+
+    async def capture(records: list[StreamRecord]) -> None:
+        published.extend(records)
+        if original is not None:
+            await original(records)  # type: ignore[misc]
+
+    runtime.db.on_records = capture
+
+    def write(tx: Tx, i: int) -> None:
+        tx.emit(f"agent:{i % 3}", "ping", {"i": i})
+        tx.emit("supervisors", "ping", {"i": i})
+        if i % 5 == 0:
+            tx.emit(f"agent:{i % 3}", "pong", {"i": i})
+
+    await asyncio.gather(*(runtime.db.write(write, i) for i in range(120)))
+    rows = await runtime.db.read(lambda c: c.execute(select(StreamEvent.stream, StreamEvent.seq).order_by(StreamEvent.id)).all())
+    by_stream: dict[str, list[int]] = {}
+    for stream, seq in rows:
+        by_stream.setdefault(stream, []).append(seq)
+    for stream, seqs in by_stream.items():
+        assert sorted(seqs) == list(range(1, len(seqs) + 1)), stream
+    counters = dict(await runtime.db.read(lambda c: c.execute(select(EventStream.stream, EventStream.last_seq)).all()))
+    assert counters == {s: len(v) for s, v in by_stream.items()}
+    assert counters["supervisors"] == 120
+    assert sorted((r.stream, r.seq) for r in published) == sorted(rows)  # each published once, after commit
+
+
+async def test_a_failed_write_consumes_no_sequence_number(runtime: Runtime) -> None:
+    def ok(tx: Tx) -> None:
+        tx.emit("s", "a", {})
+
+    def boom(tx: Tx) -> None:
+        tx.emit("s", "b", {})
+        raise RuntimeError("nope")
+
+    await runtime.db.write(ok)
+    with pytest.raises(RuntimeError):
+        await runtime.db.write(boom)
+    await runtime.db.write(ok)
+    events = await runtime.db.stream_events("s", 0)
+    assert [(e.seq, e.type) for e in events] == [(1, "a"), (2, "a")]
+
+
+async def test_a_rolled_back_savepoint_drops_its_buffered_events(runtime: Runtime) -> None:
+    def write(tx: Tx) -> Any:
+        tx.emit("s", "kept", {})
+        try:
+            with tx.savepoint():
+                tx.emit("s", "dropped", {})
+                tx.emit("t", "dropped", {})
+                raise ValueError
+        except ValueError:
+            pass
+        tx.emit("s", "kept-too", {})
+
+    await runtime.db.write(write)
+    assert [(e.seq, e.type) for e in await runtime.db.stream_events("s", 0)] == [(1, "kept"), (2, "kept-too")]
+    assert await runtime.db.stream_events("t", 0) == []
+
+
+async def test_stream_events_after_a_sequence_number(runtime: Runtime) -> None:
+    for i in range(5):
+        await runtime.db.write(lambda tx, i=i: tx.emit("s", "e", {"i": i}))
+    assert [e.payload["i"] for e in await runtime.db.stream_events("s", 2)] == [2, 3, 4]
+    assert [e.payload["i"] for e in await runtime.db.stream_events("s", 2, limit=1)] == [2]
