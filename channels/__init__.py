@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from channels.base import Channel
 from channels.fake import FakeChannel
+from channels.webchat import WebChatChannel
 
 __all__ = ["CHANNELS", "Channel", "channel_class"]
 
 CHANNELS: dict[str, dict[str, type[Channel]]] = {
     "fake": {c: FakeChannel for c in FakeChannel.channel_ids},
+    "omniroute": {"webchat": WebChatChannel},
 }
 
 

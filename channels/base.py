@@ -222,6 +222,9 @@ class ChannelContext:
     now: Callable[[], datetime]
     deliver: Callable[[list[ParsedItem]], Awaitable[Any]] | None = None
     blobs: BlobStore | None = None
+    push: Callable[[OutboundMessage], Awaitable[SendReceipt]] | None = (
+        None  # live delivery (web chat)
+    )
     options: Mapping[str, Any] = field(default_factory=dict)  # test-only overrides and the like
 
 

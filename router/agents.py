@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
 from router.db import Tx
 from router.exceptions import Conflict, InvalidInput, NotFound
-from router.models import Agent, AgentLoad, AgentSkill, AgentStatusEvent, User
+from router.models import Agent, AgentLoad, AgentSkill, AgentStatusEvent, User, table
 from router.types import CAPACITY_KEYS, CHANNEL_IDS
 
 __all__ = [
@@ -189,27 +189,30 @@ def update_agent(
         record_status(tx, agent_id, None, "capacity_changed")
 
 
+_SNAPSHOT = select(AgentLoad.channel, AgentLoad.used, AgentLoad.cap).where(
+    AgentLoad.agent_id == bindparam("agent")
+)
+_PRESENCE = select(Agent.presence).where(Agent.id == bindparam("agent"))
+_STATUS = insert(table(AgentStatusEvent))
+
+
 def load_snapshot(conn: Connection, agent_id: int) -> dict[str, list[int]]:
-    rows = conn.execute(
-        select(AgentLoad.channel, AgentLoad.used, AgentLoad.cap).where(
-            AgentLoad.agent_id == agent_id
-        )
-    ).all()
-    return {r.channel: [r.used, r.cap] for r in rows}
+    return {r.channel: [r.used, r.cap] for r in conn.execute(_SNAPSHOT, {"agent": agent_id})}
 
 
 def record_status(tx: Tx, agent_id: int, presence: str | None, reason: str) -> None:
     """Append an AgentStatusEvent with presence and capacity used per channel after a change."""
     if presence is None:
-        presence = tx.execute(select(Agent.presence).where(Agent.id == agent_id)).scalar_one()
+        presence = tx.execute(_PRESENCE, {"agent": agent_id}).scalar_one()
     tx.execute(
-        insert(AgentStatusEvent).values(
-            agent_id=agent_id,
-            at=tx.now,
-            presence=presence,
-            load=load_snapshot(tx.conn, agent_id),
-            reason=reason,
-        )
+        _STATUS,
+        {
+            "agent_id": agent_id,
+            "at": tx.now,
+            "presence": presence,
+            "load": load_snapshot(tx.conn, agent_id),
+            "reason": reason,
+        },
     )
 
 

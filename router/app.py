@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from adapters.clock import Clock
-from router.api import admin, contacts, health, me, webhooks
+from router import pages, ws_agent, ws_chat
+from router.api import admin, agents, contacts, conversations, health, me, queues, users, webhooks
 from router.exceptions import OmnirouteError
 from router.runtime import Runtime
 from router.settings import Settings, load_settings
@@ -34,6 +37,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start(workers=workers)
+        # Everything loaded at start-up lives as long as the process: keep it out of the
+        # cyclic collector, and collect the young generation less often, so a full
+        # collection over thousands of open sockets does not stall routing.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         try:
             yield
         finally:
@@ -62,6 +70,27 @@ def create_app(
             status_code=422,
         )
 
-    for module in (health, admin, contacts, me, webhooks):
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        return response
+
+    for module in (
+        health,
+        admin,
+        agents,
+        queues,
+        conversations,
+        contacts,
+        users,
+        me,
+        webhooks,
+        ws_agent,
+        ws_chat,
+        pages,
+    ):
         app.include_router(module.router)
     return app

@@ -467,7 +467,9 @@ def _seed_demo(var: Path) -> list[tuple[str, str, str]]:
     from router.models import User
 
     tokens_file = var / "demo-tokens.json"
-    known: dict[str, dict[str, str]] = json.loads(tokens_file.read_text()) if tokens_file.exists() else {}
+    known: dict[str, dict[str, str]] = (
+        json.loads(tokens_file.read_text()) if tokens_file.exists() else {}
+    )
 
     def seed(tx: Tx) -> dict[str, dict[str, str]]:
         created: dict[str, dict[str, str]] = {}
@@ -489,8 +491,12 @@ def _seed_demo(var: Path) -> list[tuple[str, str, str]]:
 
 @app.command("demo")
 def demo(
-    var: Annotated[Path, typer.Option("--var", help="where the demo keeps its database and secrets")] = Path("var"),
-    no_serve: Annotated[bool, typer.Option("--no-serve", help="prepare everything but do not serve")] = False,
+    var: Annotated[
+        Path, typer.Option("--var", help="where the demo keeps its database and secrets")
+    ] = Path("var"),
+    no_serve: Annotated[
+        bool, typer.Option("--no-serve", help="prepare everything but do not serve")
+    ] = False,
 ) -> None:
     """Run the demo on SQLite with no other service: migrate, load the examples, seed an admin
     and three agents, print their tokens, serve. (``make run`` runs this.)"""
@@ -502,10 +508,14 @@ def demo(
     accounts = _seed_demo(var.resolve())
     base = settings.public_base_url
     typer.echo("\nomniroute demo")
+    typer.echo(f"  customer chat: {base}/demo")
+    typer.echo(f"  agent page:    {base}/demo/agent   (paste an agent token)")
     typer.echo(f"  API docs:      {base}/docs")
     for name, role, token in accounts:
         typer.echo(f"  {role:<6} {name:<6} token: {token}")
-    typer.echo(f"  fake SMS inbox secret (for signed webhooks): {settings_env('OMNIROUTE_DEMO_FAKE_SECRET')}\n")
+    typer.echo(
+        f"  fake SMS inbox secret (for signed webhooks): {settings_env('OMNIROUTE_DEMO_FAKE_SECRET')}\n"
+    )
     if not no_serve:
         serve()
 

@@ -36,19 +36,37 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from adapters.clock import Clock, SystemClock
-from router.models import EventStream, StreamEvent
+from router.models import EventStream, StreamEvent, table
 
 __all__ = ["Database", "StreamRecord", "Tx", "insert_ignore", "is_retryable"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_streams = table(EventStream)
+_BUMP_STREAM = (
+    update(_streams)
+    .where(_streams.c.stream == bindparam("s"))
+    .values(last_seq=_streams.c.last_seq + bindparam("n"))
+    .returning(_streams.c.last_seq)
+)
+_INSERT_STREAM_EVENT = insert(table(StreamEvent))
 MAX_BATCH = 256
 _STOP = object()
 
@@ -124,22 +142,16 @@ class Tx:
         for stream in sorted(self._events):
             events = self._events[stream]
             n = len(events)
-            bump = (
-                update(EventStream)
-                .where(EventStream.stream == stream)
-                .values(last_seq=EventStream.last_seq + n)
-                .returning(EventStream.last_seq)
-            )
-            last = self.conn.execute(bump).scalar()
+            last = self.conn.execute(_BUMP_STREAM, {"s": stream, "n": n}).scalar()
             if last is None:
                 insert_ignore(self.conn, EventStream, {"stream": stream, "last_seq": 0})
-                last = self.conn.execute(bump).scalar_one()
+                last = self.conn.execute(_BUMP_STREAM, {"s": stream, "n": n}).scalar_one()
             first = last - n + 1
             records = [
                 StreamRecord(stream, first + i, t, self.now, p) for i, (t, p) in enumerate(events)
             ]
             self.conn.execute(
-                insert(StreamEvent),
+                _INSERT_STREAM_EVENT,
                 [
                     {
                         "stream": r.stream,
@@ -170,10 +182,11 @@ def insert_ignore(conn: Connection, model: Any, values: dict[str, Any]) -> int:
 
 @dataclass
 class _Job:
-    fn: Callable[[Tx], Any]
+    fn: Callable[..., Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     args: tuple[Any, ...] = field(default_factory=tuple)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def is_retryable(exc: DBAPIError) -> bool:
@@ -210,6 +223,8 @@ class Database:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._checkpoints: threading.Thread | None = None
+        self._checkpoint_stop = threading.Event()
         self.commits = 0  # transactions committed (SQLite: batches)
         self.writes = 0  # write functions committed
 
@@ -232,6 +247,11 @@ class Database:
                 target=self._writer_main, name="omniroute-db-writer", daemon=True
             )
             self._writer.start()
+            self._checkpoint_stop = threading.Event()
+            self._checkpoints = threading.Thread(
+                target=self._checkpointer, name="omniroute-db-checkpoint", daemon=True
+            )
+            self._checkpoints.start()
         else:
             self._async_engine = create_async_engine(
                 self.url.set(drivername="postgresql+asyncpg"),
@@ -240,7 +260,29 @@ class Database:
                 pool_pre_ping=True,
             )
 
+    def _checkpointer(self) -> None:
+        """Copy the WAL back into the database file from a connection of its own, so the
+        writer's commits never pay for a checkpoint (a PASSIVE checkpoint does not block it)."""
+        import sqlite3
+
+        assert self.sqlite_path is not None
+        conn = sqlite3.connect(
+            self.sqlite_path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        try:
+            while not self._checkpoint_stop.wait(1.0):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    log.debug("passive checkpoint failed; retrying in a second", exc_info=True)
+        finally:
+            conn.close()
+
     async def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoint_stop.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpoints.join)
+            self._checkpoints = None
         if self._writer is not None:
             self._jobs.put(_STOP)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
@@ -271,9 +313,14 @@ class Database:
             # writer can take the write lock up front with BEGIN IMMEDIATE.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
+            # The busy timeout first: right after a crash the first connection recovers the
+            # WAL and others must wait for it, not fail with "database is locked".
             cur.execute("PRAGMA busy_timeout=30000")
+            if write:  # WAL is a property of the file, set once by the writer
+                cur.execute("PRAGMA journal_mode=WAL")
+                # Checkpoints run beside the writer (see _checkpointer), never inside a commit.
+                cur.execute("PRAGMA wal_autocheckpoint=0")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -284,20 +331,22 @@ class Database:
         return engine
 
     # -- writes -------------------------------------------------------------------------
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(tx, *args)`` in a write transaction; return its result after the commit
         and after its stream events are published. Shielded: a caller that is cancelled
         (a client hung up) does not stop a commit in flight or the publishing after it."""
-        return await asyncio.shield(self._write(fn, args))
+        return await asyncio.shield(self._write(fn, args, kwargs))
 
-    async def _write(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    async def _write(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
         if self.dialect == "sqlite":
             loop = asyncio.get_running_loop()
             future: asyncio.Future[Any] = loop.create_future()
-            self._jobs.put(_Job(fn, loop, future, args))
+            self._jobs.put(_Job(fn, loop, future, args, kwargs))
             result, tx = await future
         else:
-            result, tx = await self._pg_write(fn, args)
+            result, tx = await self._pg_write(fn, args, kwargs)
         await self._after_commit(tx)
         return result
 
@@ -314,7 +363,9 @@ class Database:
             except Exception:
                 log.exception("after-commit callback failed")
 
-    async def _pg_write(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, Tx]:
+    async def _pg_write(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, Tx]:
         assert self._async_engine is not None, "Database.start() first"
         for attempt in range(8):
             holder: list[Tx] = []
@@ -322,7 +373,7 @@ class Database:
             def run(sync_conn: Connection, holder: list[Tx] = holder) -> Any:
                 tx = Tx(sync_conn, self.clock.now(), "postgresql")
                 holder.append(tx)
-                result = fn(tx, *args)
+                result = fn(tx, *args, **kwargs)
                 tx.flush_streams()
                 return result
 
@@ -371,7 +422,7 @@ class Database:
                     savepoint = conn.begin_nested()
                     tx = Tx(conn, self.clock.now(), "sqlite")
                     try:
-                        result = job.fn(tx, *job.args)
+                        result = job.fn(tx, *job.args, **job.kwargs)
                         tx.flush_streams()
                         savepoint.commit()
                         outcomes.append((job, True, (result, tx)))

@@ -7,12 +7,13 @@ from typing import Any
 from sqlalchemy import insert
 
 from router.db import Tx
-from router.models import ConversationEvent
+from router.models import ConversationEvent, table
 from router.types import Actor, EventKind
 
 __all__ = ["SUPERVISORS", "add_event", "agent_stream", "queue_stream", "visitor_stream"]
 
 SUPERVISORS = "supervisors"
+_INSERT = insert(table(ConversationEvent))
 
 
 def agent_stream(agent_id: int) -> str:
@@ -39,13 +40,14 @@ def add_event(
 ) -> None:
     """Append a ConversationEvent at the transaction's clock reading (never pruned)."""
     tx.execute(
-        insert(ConversationEvent).values(
-            conversation_id=conversation_id,
-            kind=kind.value,
-            at=tx.now,
-            actor=actor.value,
-            agent_id=agent_id,
-            queue=queue,
-            data=data,
-        )
+        _INSERT,
+        {
+            "conversation_id": conversation_id,
+            "kind": kind.value,
+            "at": tx.now,
+            "actor": actor.value,
+            "agent_id": agent_id,
+            "queue": queue,
+            "data": data,
+        },
     )

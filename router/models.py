@@ -7,7 +7,7 @@ Identifiers are 64-bit integers (plain INTEGER PRIMARY KEY on SQLite).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -21,6 +21,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -31,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Agent",
+    "AgentConnection",
     "AgentLoad",
     "AgentSkill",
     "AgentStatusEvent",
@@ -56,6 +58,7 @@ __all__ = [
     "StreamEvent",
     "User",
     "metadata",
+    "table",
 ]
 
 NAMING = {
@@ -176,6 +179,16 @@ class Agent(Base):
     )  # round robin, survives restarts
     disconnected_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
+
+
+class AgentConnection(Base):
+    """A live agent socket in a process (presence survives reconnects and other processes)."""
+
+    __tablename__ = "agent_connections"
+    id: Mapped[int] = _id()
+    agent_id: Mapped[int] = mapped_column(Id, ForeignKey("agents.id"), index=True)
+    process_id: Mapped[str] = mapped_column(String(128), index=True)
+    connected_at: Mapped[datetime]
 
 
 class AgentSkill(Base):
@@ -450,3 +463,9 @@ class Blob(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
+
+
+def table(model: type[Base]) -> Table:
+    """A model's Core table: statements on it skip the ORM's bulk-persistence layer, which
+    matters on hot paths (prepared once, executed with parameters)."""
+    return cast(Table, model.__table__)

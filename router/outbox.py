@@ -38,6 +38,7 @@ from channels.base import (
     TemporarySendError,
     UncertainPolicy,
 )
+from router.assignment.capacity import holds_while_waiting, release
 from router.db import Database, Tx
 from router.events import add_event, agent_stream
 from router.exceptions import InvalidInput, NotFound
@@ -182,6 +183,12 @@ def enqueue_message(
             )
         if human and conversation.state == ConversationState.ASSIGNED:
             changes["state"] = ConversationState.WAITING_CUSTOMER.value
+            if conversation.assigned_agent_id is not None and not holds_while_waiting(
+                conversation.channel
+            ):
+                release(
+                    tx, conversation.assigned_agent_id, conversation.channel, "waiting_customer"
+                )
         tx.execute(update(Conversation).where(Conversation.id == conversation_id).values(**changes))
     if conversation.assigned_agent_id is not None:
         row = tx.execute(select(Message).where(Message.id == message_id)).one()

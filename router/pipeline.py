@@ -22,13 +22,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from channels.base import InboundMessage, ParsedItem, Reject, Sender, StatusUpdate
-from router.db import Database, Tx, insert_ignore, is_retryable
+from router.assignment.capacity import claim, holds_while_waiting
+from router.db import Database, Tx, is_retryable
 from router.events import add_event, agent_stream
 from router.failpoints import failpoint
 from router.models import (
@@ -39,6 +43,7 @@ from router.models import (
     Inbox,
     Message,
     Quarantine,
+    table,
 )
 from router.serialize import message_payload
 from router.types import OPEN_STATES, Actor, ConversationState, DeliveryStatus, Direction, EventKind
@@ -78,6 +83,7 @@ class IngestOutcome:
     duplicate: bool = False
     created: bool = False  # a new conversation: it must be routed
     reopened: bool = False  # a resolved conversation reopened: it must be routed again
+    requeued: bool = False  # back in its queue (its agent was full): it must be offered
     quarantined: bool = False
     contact_id: int | None = None
     agent_id: int | None = None
@@ -92,14 +98,65 @@ class DuplicateMessage(Exception):
         self.conversation_id = conversation_id
 
 
+_messages, _conversations, _contacts, _identities, _hints = (
+    table(Message),
+    table(Conversation),
+    table(Contact),
+    table(ContactIdentity),
+    table(ContactHint),
+)
+_SEEN = select(_messages.c.id, _messages.c.conversation_id).where(
+    _messages.c.inbox_id == bindparam("inbox"), _messages.c.external_id == bindparam("external")
+)
+_IDENTITY = select(_identities.c.id, _identities.c.contact_id, _identities.c.verified).where(
+    _identities.c.kind == bindparam("kind"), _identities.c.address == bindparam("address")
+)
+_VERIFY_IDENTITY = (
+    update(_identities)
+    .where(_identities.c.id == bindparam("p_id"))
+    .values(verified=True, verified_by=bindparam("p_by"))
+)
+_NEW_CONTACT = insert(_contacts).returning(_contacts.c.id)
+_DROP_CONTACT = delete(_contacts).where(_contacts.c.id == bindparam("p_id"))
+_NEW_IDENTITY = {
+    "sqlite": sqlite_insert(_identities).on_conflict_do_nothing(),
+    "postgresql": pg_insert(_identities).on_conflict_do_nothing(),
+}
+_LOCK_CONTACT = (
+    select(_contacts.c.id)
+    .where(_contacts.c.id == bindparam("p_id"))
+    .with_for_update(key_share=True)
+)
+_OPEN = [s.value for s in OPEN_STATES]
+_PICK = {
+    (scope, kind): select(_conversations)
+    .where(
+        _conversations.c.contact_id == bindparam("contact"),
+        *([_conversations.c.state.in_(_OPEN)] if kind == "open" else []),
+        *([_conversations.c.inbox_id == bindparam("inbox")] if scope == "per_channel" else []),
+    )
+    .order_by(_conversations.c.id.desc())
+    .limit(1)
+    for scope in ("join_open", "per_channel")
+    for kind in ("open", "last")
+}
+_CONTACT_LANGUAGE = select(_contacts.c.language).where(_contacts.c.id == bindparam("p_id"))
+_NEW_CONVERSATION = insert(_conversations).returning(_conversations.c.id)
+_NEW_MESSAGE = insert(_messages).returning(_messages.c.id)
+_HINT_KNOWN = select(_hints.c.id).where(
+    _hints.c.contact_id == bindparam("contact"),
+    _hints.c.kind == bindparam("kind"),
+    _hints.c.value == bindparam("value"),
+)
+_NEW_HINT = insert(_hints)
+
+
 def _lock_contact(tx: Tx, contact_id: int) -> None:
     """Serialize writers per contact. FOR NO KEY UPDATE, not FOR UPDATE: the latter would
     also block the KEY SHARE locks of foreign-key checks on rows referencing the contact,
     and deadlock with a transaction that updates one of its conversations twice."""
     if tx.dialect == "postgresql":
-        tx.execute(
-            select(Contact.id).where(Contact.id == contact_id).with_for_update(key_share=True)
-        )
+        tx.execute(_LOCK_CONTACT, {"p_id": contact_id})
 
 
 def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None) -> tuple[int, int]:
@@ -108,37 +165,29 @@ def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None)
     An identity belongs to exactly one contact; a new identity never joins an existing
     contact here (linking is only ever through verified proofs, in the identity module).
     """
-    found = tx.execute(
-        select(ContactIdentity.id, ContactIdentity.contact_id, ContactIdentity.verified).where(
-            ContactIdentity.kind == sender.kind, ContactIdentity.address == sender.address
-        )
-    ).first()
+    key = {"kind": sender.kind, "address": sender.address}
+    found = tx.execute(_IDENTITY, key).first()
     if found is not None:
         if sender.verified and not found.verified:
-            tx.execute(
-                update(ContactIdentity)
-                .where(ContactIdentity.id == found.id)
-                .values(verified=True, verified_by=sender.verified_by)
-            )
+            tx.execute(_VERIFY_IDENTITY, {"p_id": found.id, "p_by": sender.verified_by})
         contact_id, identity_id = int(found.contact_id), int(found.id)
     else:
-        values: dict[str, Any] = {
-            "name": sender.name,
-            "attributes": {},
-            "vip": False,
-            "created_at": tx.now,
-            "updated_at": tx.now,
-        }
-        if sender.verified and sender.kind == "email":
-            values["email"] = sender.address
-        if sender.verified and sender.kind in ("phone", "whatsapp"):
-            values["phone"] = sender.address if sender.kind == "phone" else None
         contact_id = int(
-            tx.execute(insert(Contact).values(**values).returning(Contact.id)).scalar_one()
+            tx.execute(
+                _NEW_CONTACT,
+                {
+                    "name": sender.name,
+                    "attributes": {},
+                    "vip": False,
+                    "created_at": tx.now,
+                    "updated_at": tx.now,
+                    "email": sender.address if sender.verified and sender.kind == "email" else None,
+                    "phone": sender.address if sender.verified and sender.kind == "phone" else None,
+                },
+            ).scalar_one()
         )
-        inserted = insert_ignore(
-            tx.conn,
-            ContactIdentity,
+        inserted = tx.execute(
+            _NEW_IDENTITY[tx.dialect],
             {
                 "contact_id": contact_id,
                 "kind": sender.kind,
@@ -148,70 +197,35 @@ def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None)
                 "data": {},
                 "created_at": tx.now,
             },
-        )
+        ).rowcount
         if not inserted:  # a concurrent transaction created this identity first: use theirs
-            tx.execute(delete(Contact).where(Contact.id == contact_id))
-            row = tx.execute(
-                select(ContactIdentity.id, ContactIdentity.contact_id).where(
-                    ContactIdentity.kind == sender.kind, ContactIdentity.address == sender.address
-                )
-            ).one()
-            contact_id, identity_id = int(row.contact_id), int(row.id)
-        else:
-            identity_id = int(
-                tx.execute(
-                    select(ContactIdentity.id).where(
-                        ContactIdentity.kind == sender.kind,
-                        ContactIdentity.address == sender.address,
-                    )
-                ).scalar_one()
-            )
+            tx.execute(_DROP_CONTACT, {"p_id": contact_id})
+        row = tx.execute(_IDENTITY, key).one()
+        contact_id, identity_id = int(row.contact_id), int(row.id)
     for kind, value in (hints or {}).items():
-        exists = tx.execute(
-            select(ContactHint.id).where(
-                ContactHint.contact_id == contact_id,
-                ContactHint.kind == kind,
-                ContactHint.value == value,
-            )
-        ).first()
-        if exists is None:
+        hint = {"contact": contact_id, "kind": kind, "value": value[:320]}
+        if tx.execute(_HINT_KNOWN, hint).first() is None:
             tx.execute(
-                insert(ContactHint).values(
-                    contact_id=contact_id,
-                    kind=kind,
-                    value=value[:320],
-                    source="channel",
-                    created_at=tx.now,
-                )
+                _NEW_HINT,
+                {
+                    "contact_id": contact_id,
+                    "kind": kind,
+                    "value": value[:320],
+                    "source": "channel",
+                    "created_at": tx.now,
+                },
             )
     return contact_id, identity_id
-
-
-def _scope(inbox: InboxInfo) -> Any:
-    return Conversation.inbox_id == inbox.id if inbox.continuity == "per_channel" else True
 
 
 def _pick_conversation(tx: Tx, inbox: InboxInfo, contact_id: int, auto: bool) -> tuple[Any, str]:
     """Choose the conversation a message belongs to: ``(row, how)`` with how in
     join | reopen | attach | new (row is the predecessor for new)."""
-    open_row = tx.execute(
-        select(Conversation)
-        .where(
-            Conversation.contact_id == contact_id,
-            Conversation.state.in_([s.value for s in OPEN_STATES]),
-            _scope(inbox),
-        )
-        .order_by(Conversation.id.desc())
-        .limit(1)
-    ).first()
+    params = {"contact": contact_id, "inbox": inbox.id}
+    open_row = tx.execute(_PICK[(inbox.continuity, "open")], params).first()
     if open_row is not None:
         return open_row, "join"
-    last = tx.execute(
-        select(Conversation)
-        .where(Conversation.contact_id == contact_id, _scope(inbox))
-        .order_by(Conversation.id.desc())
-        .limit(1)
-    ).first()
+    last = tx.execute(_PICK[(inbox.continuity, "last")], params).first()
     if last is None:
         return None, "new"
     if auto:  # an automatic message (out-of-office) is attached, never reopens anything
@@ -226,57 +240,84 @@ def _pick_conversation(tx: Tx, inbox: InboxInfo, contact_id: int, auto: bool) ->
     return last, "new"
 
 
+def _customer_turn_over(tx: Tx, conversation: Any) -> dict[str, Any]:
+    """``waiting_customer -> assigned``. On channels that released the agent's capacity while
+    waiting, take it back; if the agent is full now, the conversation returns to its queue
+    reserved for that agent (offered back to them first), never over capacity."""
+    agent_id = conversation.assigned_agent_id
+    if (
+        agent_id is None
+        or holds_while_waiting(conversation.channel)
+        or claim(tx, agent_id, conversation.channel, "customer_replied")
+    ):
+        return {"state": S.ASSIGNED.value}
+    add_event(
+        tx,
+        conversation.id,
+        EventKind.UNASSIGNED,
+        Actor.SYSTEM,
+        agent_id=agent_id,
+        queue=conversation.queue,
+        reason="agent at capacity",
+    )
+    add_event(tx, conversation.id, EventKind.QUEUED, Actor.SYSTEM, queue=conversation.queue)
+    tx.emit(
+        agent_stream(agent_id),
+        "unassigned",
+        {
+            "conversation_id": conversation.id,
+            "reason": "at capacity; it will be offered back to you",
+        },
+    )
+    return {
+        "state": S.QUEUED.value,
+        "assigned_agent_id": None,
+        "preferred_agent_id": agent_id,
+        "queued_at": tx.now,
+    }
+
+
 def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutcome:
     """Persist one inbound message and everything it changes, in the caller's transaction."""
-    seen = tx.execute(
-        select(Message.id, Message.conversation_id).where(
-            Message.inbox_id == inbox.id, Message.external_id == msg.external_id
-        )
-    ).first()
+    seen_key = {"inbox": inbox.id, "external": msg.external_id}
+    seen = tx.execute(_SEEN, seen_key).first()
     if seen is not None:
         return IngestOutcome(int(seen.id), int(seen.conversation_id), duplicate=True)
-
     contact_id, identity_id = resolve_contact(tx, msg.sender, msg.hints)
     _lock_contact(tx, contact_id)
     if tx.dialect == "postgresql":  # a concurrent delivery may have committed while we waited
-        seen = tx.execute(
-            select(Message.id, Message.conversation_id).where(
-                Message.inbox_id == inbox.id, Message.external_id == msg.external_id
-            )
-        ).first()
+        seen = tx.execute(_SEEN, seen_key).first()
         if seen is not None:
             raise DuplicateMessage(int(seen.id), int(seen.conversation_id))
     conversation, how = _pick_conversation(tx, inbox, contact_id, msg.auto)
     now = tx.now
-    created = reopened = False
+    created = reopened = requeued = False
+    agent_id: int | None = None
     if how == "new":
         language = (
-            tx.execute(
-                select(Contact.language).where(Contact.id == contact_id)
-            ).scalar_one_or_none()
-            or msg.language
+            tx.execute(_CONTACT_LANGUAGE, {"p_id": contact_id}).scalar_one_or_none() or msg.language
         )
+        previous = conversation.id if conversation is not None else None
         conversation_id = int(
             tx.execute(
-                insert(Conversation)
-                .values(
-                    contact_id=contact_id,
-                    inbox_id=inbox.id,
-                    channel=inbox.channel,
-                    state=S.NEW.value,
-                    priority=1,
-                    required_skills={},
-                    tags=[],
-                    language=language,
-                    subject=msg.subject,
-                    previous_id=conversation.id if conversation is not None else None,
-                    first_inbound_at=now,
-                    last_inbound_at=now,
-                    data={},
-                    created_at=now,
-                    updated_at=now,
-                )
-                .returning(Conversation.id)
+                _NEW_CONVERSATION,
+                {
+                    "contact_id": contact_id,
+                    "inbox_id": inbox.id,
+                    "channel": inbox.channel,
+                    "state": S.NEW.value,
+                    "priority": 1,
+                    "required_skills": {},
+                    "tags": [],
+                    "language": language,
+                    "subject": msg.subject,
+                    "previous_id": previous,
+                    "first_inbound_at": now,
+                    "last_inbound_at": now,
+                    "data": {},
+                    "created_at": now,
+                    "updated_at": now,
+                },
             ).scalar_one()
         )
         add_event(
@@ -286,10 +327,9 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
             Actor.CUSTOMER,
             channel=inbox.channel,
             inbox=inbox.slug,
-            previous=conversation.id if conversation is not None else None,
+            previous=previous,
         )
         created = True
-        agent_id = None
     else:
         conversation_id = int(conversation.id)
         agent_id = conversation.assigned_agent_id
@@ -314,39 +354,38 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
                 Actor.CUSTOMER,
                 agent_id=conversation.assigned_agent_id,
             )
-            reopened = True
-            agent_id = None
+            reopened, agent_id = True, None
         elif how == "join" and conversation.state == S.WAITING_CUSTOMER:
-            changes["state"] = S.ASSIGNED.value  # the customer's turn is over
+            changes.update(_customer_turn_over(tx, conversation))
+            if changes["state"] == S.QUEUED.value:
+                requeued, agent_id = True, None
         if conversation.first_inbound_at is None:
             changes["first_inbound_at"] = now
         tx.execute(update(Conversation).where(Conversation.id == conversation_id).values(**changes))
-
-    inserted = tx.execute(
-        insert(Message)
-        .values(
-            conversation_id=conversation_id,
-            inbox_id=inbox.id,
-            direction=Direction.IN.value,
-            external_id=msg.external_id,
-            author=Actor.CUSTOMER.value,
-            identity_id=identity_id,
-            text=msg.text,
-            subject=msg.subject,
-            attachments=[_attachment(a) for a in msg.attachments],
-            delivery_status=DeliveryStatus.RECEIVED.value,
-            is_auto=msg.auto,
-            provider_ts=msg.provider_ts,
-            data={
-                k: v
-                for k, v in {"language": msg.language, "html": msg.html, **msg.data}.items()
-                if v is not None
-            },
-            created_at=now,
-        )
-        .returning(Message.id)
-    )
-    message_id = int(inserted.scalar_one())
+    values = {
+        "conversation_id": conversation_id,
+        "inbox_id": inbox.id,
+        "direction": Direction.IN.value,
+        "external_id": msg.external_id,
+        "author": Actor.CUSTOMER.value,
+        "agent_id": None,
+        "identity_id": identity_id,
+        "text": msg.text,
+        "subject": msg.subject,
+        "attachments": [_attachment(a) for a in msg.attachments],
+        "delivery_status": DeliveryStatus.RECEIVED.value,
+        "error": None,
+        "is_auto": msg.auto,
+        "is_note": False,
+        "provider_ts": msg.provider_ts,
+        "data": {
+            k: v
+            for k, v in {"language": msg.language, "html": msg.html, **msg.data}.items()
+            if v is not None
+        },
+        "created_at": now,
+    }
+    message_id = int(tx.execute(_NEW_MESSAGE, values).scalar_one())
     add_event(
         tx,
         conversation_id,
@@ -357,7 +396,7 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         auto=msg.auto,
     )
     if agent_id is not None:
-        row = tx.execute(select(Message).where(Message.id == message_id)).one()
+        row = SimpleNamespace(id=message_id, **values)
         tx.emit(
             agent_stream(agent_id),
             "message",
@@ -368,6 +407,7 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         conversation_id,
         created=created,
         reopened=reopened,
+        requeued=requeued,
         contact_id=contact_id,
         agent_id=agent_id,
     )

@@ -1,22 +1,25 @@
-"""Routing: evaluate the rules for a conversation and record the decision.
+"""Routing: evaluate the rules for conversations and record each decision.
 
 Runs when a conversation is created, reopened, or explicitly sent back to routing; never on
-every message. The move out of ``new`` is a conditional update, so two processes (or the
-sweep and the hand-off racing) route a conversation exactly once. Every decision is stored
-with its facts and ruleset version and can be replayed (``rules explain --decision``).
+every message. Conversations are routed after their ingest committed, in batches (one
+transaction, a savepoint each): what the ingest created while a batch ran is routed by the
+next. The move out of ``new`` is a conditional update (and ``SKIP LOCKED`` on PostgreSQL),
+so two processes route a conversation exactly once. Every decision is stored with its facts
+and ruleset version and can be replayed (``omniroute rules explain --decision``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
 from router.db import Tx
 from router.events import add_event
-from router.models import Agent as AgentRow
 from router.models import (
+    Agent,
     Contact,
     ContactIdentity,
     Conversation,
@@ -24,12 +27,86 @@ from router.models import (
     Message,
     RoutingDecision,
     User,
+    table,
 )
 from router.outbox import enqueue_message
 from router.types import Actor, ConversationState, EventKind, Priority
 from routing_rules import Decision, Ruleset, evaluate
 
-__all__ = ["RouteResult", "build_facts", "route_conversation"]
+__all__ = ["ROUTE_BATCH", "RouteResult", "route_batch"]
+
+ROUTE_BATCH = 200
+
+_NEW = (
+    select(
+        Conversation.id,
+        Conversation.channel,
+        Conversation.tags,
+        Conversation.data,
+        Conversation.subject,
+        Conversation.auto_reply_sent,
+        Conversation.created_at,
+        Conversation.contact_id,
+        Contact.name,
+        Contact.email,
+        Contact.phone,
+        Contact.language,
+        Contact.tier,
+        Contact.vip,
+        Contact.attributes,
+        Inbox.slug,
+        Inbox.default_queue,
+    )
+    .join(Contact, Contact.id == Conversation.contact_id)
+    .join(Inbox, Inbox.id == Conversation.inbox_id)
+    .where(Conversation.state == ConversationState.NEW.value)
+    .order_by(Conversation.id)
+    .limit(bindparam("limit"))
+)
+_FIRST_IN = select(Message.conversation_id, Message.text, Message.subject, Message.data).where(
+    Message.id.in_(
+        select(func.min(Message.id))
+        .where(
+            Message.conversation_id.in_(bindparam("ids", expanding=True)), Message.direction == "in"
+        )
+        .group_by(Message.conversation_id)
+    )
+)
+_BY_EXTERNAL = select(Message.text, Message.subject, Message.data).where(
+    Message.conversation_id == bindparam("cid"), Message.external_id == bindparam("external")
+)
+_EMAILS = (
+    select(ContactIdentity.contact_id, func.min(ContactIdentity.address))
+    .where(
+        ContactIdentity.contact_id.in_(bindparam("ids", expanding=True)),
+        ContactIdentity.kind == "email",
+        ContactIdentity.verified.is_(True),
+    )
+    .group_by(ContactIdentity.contact_id)
+)
+_DECISION = insert(table(RoutingDecision)).returning(table(RoutingDecision).c.id)
+_ROUTED = (
+    update(table(Conversation))
+    .where(
+        table(Conversation).c.id == bindparam("cid"),
+        table(Conversation).c.state == ConversationState.NEW.value,
+    )
+    .values(
+        state=ConversationState.QUEUED.value,
+        queue=bindparam("queue"),
+        priority=bindparam("priority"),
+        required_skills=bindparam("skills"),
+        tags=bindparam("tags"),
+        routing_decision_id=bindparam("decision_id"),
+        preferred_agent_id=bindparam("preferred"),
+        queued_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        data=bindparam("data"),
+    )
+)
+_AGENT_BY_NAME = (
+    select(Agent.id).join(User, User.id == Agent.user_id).where(User.name == bindparam("name"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,57 +116,31 @@ class RouteResult:
     priority: int
     decision_id: int
     reply_message_id: int | None
+    created_at: datetime
 
 
-def _routing_message(conn: Connection, conversation: Conversation) -> Any:
-    """The message that opened (or reopened) the conversation: its text routes it."""
-    query = select(Message).where(
-        Message.conversation_id == conversation.id, Message.direction == "in"
-    )
-    reopen_external = (conversation.data or {}).get("reopen_message")
-    if reopen_external:
-        query = query.where(Message.external_id == reopen_external)
-    return conn.execute(query.order_by(Message.id).limit(1)).first()
-
-
-def build_facts(
-    conn: Connection, conversation: Conversation, ruleset: Ruleset, now_iso: str
+def _facts(
+    row: Any, message: Any, email: str | None, ruleset: Ruleset, now_iso: str
 ) -> dict[str, Any]:
-    """The facts registry's values for this conversation (JSON-safe, stored with the decision)."""
-    contact = conn.execute(select(Contact).where(Contact.id == conversation.contact_id)).one()
-    inbox = conn.execute(select(Inbox.slug).where(Inbox.id == conversation.inbox_id)).scalar_one()
-    message = _routing_message(conn, conversation)
-    email = (
-        contact.email
-        or conn.execute(
-            select(ContactIdentity.address)
-            .where(
-                ContactIdentity.contact_id == contact.id,
-                ContactIdentity.kind == "email",
-                ContactIdentity.verified.is_(True),
-            )
-            .limit(1)
-        ).scalar_one_or_none()
-    )
+    """The facts registry's values for one conversation (JSON-safe: stored with the decision)."""
     facts: dict[str, Any] = {
-        "channel": conversation.channel,
-        "inbox": inbox,
-        "contact.name": contact.name,
-        "contact.email": email,
-        "contact.phone": contact.phone,
-        "contact.language": contact.language,
-        "contact.tier": contact.tier,
-        "contact.vip": bool(contact.vip),
+        "channel": row.channel,
+        "inbox": row.slug,
+        "contact.name": row.name,
+        "contact.email": row.email or email,
+        "contact.phone": row.phone,
+        "contact.language": row.language,
+        "contact.tier": row.tier,
+        "contact.vip": bool(row.vip),
         "message.text": message.text if message is not None else None,
-        "message.subject": (message.subject if message is not None else None)
-        or conversation.subject,
+        "message.subject": (message.subject if message is not None else None) or row.subject,
         "message.language": (message.data or {}).get("language") if message is not None else None,
-        "conversation.tags": list(conversation.tags or []),
-        "conversation.reopened": bool((conversation.data or {}).get("reopened")),
+        "conversation.tags": list(row.tags or []),
+        "conversation.reopened": bool((row.data or {}).get("reopened")),
         "time": now_iso,
     }
     for name in ruleset.attributes:
-        facts[f"contact.{name}"] = (contact.attributes or {}).get(name)
+        facts[f"contact.{name}"] = (row.attributes or {}).get(name)
     return {k: v for k, v in facts.items() if v is not None}
 
 
@@ -114,84 +165,105 @@ def _decision_for_inbox(
     )
 
 
-def route_conversation(tx: Tx, conversation_id: int, ruleset: Ruleset) -> RouteResult | None:
-    """Route a ``new`` conversation; None if it is not ``new`` any more (someone else did)."""
-    query = select(Conversation).where(Conversation.id == conversation_id)
-    if tx.dialect == "postgresql":
-        query = query.with_for_update(skip_locked=True, key_share=True)
-    conversation = tx.execute(query).first()
-    if conversation is None or conversation.state != ConversationState.NEW:
-        return None
-    facts = build_facts(tx.conn, conversation, ruleset, tx.now.isoformat())
-    default_queue = tx.execute(
-        select(Inbox.default_queue).where(Inbox.id == conversation.inbox_id)
-    ).scalar_one_or_none()
-    decision = _decision_for_inbox(evaluate(facts, ruleset), ruleset, default_queue)
+def _route_one(
+    tx: Tx, row: Any, message: Any, email: str | None, ruleset: Ruleset
+) -> RouteResult | None:
+    facts = _facts(row, message, email, ruleset, tx.now.isoformat())
+    decision = _decision_for_inbox(evaluate(facts, ruleset), ruleset, row.default_queue)
     decision_id = int(
         tx.execute(
-            insert(RoutingDecision)
-            .values(
-                conversation_id=conversation_id,
-                ruleset_version=ruleset.version,
-                facts=facts,
-                decision=decision.to_dict(),
-                created_at=tx.now,
-            )
-            .returning(RoutingDecision.id)
+            _DECISION,
+            {
+                "conversation_id": row.id,
+                "ruleset_version": ruleset.version,
+                "facts": facts,
+                "decision": decision.to_dict(),
+                "created_at": tx.now,
+            },
         ).scalar_one()
     )
-    preferred = None
-    if decision.agent:
-        preferred = tx.execute(
-            select(AgentRow.id)
-            .join(User, User.id == AgentRow.user_id)
-            .where(User.name == decision.agent)
-        ).scalar_one_or_none()
-    tags = list(dict.fromkeys([*(conversation.tags or []), *decision.tags]))
-    priority = int(Priority.parse(decision.priority))
-    data = {k: v for k, v in (conversation.data or {}).items() if k != "reopen_message"}
+    preferred = (
+        tx.execute(_AGENT_BY_NAME, {"name": decision.agent}).scalar_one_or_none()
+        if decision.agent
+        else None
+    )
     moved = tx.execute(
-        update(Conversation)
-        .where(
-            Conversation.id == conversation_id, Conversation.state == ConversationState.NEW.value
-        )
-        .values(
-            state=ConversationState.QUEUED.value,
-            queue=decision.queue,
-            priority=priority,
-            required_skills=dict(decision.skills),
-            tags=tags,
-            routing_decision_id=decision_id,
-            preferred_agent_id=preferred,
-            queued_at=tx.now,
-            updated_at=tx.now,
-            data=data,
-        )
+        _ROUTED,
+        {
+            "cid": row.id,
+            "queue": decision.queue,
+            "priority": int(Priority.parse(decision.priority)),
+            "skills": dict(decision.skills),
+            "tags": list(dict.fromkeys([*(row.tags or []), *decision.tags])),
+            "decision_id": decision_id,
+            "preferred": preferred,
+            "now": tx.now,
+            "data": {k: v for k, v in (row.data or {}).items() if k != "reopen_message"},
+        },
     ).rowcount
     if moved != 1:
-        return None
+        raise _Gone
     add_event(
         tx,
-        conversation_id,
+        row.id,
         EventKind.ROUTED,
         queue=decision.queue,
         decision_id=decision_id,
         rule=decision.rule,
         ruleset=ruleset.version,
     )
-    add_event(
-        tx, conversation_id, EventKind.QUEUED, queue=decision.queue, priority=decision.priority
-    )
+    add_event(tx, row.id, EventKind.QUEUED, queue=decision.queue, priority=decision.priority)
     reply_id = None
-    if decision.reply and not conversation.auto_reply_sent and decision.reply in ruleset.templates:
+    if decision.reply and not row.auto_reply_sent and decision.reply in ruleset.templates:
         text = ruleset.templates[decision.reply].render(facts)
         reply_id = enqueue_message(
-            tx, conversation_id, text, author=Actor.SYSTEM, is_auto=True, template=decision.reply
+            tx, row.id, text, author=Actor.SYSTEM, is_auto=True, template=decision.reply
         )
-        if reply_id is not None:
-            tx.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id)
-                .values(auto_reply_sent=True)
-            )
-    return RouteResult(conversation_id, decision.queue, priority, decision_id, reply_id)
+        tx.execute(
+            update(Conversation).where(Conversation.id == row.id).values(auto_reply_sent=True)
+        )
+    return RouteResult(
+        row.id,
+        decision.queue,
+        int(Priority.parse(decision.priority)),
+        decision_id,
+        reply_id,
+        row.created_at,
+    )
+
+
+class _Gone(Exception):
+    """Another process routed it first: roll this one back and go on."""
+
+
+def route_batch(tx: Tx, ruleset: Ruleset, limit: int = ROUTE_BATCH) -> list[RouteResult]:
+    """Route up to ``limit`` conversations waiting in ``new``, oldest first."""
+    query = _NEW
+    if tx.dialect == "postgresql":
+        query = query.with_for_update(of=Conversation, skip_locked=True, key_share=True)
+    rows = tx.execute(query, {"limit": limit}).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    first = {m.conversation_id: m for m in tx.execute(_FIRST_IN, {"ids": ids})}
+    emails = (
+        dict(tx.execute(_EMAILS, {"ids": [r.contact_id for r in rows if not r.email]}).all())
+        if any(not r.email for r in rows)
+        else {}
+    )
+    results = []
+    for row in rows:
+        reopen = (row.data or {}).get("reopen_message")
+        message = (
+            tx.execute(_BY_EXTERNAL, {"cid": row.id, "external": reopen}).first()
+            if reopen
+            else first.get(row.id)
+        )
+        try:
+            with tx.savepoint():
+                result = _route_one(tx, row, message, emails.get(row.contact_id), ruleset)
+        except _Gone:
+            continue
+        if result is not None:
+            results.append(result)
+    return results

@@ -14,28 +14,30 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from adapters.bus import Bus, make_bus
 from adapters.clock import Clock, SystemClock
 from channels import Channel, channel_class
-from channels.base import ChannelContext, InboxConfig, ParsedItem
+from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
+from router.assignment.service import Assignment
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
+from router.events import visitor_stream
 from router.exceptions import AlreadyRunning, ConfigError
 from router.failpoints import configure as configure_failpoints
 from router.failpoints import failpoint
 from router.metrics import Metrics
 from router.migrate import current_revision, head_revision
-from router.models import Conversation, Inbox, Process
+from router.models import Inbox, Message, Process
 from router.outbox import OutboxSender, backlog
 from router.pipeline import InboxInfo, IngestOutcome, Pipeline, load_inbox
-from router.routing import RouteResult, route_conversation
+from router.routing import ROUTE_BATCH, route_batch
 from router.rules_service import RulesService
+from router.serialize import visitor_payload
 from router.settings import Settings
 from router.tasks import TaskGroup
 from routing_rules import RulesError
@@ -94,20 +96,13 @@ def _heartbeat(tx: Tx, process_id: str) -> None:
     tx.execute(update(Process).where(Process.id == process_id).values(heartbeat_at=tx.now))
 
 
+def _emit_to_visitor(tx: Tx, address: str, message_id: int) -> None:
+    row = tx.execute(select(Message).where(Message.id == message_id)).one()
+    tx.emit(visitor_stream(address), "message", visitor_payload(row))
+
+
 def _unregister(tx: Tx, process_id: str) -> None:
     tx.execute(delete(Process).where(Process.id == process_id))
-
-
-def _new_conversations(conn: Connection, older_than: Any, limit: int) -> list[int]:
-    return [
-        int(i)
-        for i in conn.execute(
-            select(Conversation.id)
-            .where(Conversation.state == "new", Conversation.created_at <= older_than)
-            .order_by(Conversation.id)
-            .limit(limit)
-        ).scalars()
-    ]
 
 
 class Runtime:
@@ -150,9 +145,18 @@ class Runtime:
             dead_after=settings.heartbeat_interval * 3,
             on_sent=self._count_sent,
         )
-        self.on_routed: list[Callable[[RouteResult], Coroutine[Any, Any, None]]] = []
+        self.assignment = Assignment(
+            self.db,
+            lambda: self.rules.active.queues if self.rules.active is not None else {},
+            process_id=self.process_id,
+            presence_grace=settings.presence_grace,
+            dead_after=settings.heartbeat_interval * 3,
+        )
+        self._route_lock = asyncio.Lock()
+        self._route_dirty = False
         self.workers = TaskGroup()
         self.background = TaskGroup()
+        self.rules.listeners.append(self._on_rules_activated)
         self._lock_file: Any = None
         self.started = False
         self.ready_reasons: list[str] = ["starting"]
@@ -183,6 +187,7 @@ class Runtime:
         self.workers.spawn(self._routing_sweep(s.worker_interval), "routing-sweep")
         self.workers.spawn(self.rules.watch(s.rules_watch_interval), "rules-watch")
         self.workers.spawn(self.rules.poll(s.rules_poll_interval), "rules-poll")
+        self.workers.spawn(self.assignment.run(s.worker_interval), "assignment")
 
     async def stop(self) -> None:
         await self.workers.cancel()
@@ -309,6 +314,7 @@ class Runtime:
                 public_base_url=self.settings.public_base_url,
                 now=self.clock.now,
                 deliver=self._deliver_for(slug),
+                push=self._push_live,
             )
             channel = cls(slug, inbox_config, context)
             info = await self.db.read(load_inbox, slug)
@@ -325,6 +331,11 @@ class Runtime:
             return await self.ingest(slug, items, source="poller", route_now=True)
 
         return deliver
+
+    async def _push_live(self, message: OutboundMessage) -> SendReceipt:
+        """Live delivery (web chat): a committed event on the visitor's stream."""
+        await self.db.write(_emit_to_visitor, message.recipient.address, message.message_id)
+        return SendReceipt(f"live-{message.message_id}", status="delivered")
 
     def channel_for_inbox_id(self, inbox_id: int) -> Channel | None:
         slug = self._inbox_by_id.get(inbox_id)
@@ -348,12 +359,25 @@ class Runtime:
         return outcomes
 
     async def after_ingest(self, outcomes: list[IngestOutcome]) -> None:
-        """Route what the ingest created or reopened, in the background."""
+        """Route what the ingest created or reopened, and offer what went back to a queue,
+        in the background."""
+        route = dispatch = False
         for outcome in outcomes:
-            if (outcome.created or outcome.reopened) and outcome.conversation_id is not None:
-                self.background.spawn(
-                    self.route(outcome.conversation_id), f"route-{outcome.conversation_id}"
-                )
+            if outcome.conversation_id is None:
+                continue
+            if outcome.created or outcome.reopened:
+                route = True
+            elif outcome.requeued:
+                dispatch = True
+        if route:
+            self.background.spawn(self.route_pending(), "route")
+        elif dispatch:
+            self.background.spawn(self.assignment.dispatch(), "dispatch")
+
+    def _on_rules_activated(self, ruleset: Any) -> None:
+        """New members or skills may make waiting work eligible: offer it now."""
+        if self.started:
+            self.background.spawn(self.assignment.dispatch(), "dispatch-after-rules")
 
     def _count_ingested(self, slug: str, outcome: IngestOutcome) -> None:
         channel = self.inboxes[slug].channel if slug in self.inboxes else "unknown"
@@ -365,38 +389,41 @@ class Runtime:
         slug = self._inbox_by_id.get(inbox_id)
         self.metrics.messages_out.labels(self.inboxes[slug].channel if slug else "unknown").inc()
 
-    async def route(self, conversation_id: int) -> RouteResult | None:
-        ruleset = self.rules.active
-        if ruleset is None:
-            return None  # the sweep routes it once a ruleset is active
-        result = await self.db.write(route_conversation, conversation_id, ruleset)
-        if result is None:
-            return None
-        failpoint("after_route_commit")
-        created = await self.db.read(
-            lambda c: c.execute(
-                select(Conversation.created_at).where(Conversation.id == conversation_id)
-            ).scalar_one()
-        )
-        self.metrics.routing_latency.observe(max(0.0, (self.clock.now() - created).total_seconds()))
-        if result.reply_message_id is not None:
-            self.outbox.wake()
-        for callback in self.on_routed:
-            await callback(result)
-        return result
-
-    async def sweep_new(self) -> int:
-        """Route conversations left in ``new`` (a crash between commit and routing)."""
-        cutoff = self.clock.now() - timedelta(seconds=self.settings.new_conversation_grace)
-        ids = await self.db.read(_new_conversations, cutoff, 500)
-        for conversation_id in ids:
-            await self.route(conversation_id)
-        return len(ids)
+    async def route_pending(self) -> int:
+        """Route every conversation waiting in ``new``, in batches. Concurrent calls coalesce:
+        while a batch runs, further calls make it run once more."""
+        self._route_dirty = True
+        routed = 0
+        async with self._route_lock:
+            while self._route_dirty:
+                self._route_dirty = False
+                while True:
+                    ruleset = self.rules.active
+                    if ruleset is None:
+                        return routed  # routed once a ruleset is active (the sweep retries)
+                    results = await self.db.write(route_batch, ruleset)
+                    if not results:
+                        break
+                    failpoint("after_route_commit")
+                    routed += len(results)
+                    now = self.clock.now()
+                    for result in results:
+                        self.metrics.routing_latency.observe(
+                            max(0.0, (now - result.created_at).total_seconds())
+                        )
+                    if any(r.reply_message_id is not None for r in results):
+                        self.outbox.wake()
+                    self.background.spawn(self.assignment.dispatch(), "dispatch-after-routing")
+                    if len(results) < ROUTE_BATCH:
+                        break
+        return routed
 
     async def _routing_sweep(self, interval: float) -> None:
+        """A safety net: conversations left in ``new`` (a crash between the ingest commit and
+        routing) are routed here."""
         while True:
             try:
-                await self.sweep_new()
+                await self.route_pending()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["iso", "message_payload"]
+__all__ = ["iso", "message_payload", "visitor_payload"]
 
 
 def iso(value: Any) -> str | None:
@@ -37,5 +37,18 @@ def message_payload(row: Any, channel: str | None = None) -> dict[str, Any]:
         "is_auto": row.is_auto,
         "is_note": row.is_note,
         "client_id": data.get("client_id"),
+        "created_at": iso(row.created_at),
+    }
+
+
+def visitor_payload(row: Any) -> dict[str, Any]:
+    """What a web-chat visitor sees of a message: no internal fields."""
+    return {
+        "id": row.id,
+        "direction": row.direction,
+        "author": row.author,
+        "text": row.text,
+        "is_auto": row.is_auto,
+        "client_id": (row.data or {}).get("client_id"),
         "created_at": iso(row.created_at),
     }

@@ -44,6 +44,16 @@ class TaskGroup:
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
         return spawn(coro, name, self.tasks)
 
+    async def idle(self, timeout: float = 10.0) -> None:
+        """Wait until no task is left, including tasks spawned by tasks (nothing cancelled)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.tasks:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(self.tasks)} background tasks still running")
+            await asyncio.wait(list(self.tasks), timeout=remaining)
+
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait for one-off work to finish (up to ``timeout``), then cancel what is left."""
         if self.tasks:

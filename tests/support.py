@@ -226,3 +226,139 @@ def server_env(settings: Settings, port: int) -> dict[str, str]:
     if settings.redis_url:
         env["OMNIROUTE_REDIS_URL"] = settings.redis_url
     return env
+
+
+# -- a real uvicorn server in this process, and websocket clients ------------------------------
+import asyncio  # noqa: E402
+import socket as _socket  # noqa: E402
+
+import uvicorn  # noqa: E402
+import websockets  # noqa: E402
+from websockets.asyncio.client import ClientConnection  # noqa: E402
+
+
+@contextlib.asynccontextmanager
+async def live_server(runtime: Runtime) -> AsyncIterator[str]:
+    """Serve a started runtime over real sockets on a free port; yields the base URL."""
+    app = create_app(runtime.settings, runtime=runtime)
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, _socket.IPPROTO_TCP)
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", ws_max_size=1 << 20, ws_ping_interval=None
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def ws_url(base: str, path: str) -> str:
+    return base.replace("http://", "ws://") + path
+
+
+class Client:
+    """A websocket client that keeps frames it did not ask for, so tests can wait for them."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self._used: set[int] = set()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.frames.append(frame)
+        return frame  # type: ignore[no-any-return]
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """The first frame (already received or new) matching ``predicate``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for i, frame in enumerate(self.frames):
+                if i not in self._used and predicate(frame):
+                    self._used.add(i)  # each frame answers one wait
+                    return frame
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                unused = [f for i, f in enumerate(self.frames) if i not in self._used]
+                raise AssertionError(f"no matching frame; unused frames: {unused}")
+            await self.recv(remaining)
+
+    async def command(self, type_: str, **fields: Any) -> dict[str, Any]:
+        request_id = f"r{len(self.frames)}-{type_}"
+        await self.send({"type": type_, "id": request_id, **fields})
+        reply = await self.wait_for(
+            lambda f: f.get("id") == request_id and f.get("type") in ("ack", "error")
+        )
+        if reply["type"] == "error":
+            raise CommandError(reply["code"], reply["message"])
+        return reply["result"]  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class CommandError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+async def connect_agent(
+    base: str, token: str, resume: dict[str, int] | None = None
+) -> tuple[Client, dict[str, Any]]:
+    ws = await websockets.connect(ws_url(base, "/ws/agent"), open_timeout=10)
+    client = Client(ws)
+    await client.send({"type": "hello", "token": token, **({"resume": resume} if resume else {})})
+    welcome = await client.wait_for(lambda f: f.get("type") == "welcome")
+    return client, welcome
+
+
+async def connect_visitor(
+    base: str,
+    inbox: str = "web",
+    token: str | None = None,
+    last_seq: int | None = None,
+    origin: str | None = None,
+    **hello: Any,
+) -> tuple[Client, dict[str, Any]]:
+    ws = await websockets.connect(
+        ws_url(base, f"/ws/chat?inbox={inbox}"),
+        origin=origin or "https://shop.example",
+        open_timeout=10,
+    )  # type: ignore[arg-type]
+    client = Client(ws)
+    frame: dict[str, Any] = {"type": "hello", **hello}
+    if token:
+        frame["token"] = token
+    if last_seq is not None:
+        frame["last_seq"] = last_seq
+    await client.send(frame)
+    welcome = await client.wait_for(lambda f: f.get("type") == "welcome")
+    return client, welcome
+
+
+WEB_CHANNELS = (
+    CHANNELS
+    + """\
+  web: {channel: webchat, provider: omniroute, default_queue: general, allowed_origins: ["https://shop.example"],
+        messages_per_minute_per_visitor: 600, messages_per_minute_per_ip: 6000}
+"""
+)
+
+AGENT_RULES = RULES.replace(
+    "default: {queue: general, reply: welcome}", "default: {queue: general}"
+)

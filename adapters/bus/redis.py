@@ -15,7 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from adapters.bus.base import Handler
 
@@ -51,10 +55,20 @@ class RedisBus:
     def healthy(self) -> bool:
         return self._healthy
 
-    async def start(self) -> None:
-        self._client = aioredis.from_url(
-            self.url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10
+    def _new_client(self) -> aioredis.Redis:
+        # Commands retry a connection error a few times on a fresh connection, so a publish
+        # right after Redis came back does not fail on a stale pooled connection.
+        return aioredis.from_url(
+            self.url,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+
+    async def start(self) -> None:
+        self._client = self._new_client()
         self._reader = asyncio.create_task(self._run(), name="redis-bus")
 
     async def close(self) -> None:
@@ -149,6 +163,12 @@ class RedisBus:
             with contextlib.suppress(Exception):
                 if self._pubsub is not None:
                     await self._pubsub.aclose()
+            self._pubsub = None
+            # Start over with a new client: every pooled connection predates the outage.
+            old, self._client = self._client, self._new_client()
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.aclose()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 

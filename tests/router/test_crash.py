@@ -29,7 +29,9 @@ def crash_channels(sent_log: Path, policy: str) -> str:
 def crash_setup(tmp_path: Path, sqlite_url: str) -> Any:
     def make(policy: str = "check") -> tuple[ServerProcess, Path, Any]:
         sent_log = tmp_path / "sent.jsonl"
-        settings = make_settings(tmp_path / "conf", sqlite_url, channels=crash_channels(sent_log, policy))
+        settings = make_settings(
+            tmp_path / "conf", sqlite_url, channels=crash_channels(sent_log, policy)
+        )
         server = ServerProcess(server_env(settings, peers.free_port()), tmp_path / "server.log")
         engine = create_engine(sqlite_url.replace("sqlite+aiosqlite", "sqlite"))
         return server, sent_log, engine
@@ -39,23 +41,36 @@ def crash_setup(tmp_path: Path, sqlite_url: str) -> Any:
 
 def counts(engine: Any) -> dict[str, Any]:
     with engine.connect() as conn:
+
         def n(model: Any, *where: Any) -> int:
-            return int(conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one())
+            return int(
+                conn.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+            )
 
         return {
             "messages_in": n(Message, Message.direction == "in"),
             "conversations": n(Conversation),
             "new": n(Conversation, Conversation.state == "new"),
             "decisions": n(RoutingDecision),
-            "outbox": dict(conn.execute(select(Outbox.state, func.count()).group_by(Outbox.state)).all()),
-            "uncertain_resends": int(conn.execute(select(func.coalesce(func.sum(Outbox.uncertain_resends), 0))).scalar_one()),
+            "outbox": dict(
+                conn.execute(select(Outbox.state, func.count()).group_by(Outbox.state)).all()
+            ),
+            "uncertain_resends": int(
+                conn.execute(
+                    select(func.coalesce(func.sum(Outbox.uncertain_resends), 0))
+                ).scalar_one()
+            ),
         }
 
 
 def deliver(server: ServerProcess, external_id: str, text_: str = "hello") -> int | None:
-    body, headers = signed({"messages": [{"id": external_id, "from": "+4917099990000", "text": text_}]})
+    body, headers = signed(
+        {"messages": [{"id": external_id, "from": "+4917099990000", "text": text_}]}
+    )
     try:
-        return httpx.post(f"{server.url}/webhooks/fake/sms", content=body, headers=headers, timeout=10).status_code
+        return httpx.post(
+            f"{server.url}/webhooks/fake/sms", content=body, headers=headers, timeout=10
+        ).status_code
     except httpx.HTTPError:
         return None  # the server died before answering: the provider will retry
 
@@ -68,17 +83,33 @@ def wait_until(condition: Any, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def test_killed_after_the_ingest_commit_loses_nothing_and_the_retry_is_deduplicated(crash_setup: Any) -> None:
+def test_killed_after_the_ingest_commit_loses_nothing_and_the_retry_is_deduplicated(
+    crash_setup: Any,
+) -> None:
     server, sent_log, engine = crash_setup()
     server.start({"OMNIROUTE_FAILPOINTS": "after_ingest_commit"})
     try:
         assert deliver(server, "crash-1") is None  # killed before the 2xx
         assert server.wait_exit() == -9
-        assert counts(engine) == {"messages_in": 1, "conversations": 1, "new": 1, "decisions": 0, "outbox": {}, "uncertain_resends": 0}
+        assert counts(engine) == {
+            "messages_in": 1,
+            "conversations": 1,
+            "new": 1,
+            "decisions": 0,
+            "outbox": {},
+            "uncertain_resends": 0,
+        }
         server.start()
         assert deliver(server, "crash-1") == 200  # the provider's retry
         wait_until(lambda: counts(engine)["outbox"].get("sent") == 1)
-        assert counts(engine) == {"messages_in": 1, "conversations": 1, "new": 0, "decisions": 1, "outbox": {"sent": 1}, "uncertain_resends": 0}
+        assert counts(engine) == {
+            "messages_in": 1,
+            "conversations": 1,
+            "new": 0,
+            "decisions": 1,
+            "outbox": {"sent": 1},
+            "uncertain_resends": 0,
+        }
         assert len(read_sent_log(str(sent_log))) == 1
     finally:
         server.kill()
@@ -87,13 +118,20 @@ def test_killed_after_the_ingest_commit_loses_nothing_and_the_retry_is_deduplica
 @pytest.mark.parametrize(
     ("failpoint", "policy", "sends", "resends"),
     [
-        ("before_outbox_send", "check", 1, 1),  # never reached the provider: checked, then sent once
+        (
+            "before_outbox_send",
+            "check",
+            1,
+            1,
+        ),  # never reached the provider: checked, then sent once
         ("after_provider_send", "check", 1, 0),  # the provider has it: recorded as sent, no resend
         ("after_provider_send", "resend", 2, 1),  # policy resend: one duplicate, reported
         ("after_provider_send", "ask", 1, 0),  # left for the agent to decide
     ],
 )
-def test_killed_inside_a_send(crash_setup: Any, failpoint: str, policy: str, sends: int, resends: int) -> None:
+def test_killed_inside_a_send(
+    crash_setup: Any, failpoint: str, policy: str, sends: int, resends: int
+) -> None:
     server, sent_log, engine = crash_setup(policy)
     server.start({"OMNIROUTE_FAILPOINTS": failpoint})
     try:
@@ -110,18 +148,27 @@ def test_killed_inside_a_send(crash_setup: Any, failpoint: str, policy: str, sen
         assert len(read_sent_log(str(sent_log))) == sends
         if policy == "ask":
             with engine.connect() as conn:
-                status = conn.execute(text("SELECT delivery_status, error FROM messages WHERE direction = 'out'")).one()
+                status = conn.execute(
+                    text("SELECT delivery_status, error FROM messages WHERE direction = 'out'")
+                ).one()
             assert tuple(status) == ("uncertain", "may not have been sent; resend?")
     finally:
         server.kill()
 
 
-def test_a_second_serve_on_the_same_sqlite_file_is_refused(crash_setup: Any, tmp_path: Path) -> None:
+def test_a_second_serve_on_the_same_sqlite_file_is_refused(
+    crash_setup: Any, tmp_path: Path
+) -> None:
     server, _, _ = crash_setup()
     server.start()
     try:
-        second = ServerProcess({**{k: v for k, v in server.env.items() if k.startswith("OMNIROUTE_")}, "OMNIROUTE_PORT": str(peers.free_port())},
-                               tmp_path / "second.log")
+        second = ServerProcess(
+            {
+                **{k: v for k, v in server.env.items() if k.startswith("OMNIROUTE_")},
+                "OMNIROUTE_PORT": str(peers.free_port()),
+            },
+            tmp_path / "second.log",
+        )
         second.start(wait=False)
         assert second.wait_exit() == 2
         assert "another omniroute process is serving" in second.log()

@@ -18,7 +18,9 @@ from tests.router.test_pipeline import rows, settle
 from tests.support import post_fake
 
 
-async def conversation_with_reply(runtime: Runtime, client: httpx.AsyncClient, sender: str = "+4917012340000") -> Any:
+async def conversation_with_reply(
+    runtime: Runtime, client: httpx.AsyncClient, sender: str = "+4917012340000"
+) -> Any:
     """A routed conversation whose welcome auto-reply is queued in the outbox."""
     await post_fake(client, "sms", {"id": f"in-{sender}", "from": sender, "text": "hello"})
     await settle(runtime)
@@ -32,7 +34,9 @@ def fake(runtime: Runtime, slug: str = "sms") -> FakeChannel:
     return channel
 
 
-async def test_temporary_failures_are_retried_with_backoff_until_sent(runtime: Runtime, client: httpx.AsyncClient, clock: FakeClock) -> None:
+async def test_temporary_failures_are_retried_with_backoff_until_sent(
+    runtime: Runtime, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
     await conversation_with_reply(runtime, client)
     fake(runtime).failures_left = 2
     assert await runtime.outbox.process_due() == 1
@@ -48,16 +52,24 @@ async def test_temporary_failures_are_retried_with_backoff_until_sent(runtime: R
     assert len(fake(runtime).sent) == 1
 
 
-async def test_permanent_failure_marks_the_message_failed_with_the_reason(runtime: Runtime, client: httpx.AsyncClient) -> None:
+async def test_permanent_failure_marks_the_message_failed_with_the_reason(
+    runtime: Runtime, client: httpx.AsyncClient
+) -> None:
     await conversation_with_reply(runtime, client)
     fake(runtime).permanent_failure = "recipient blocked"
     await runtime.outbox.process_due()
     (row,) = await rows(runtime, Outbox)
     (message,) = await rows(runtime, Message, Message.direction == "out")
-    assert (row.state, message.delivery_status, message.error) == ("failed", "failed", "recipient blocked")
+    assert (row.state, message.delivery_status, message.error) == (
+        "failed",
+        "failed",
+        "recipient blocked",
+    )
 
 
-async def test_attempts_are_bounded(runtime: Runtime, client: httpx.AsyncClient, clock: FakeClock) -> None:
+async def test_attempts_are_bounded(
+    runtime: Runtime, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
     await conversation_with_reply(runtime, client)
     fake(runtime).failures_left = 1000
     for _ in range(runtime.settings.outbox_max_attempts + 2):
@@ -70,9 +82,15 @@ async def test_attempts_are_bounded(runtime: Runtime, client: httpx.AsyncClient,
 
 async def crash_inside_send(runtime: Runtime, outbox_id: int) -> None:
     """As if a process (now dead) claimed the row and died inside the provider call."""
+
     def claim(tx: Any) -> None:
-        tx.execute(update(Outbox).where(Outbox.id == outbox_id).values(state="sending", claimed_by="dead-process", claimed_at=tx.now, attempts=1))
+        tx.execute(
+            update(Outbox)
+            .where(Outbox.id == outbox_id)
+            .values(state="sending", claimed_by="dead-process", claimed_at=tx.now, attempts=1)
+        )
         tx.execute(update(Message).values(delivery_status="sending"))
+
     await runtime.db.write(claim)
 
 
@@ -86,20 +104,32 @@ async def crash_inside_send(runtime: Runtime, outbox_id: int) -> None:
     ],
 )
 async def test_uncertain_sends_follow_the_inbox_policy(
-    runtime: Runtime, client: httpx.AsyncClient, policy: UncertainPolicy, provider_has_it: bool, state: str, delivery: str, sent_again: int
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    policy: UncertainPolicy,
+    provider_has_it: bool,
+    state: str,
+    delivery: str,
+    sent_again: int,
 ) -> None:
     row = await conversation_with_reply(runtime, client)
     channel = fake(runtime)
     channel.uncertain_policy = policy  # type: ignore[misc]
     if provider_has_it:
-        await channel.send(await _outbound(runtime, row.message_id))  # the dead process's send did go out
+        await channel.send(
+            await _outbound(runtime, row.message_id)
+        )  # the dead process's send did go out
     before = len(channel.sent)
     await crash_inside_send(runtime, row.id)
     assert await runtime.outbox.recover_uncertain() == 1
     await runtime.outbox.process_due()
     (after,) = await rows(runtime, Outbox)
     (message,) = await rows(runtime, Message, Message.direction == "out")
-    assert (after.state, message.delivery_status, len(channel.sent) - before) == (state, delivery, sent_again)
+    assert (after.state, message.delivery_status, len(channel.sent) - before) == (
+        state,
+        delivery,
+        sent_again,
+    )
     assert after.uncertain_resends == sent_again  # every resend after a crash is counted (reported)
     if policy is UncertainPolicy.ASK:
         assert message.error == "may not have been sent; resend?"
@@ -108,24 +138,39 @@ async def test_uncertain_sends_follow_the_inbox_policy(
 async def _outbound(runtime: Runtime, message_id: int) -> Any:
     from router.outbox import _load_claimed
 
-    outbox_id = await runtime.db.read(lambda c: c.execute(select(Outbox.id).where(Outbox.message_id == message_id)).scalar_one())
+    outbox_id = await runtime.db.read(
+        lambda c: c.execute(select(Outbox.id).where(Outbox.message_id == message_id)).scalar_one()
+    )
     (job,) = await runtime.db.read(_load_claimed, [outbox_id], runtime.clock.now())
     return job.message
 
 
-async def test_a_live_process_claim_is_not_taken_over(runtime: Runtime, client: httpx.AsyncClient) -> None:
+async def test_a_live_process_claim_is_not_taken_over(
+    runtime: Runtime, client: httpx.AsyncClient
+) -> None:
     row = await conversation_with_reply(runtime, client)
 
     def other_live_process(tx: Any) -> None:
-        tx.execute(Process.__table__.insert().values(id="alive", host="h", pid=1, started_at=tx.now, heartbeat_at=tx.now, last_error={}))
-        tx.execute(update(Outbox).where(Outbox.id == row.id).values(state="sending", claimed_by="alive", claimed_at=tx.now))
+        tx.execute(
+            Process.__table__.insert().values(
+                id="alive", host="h", pid=1, started_at=tx.now, heartbeat_at=tx.now, last_error={}
+            )
+        )
+        tx.execute(
+            update(Outbox)
+            .where(Outbox.id == row.id)
+            .values(state="sending", claimed_by="alive", claimed_at=tx.now)
+        )
+
     await runtime.db.write(other_live_process)
     assert await runtime.outbox.recover_uncertain() == 0
     (after,) = await rows(runtime, Outbox)
     assert after.state == "sending"
 
 
-async def test_admin_can_resend_an_uncertain_message(runtime: Runtime, client: httpx.AsyncClient) -> None:
+async def test_admin_can_resend_an_uncertain_message(
+    runtime: Runtime, client: httpx.AsyncClient
+) -> None:
     from tests.router.test_api import admin_token
 
     row = await conversation_with_reply(runtime, client)
@@ -133,9 +178,13 @@ async def test_admin_can_resend_an_uncertain_message(runtime: Runtime, client: h
     await crash_inside_send(runtime, row.id)
     await runtime.outbox.recover_uncertain()
     token = await admin_token(runtime)
-    report = (await client.get("/api/admin/outbox", headers={"authorization": f"Bearer {token}"})).json()
+    report = (
+        await client.get("/api/admin/outbox", headers={"authorization": f"Bearer {token}"})
+    ).json()
     assert [(r["id"], r["state"]) for r in report] == [(row.id, "uncertain")]
-    response = await client.post(f"/api/admin/outbox/{row.id}/resend", headers={"authorization": f"Bearer {token}"})
+    response = await client.post(
+        f"/api/admin/outbox/{row.id}/resend", headers={"authorization": f"Bearer {token}"}
+    )
     assert response.status_code == 200
     await runtime.outbox.process_due()
     (after,) = await rows(runtime, Outbox)

@@ -40,7 +40,7 @@ async def count(runtime: Runtime, model: Any, *where: Any) -> int:
 
 async def settle(runtime: Runtime) -> None:
     """Let background routing finish (it runs after the webhook's response)."""
-    await runtime.background.drain(timeout=10)
+    await runtime.background.idle(timeout=20)
 
 
 async def test_message_is_persisted_routed_and_answered(

@@ -28,17 +28,27 @@ async def versions(runtime: Runtime) -> list[tuple[str, str]]:
     return [(r.source, r.version) for r in await rows(runtime, RulesetRow)]
 
 
-async def test_put_validates_and_activates_atomically(runtime: Runtime, client: httpx.AsyncClient) -> None:
+async def test_put_validates_and_activates_atomically(
+    runtime: Runtime, client: httpx.AsyncClient
+) -> None:
     token = await admin_token(runtime)
-    bad = await client.put("/api/admin/rules", headers=auth(token), content=b"version: 1\nqueues: {q: {}}\ndefault: {queue: nope}\n")
+    bad = await client.put(
+        "/api/admin/rules",
+        headers=auth(token),
+        content=b"version: 1\nqueues: {q: {}}\ndefault: {queue: nope}\n",
+    )
     assert bad.status_code == 422
-    assert bad.json()["errors"] == [{"line": 3, "col": 18, "where": "default.queue", "message": 'unknown queue "nope"'}]
+    assert bad.json()["errors"] == [
+        {"line": 3, "col": 18, "where": "default.queue", "message": 'unknown queue "nope"'}
+    ]
     assert len(await versions(runtime)) == 1  # nothing changed
     good = await client.put("/api/admin/rules", headers=auth(token), content=NEW_RULES.encode())
     assert good.status_code == 200 and "vip-desk" in good.json()["queues"]
     assert runtime.rules.ruleset.version == good.json()["version"]
     assert [q.name for q in await rows_q(runtime)] == ["billing", "general", "sales", "vip-desk"]
-    members = await runtime.db.read(lambda c: c.execute(select(QueueMember.queue, QueueMember.user_name)).all())
+    members = await runtime.db.read(
+        lambda c: c.execute(select(QueueMember.queue, QueueMember.user_name)).all()
+    )
     assert [tuple(m) for m in members] == [("vip-desk", "anna")]
     status = (await client.get("/api/admin/rules", headers=auth(token))).json()
     assert status["active"]["source"] == "api" and status["active"]["activated_by"] == "api:root"
@@ -46,28 +56,43 @@ async def test_put_validates_and_activates_atomically(runtime: Runtime, client: 
 
 
 async def rows_q(runtime: Runtime) -> list[Queue]:
-    return await runtime.db.read(lambda c: list(c.execute(select(Queue).where(Queue.active.is_(True)).order_by(Queue.name))))
+    return await runtime.db.read(
+        lambda c: list(c.execute(select(Queue).where(Queue.active.is_(True)).order_by(Queue.name)))
+    )
 
 
-async def test_removing_a_queue_with_open_conversations_is_refused(runtime: Runtime, client: httpx.AsyncClient) -> None:
+async def test_removing_a_queue_with_open_conversations_is_refused(
+    runtime: Runtime, client: httpx.AsyncClient
+) -> None:
     token = await admin_token(runtime)
     await post_fake(client, "sms", {"id": "r1", "from": "+4917012345671", "text": "refund"})
     await post_fake(client, "sms", {"id": "r2", "from": "+4917012345672", "text": "refund"})
     await settle(runtime)
-    without_billing = RULES.replace("  billing: {skills: {billing: 3}}\n", "").replace("queue: billing", "queue: sales")
-    refused = await client.put("/api/admin/rules", headers=auth(token), content=without_billing.encode())
+    without_billing = RULES.replace("  billing: {skills: {billing: 3}}\n", "").replace(
+        "queue: billing", "queue: sales"
+    )
+    refused = await client.put(
+        "/api/admin/rules", headers=auth(token), content=without_billing.encode()
+    )
     assert refused.status_code == 422
-    assert refused.json()["message"] == 'the ruleset removes queues that still hold open conversations: "billing" (2 open conversations)'
+    assert (
+        refused.json()["message"]
+        == 'the ruleset removes queues that still hold open conversations: "billing" (2 open conversations)'
+    )
     assert refused.json()["queues"] == {"billing": 2}
     assert "billing" in runtime.rules.ruleset.queues
 
 
-async def test_file_is_imported_only_when_its_content_changes(runtime: Runtime, settings: Settings) -> None:
+async def test_file_is_imported_only_when_its_content_changes(
+    runtime: Runtime, settings: Settings
+) -> None:
     first = await versions(runtime)
     assert [s for s, _ in first] == ["file"]
     assert await runtime.rules.import_file() is None  # same bytes: nothing happens
     await runtime.rules.put(NEW_RULES.encode(), "api:root")
-    assert await runtime.rules.import_file() is None  # the API activation stays while the file is unchanged
+    assert (
+        await runtime.rules.import_file() is None
+    )  # the API activation stays while the file is unchanged
     assert runtime.rules.ruleset.version == (await versions(runtime))[-1][1]
     assert (await versions(runtime))[-1][0] == "api"
     settings.rules_path.write_text(RULES + "# edited\n")
@@ -77,11 +102,18 @@ async def test_file_is_imported_only_when_its_content_changes(runtime: Runtime, 
     assert runtime.rules.ruleset.text.endswith("# edited\n")
 
 
-async def test_a_bad_file_never_replaces_a_good_one_and_its_errors_are_shown(runtime: Runtime, settings: Settings, client: httpx.AsyncClient) -> None:
+async def test_a_bad_file_never_replaces_a_good_one_and_its_errors_are_shown(
+    runtime: Runtime, settings: Settings, client: httpx.AsyncClient
+) -> None:
     good = runtime.rules.ruleset.version
-    settings.rules_path.write_text(RULES.replace("queue: billing, priority: high", "queue: biling, priority: high"))
+    settings.rules_path.write_text(
+        RULES.replace("queue: billing, priority: high", "queue: biling, priority: high")
+    )
     report = await runtime.rules.import_file()
-    assert report is not None and report.errors[0]["message"] == 'unknown queue "biling" (did you mean "billing"?)'
+    assert (
+        report is not None
+        and report.errors[0]["message"] == 'unknown queue "biling" (did you mean "billing"?)'
+    )
     assert runtime.rules.ruleset.version == good
     token = await admin_token(runtime)
     status = (await client.get("/api/admin/rules", headers=auth(token))).json()
@@ -89,7 +121,9 @@ async def test_a_bad_file_never_replaces_a_good_one_and_its_errors_are_shown(run
     assert status["processes"][0]["last_error"]["errors"][0]["line"] == 12
 
 
-async def test_restart_does_not_reimport_an_unchanged_file(settings: Settings, clock: FakeClock) -> None:
+async def test_restart_does_not_reimport_an_unchanged_file(
+    settings: Settings, clock: FakeClock
+) -> None:
     async with started_runtime(settings, clock) as rt:
         await rt.rules.put(NEW_RULES.encode(), "api:root")
         api_version = rt.rules.ruleset.version
@@ -103,7 +137,9 @@ async def test_a_second_process_switches_by_polling(pg_settings: Settings) -> No
     async with started_runtime(pg_settings) as one, started_runtime(other, workers=True) as two:
         assert one.bus is not two.bus  # separate in-process buses: only the poll can tell
         await one.rules.put(NEW_RULES.encode(), "api:root")
-        await wait_for(lambda: two.rules.active is not None and "vip-desk" in two.rules.active.queues)
+        await wait_for(
+            lambda: two.rules.active is not None and "vip-desk" in two.rules.active.queues
+        )
 
 
 async def test_a_second_process_switches_on_the_bus_notice(tmp_path: Path) -> None:
@@ -112,12 +148,20 @@ async def test_a_second_process_switches_on_the_bus_notice(tmp_path: Path) -> No
         from router.migrate import upgrade
 
         await asyncio.to_thread(upgrade, url)
-        base = make_settings(tmp_path / "conf", url, redis_url=redis_url, redis_prefix=peers.unique_prefix(), rules_poll_interval=3600)
+        base = make_settings(
+            tmp_path / "conf",
+            url,
+            redis_url=redis_url,
+            redis_prefix=peers.unique_prefix(),
+            rules_poll_interval=3600,
+        )
         other = base.model_copy(update={"process_id": "other"})
         async with started_runtime(base) as one, started_runtime(other) as two:
             assert isinstance(two.bus, RedisBus)
             await one.rules.put(NEW_RULES.encode(), "api:root")
-            await wait_for(lambda: two.rules.active is not None and "vip-desk" in two.rules.active.queues)
+            await wait_for(
+                lambda: two.rules.active is not None and "vip-desk" in two.rules.active.queues
+            )
 
 
 async def wait_for(condition: object, timeout: float = 10.0) -> None:

@@ -32,16 +32,26 @@ async def test_sequences_are_gapless_under_concurrent_writes(runtime: Runtime) -
             tx.emit(f"agent:{i % 3}", "pong", {"i": i})
 
     await asyncio.gather(*(runtime.db.write(write, i) for i in range(120)))
-    rows = await runtime.db.read(lambda c: c.execute(select(StreamEvent.stream, StreamEvent.seq).order_by(StreamEvent.id)).all())
+    rows = await runtime.db.read(
+        lambda c: c.execute(
+            select(StreamEvent.stream, StreamEvent.seq).order_by(StreamEvent.id)
+        ).all()
+    )
     by_stream: dict[str, list[int]] = {}
     for stream, seq in rows:
         by_stream.setdefault(stream, []).append(seq)
     for stream, seqs in by_stream.items():
         assert sorted(seqs) == list(range(1, len(seqs) + 1)), stream
-    counters = dict(await runtime.db.read(lambda c: c.execute(select(EventStream.stream, EventStream.last_seq)).all()))
+    counters = dict(
+        await runtime.db.read(
+            lambda c: c.execute(select(EventStream.stream, EventStream.last_seq)).all()
+        )
+    )
     assert counters == {s: len(v) for s, v in by_stream.items()}
     assert counters["supervisors"] == 120
-    assert sorted((r.stream, r.seq) for r in published) == sorted(rows)  # each published once, after commit
+    assert sorted((r.stream, r.seq) for r in published) == sorted(
+        rows
+    )  # each published once, after commit
 
 
 async def test_a_failed_write_consumes_no_sequence_number(runtime: Runtime) -> None:
@@ -73,7 +83,10 @@ async def test_a_rolled_back_savepoint_drops_its_buffered_events(runtime: Runtim
         tx.emit("s", "kept-too", {})
 
     await runtime.db.write(write)
-    assert [(e.seq, e.type) for e in await runtime.db.stream_events("s", 0)] == [(1, "kept"), (2, "kept-too")]
+    assert [(e.seq, e.type) for e in await runtime.db.stream_events("s", 0)] == [
+        (1, "kept"),
+        (2, "kept-too"),
+    ]
     assert await runtime.db.stream_events("t", 0) == []
 
 

@@ -1,0 +1,443 @@
+"""End to end: web-chat messages in -> offered to agents on their sockets.
+
+Each message comes from its own visitor (a new conversation), is persisted, routed by the
+rules, offered to an agent, and the agent's socket receives the offer. Measured against a
+raw baseline in the same run: a bare Starlette app that parses the same frames and pushes
+them to the same agent sockets without persistence. Both servers run as separate processes;
+this process is the load generator (visitors and agents over real websockets).
+
+Reported: messages/s at full speed, p50/p99 ingest-to-agent latency at a fixed rate, lost
+and duplicated messages (must be 0), and the ratios. Targets (SQLite, synchronous=FULL):
+full speed >= 0.25x the baseline's messages/s; at 200 messages/s p99 within 25x the baseline.
+
+    python bench/e2e.py            # full run
+    python bench/e2e.py --smoke    # seconds; run by `make test`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import websockets  # noqa: E402
+
+RULES = """\
+version: 1
+queues:
+  general: {offer_timeout: 1h}
+rules:
+  - {id: bench, when: {message.text: {starts_with: "bench"}}, then: {queue: general, tags: [bench]}}
+default: {queue: general}
+"""
+CHANNELS = """\
+version: 1
+inboxes:
+  web:
+    channel: webchat
+    provider: omniroute
+    default_queue: general
+    connections_per_minute_per_ip: 10000000
+    new_visitors_per_minute_per_ip: 10000000
+    messages_per_minute_per_visitor: 10000000
+    messages_per_minute_per_ip: 10000000
+"""
+
+
+# -- the raw baseline server ------------------------------------------------------------------
+def baseline_app() -> Any:
+    """Parse the same frames, push to the same agent sockets; no persistence, no routing."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    agents: list[WebSocket] = []
+    counter = {"next": 0, "offer": 0}
+
+    async def agent(ws: WebSocket) -> None:
+        await ws.accept()
+        hello = json.loads(await ws.receive_text())
+        assert hello["type"] == "hello"
+        await ws.send_text(
+            json.dumps(
+                {"type": "welcome", "streams": {}, "state": {"offers": [], "conversations": []}}
+            )
+        )
+        agents.append(ws)
+        try:
+            while True:
+                await ws.receive_text()
+        except WebSocketDisconnect:
+            agents.remove(ws)
+
+    async def chat(ws: WebSocket) -> None:
+        await ws.accept()
+        hello = json.loads(await ws.receive_text())
+        assert hello["type"] == "hello"
+        await ws.send_text(
+            json.dumps({"type": "welcome", "token": uuid.uuid4().hex, "history": [], "last_seq": 0})
+        )
+        try:
+            while True:
+                frame = json.loads(await ws.receive_text())
+                if (
+                    frame.get("type") != "message"
+                    or not isinstance(frame.get("text"), str)
+                    or not isinstance(frame.get("client_id"), str)
+                ):
+                    await ws.send_text(json.dumps({"type": "error"}))
+                    continue
+                counter["offer"] += 1
+                target = agents[counter["next"] % len(agents)]
+                counter["next"] += 1
+                await target.send_text(
+                    json.dumps(
+                        {
+                            "type": "offer",
+                            "offer_id": counter["offer"],
+                            "conversation": {"preview": frame["text"][:280]},
+                        }
+                    )
+                )
+                await ws.send_text(
+                    json.dumps(
+                        {
+                            "type": "ack",
+                            "client_id": frame["client_id"],
+                            "message_id": counter["offer"],
+                        }
+                    )
+                )
+        except WebSocketDisconnect:
+            pass
+
+    return Starlette(routes=[WebSocketRoute("/ws/agent", agent), WebSocketRoute("/ws/chat", chat)])
+
+
+def serve_baseline(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        baseline_app(), host="127.0.0.1", port=port, log_level="warning", ws_ping_interval=None
+    )
+
+
+# -- servers ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(port)
+
+
+@dataclass
+class Omniroute:
+    agents: int
+    directory: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="omniroute-bench-"))
+    )
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    tokens: list[str] = field(default_factory=list)
+
+    def start(self) -> str:
+        from router.migrate import upgrade
+
+        url = f"sqlite:///{self.directory / 'bench.db'}"
+        (self.directory / "rules.yaml").write_text(RULES)
+        (self.directory / "channels.yaml").write_text(CHANNELS)
+        upgrade(url)
+        self.tokens = asyncio.run(self._seed(url))
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "OMNIROUTE_DATABASE_URL": url,
+            "OMNIROUTE_RULES_PATH": str(self.directory / "rules.yaml"),
+            "OMNIROUTE_CHANNELS_PATH": str(self.directory / "channels.yaml"),
+            "OMNIROUTE_SECRET_KEY": "bench-" + "x" * 40,
+            "OMNIROUTE_PORT": str(self.port),
+            "OMNIROUTE_PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}",
+            "OMNIROUTE_DATA_DIR": str(self.directory),
+        }
+        log = open(self.directory / "server.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        wait_http(f"http://127.0.0.1:{self.port}/readyz", self.proc)
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def _seed(self, url: str) -> list[str]:
+        from router.agents import create_agent, parse_capacity
+        from router.auth import create_user
+        from router.db import Database, Tx
+
+        db = Database(url)
+        await db.start()
+        tokens = []
+        try:
+            for i in range(self.agents):
+
+                def add(tx: Tx, i: int = i) -> str:
+                    user_id, token = create_user(tx, f"bench{i}", "agent")
+                    create_agent(
+                        tx, user_id, f"Bench {i}", {}, parse_capacity("webchat=1000,total=1000")
+                    )
+                    return token
+
+                tokens.append(await db.write(add))
+        finally:
+            await db.close()
+        return tokens
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class Baseline:
+    agents: int
+    proc: subprocess.Popen[bytes] | None = None
+    tokens: list[str] = field(default_factory=list)
+
+    def start(self) -> str:
+        port = free_port()
+        self.tokens = [f"token-{i}" for i in range(self.agents)]
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--baseline-server", str(port)],
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        wait_port(port, self.proc)
+        return f"ws://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+
+
+# -- the load generator -----------------------------------------------------------------------
+@dataclass
+class Run:
+    expected: int = 0
+    sent: dict[str, float] = field(default_factory=dict)
+    received: dict[str, list[float]] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, text: str) -> None:
+        now = time.perf_counter()
+        if text.startswith("bench "):
+            self.received.setdefault(text, []).append(now)
+            if len(self.received) >= self.expected:
+                self.done.set()
+
+
+async def agent_reader(ws: Any, run: Run) -> None:
+    async for raw in ws:
+        frame = json.loads(raw)
+        if frame.get("type") == "offer":
+            run.record(frame["conversation"]["preview"])
+
+
+async def open_agents(
+    base: str, tokens: list[str], run: Run
+) -> tuple[list[Any], list[asyncio.Task[None]]]:
+    sockets, readers = [], []
+    for token in tokens:
+        ws = await websockets.connect(
+            base + "/ws/agent", max_size=None, open_timeout=30, ping_interval=None
+        )
+        await ws.send(json.dumps({"type": "hello", "token": token}))
+        while json.loads(await ws.recv()).get("type") != "welcome":
+            pass
+        sockets.append(ws)
+        readers.append(asyncio.create_task(agent_reader(ws, run)))
+    return sockets, readers
+
+
+async def open_visitors(base: str, count: int) -> list[Any]:
+    async def one() -> Any:
+        ws = await websockets.connect(
+            base + "/ws/chat?inbox=web",
+            origin=base.replace("ws://", "http://"),
+            open_timeout=60,
+            ping_interval=None,
+        )  # type: ignore[arg-type]
+        await ws.send(json.dumps({"type": "hello"}))
+        while json.loads(await ws.recv()).get("type") != "welcome":
+            pass
+        return ws
+
+    visitors: list[Any] = []
+    for start in range(0, count, 100):
+        visitors.extend(await asyncio.gather(*(one() for _ in range(min(100, count - start)))))
+    return visitors
+
+
+async def drive(
+    base: str, tokens: list[str], messages: int, rate: float | None, label: str
+) -> dict[str, Any]:
+    run = Run(expected=messages)
+    agents, readers = await open_agents(base, tokens, run)
+    visitors = await open_visitors(base, messages)
+    acks: list[asyncio.Task[Any]] = []
+
+    async def send(i: int, ws: Any) -> None:
+        text = f"bench {label}-{i}"
+        run.sent[text] = time.perf_counter()
+        await ws.send(json.dumps({"type": "message", "client_id": str(uuid.uuid4()), "text": text}))
+        await ws.recv()  # the ack
+
+    # The load generator must not pause the measurement: no cyclic GC during the timed run
+    # (done alike for the baseline and omniroute).
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    started = time.perf_counter()
+    if rate is None:
+        acks = [asyncio.create_task(send(i, ws)) for i, ws in enumerate(visitors)]
+    else:
+        for i, ws in enumerate(visitors):
+            due = started + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            acks.append(asyncio.create_task(send(i, ws)))
+    await asyncio.gather(*acks)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(run.done.wait(), 60)
+    await asyncio.sleep(0.5)  # let late duplicates show up
+    gc.enable()
+    gc.unfreeze()
+    finished = max((max(t) for t in run.received.values()), default=time.perf_counter())
+    for task in readers:
+        task.cancel()
+    for ws in [*agents, *visitors]:
+        await ws.close()
+    latencies = sorted(
+        (min(run.received[t]) - run.sent[t]) * 1000 for t in run.received if t in run.sent
+    )
+    lost = sum(1 for t in run.sent if t not in run.received)
+    duplicated = sum(len(v) - 1 for v in run.received.values())
+    return {
+        "messages": messages,
+        "per_second": len(run.received) / (finished - started) if run.received else 0.0,
+        "p50_ms": statistics.median(latencies) if latencies else float("nan"),
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        if latencies
+        else float("nan"),
+        "lost": lost,
+        "duplicated": duplicated,
+    }
+
+
+def measure(server: Any, messages: int, rate: float | None, label: str) -> dict[str, Any]:
+    base = server.start()
+    try:
+        return asyncio.run(drive(base, server.tokens, messages, rate, label))
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--agents", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=2000)
+    args = parser.parse_args(argv)
+    if args.baseline_server:
+        serve_baseline(args.baseline_server)
+        return 0
+    agents = 2 if args.smoke else args.agents
+    full = 60 if args.smoke else args.messages
+    fixed_rate = 50.0 if args.smoke else 200.0
+    fixed = 50 if args.smoke else int(fixed_rate * 10)
+    results = {}
+    for name, make in (
+        ("baseline", lambda: Baseline(agents)),
+        ("omniroute", lambda: Omniroute(agents)),
+    ):
+        results[(name, "full")] = measure(make(), full, None, f"{name}-full")
+        results[(name, "fixed")] = measure(make(), fixed, fixed_rate, f"{name}-fixed")
+    print(f"e2e web chat -> agent offers; {agents} agents; SQLite synchronous=FULL")
+    print(f"{'run':<22}{'msgs':>7}{'msg/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'lost':>6}{'dup':>5}")
+    for (name, kind), r in results.items():
+        print(
+            f"{name + ' ' + kind:<22}{r['messages']:>7}{r['per_second']:>10.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['lost']:>6}{r['duplicated']:>5}"
+        )
+    throughput = results[("omniroute", "full")]["per_second"] / max(
+        results[("baseline", "full")]["per_second"], 1e-9
+    )
+    latency = results[("omniroute", "fixed")]["p99_ms"] / max(
+        results[("baseline", "fixed")]["p99_ms"], 1e-9
+    )
+    clean = all(r["lost"] == 0 and r["duplicated"] == 0 for r in results.values())
+    print(f"full-speed ratio: {throughput:.2f}x the baseline (target >= 0.25x)")
+    print(f"p99 at {fixed_rate:.0f} msg/s: {latency:.1f}x the baseline (target <= 25x)")
+    print(f"lost and duplicated: {'0 and 0' if clean else 'NOT ZERO'}")
+    if not clean:
+        return 1
+    if args.smoke:
+        return 0
+    return 0 if throughput >= 0.25 and latency <= 25 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

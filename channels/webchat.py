@@ -1,0 +1,113 @@
+"""Web chat: visitors on your site talk to agents through ``/ws/chat`` and ``/widget.js``.
+
+The visitor's identity is an unguessable token (256 bits) that the widget keeps; the
+server only ever stores its SHA-256 (the identity address), so a database reader or an
+agent cannot impersonate a visitor. A visitor's typed name and email are hints: stored,
+shown as unverified, never used to link contacts or reveal history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from channels.base import (
+    Channel,
+    ChannelContext,
+    InboundMessage,
+    InboxConfig,
+    OutboundMessage,
+    PermanentSendError,
+    Sender,
+    SendReceipt,
+    UncertainPolicy,
+)
+
+__all__ = ["WebChatChannel", "WebChatConfig", "new_visitor_token", "visitor_address"]
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9-]{8,64}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+_LANGUAGE = re.compile(r"^[a-z]{2}$")
+
+
+class WebChatConfig(InboxConfig):
+    channel: Literal["webchat"] = "webchat"
+    max_message_chars: int = Field(2000, ge=1, le=20_000)
+    connections_per_minute_per_ip: int = Field(30, ge=1)
+    new_visitors_per_minute_per_ip: int = Field(10, ge=1)
+    messages_per_minute_per_visitor: int = Field(30, ge=1)
+    messages_per_minute_per_ip: int = Field(120, ge=1)
+    title: str = Field("Chat with us", max_length=80)
+    greeting: str = Field("Hi! How can we help?", max_length=500)
+
+
+def new_visitor_token() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits
+
+
+def visitor_address(token: str) -> str | None:
+    """The stored identity of a visitor token (its SHA-256), or None for a malformed token."""
+    if not _TOKEN.match(token):
+        return None
+    return "v_" + hashlib.sha256(token.encode()).hexdigest()[:40]
+
+
+class WebChatChannel(Channel):
+    provider = "omniroute"
+    channel_id = "webchat"
+    channel_ids = ("webchat",)
+    config_model: ClassVar[type[InboxConfig]] = WebChatConfig
+    attachments = False
+    # Delivering to the visitor's stream twice is harmless (the widget drops seen ids).
+    uncertain_policy = UncertainPolicy.RESEND
+
+    def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
+        super().__init__(slug, config, context)
+        assert isinstance(config, WebChatConfig)
+        self.web_config = config
+        self.max_text_length = config.max_message_chars  # type: ignore[misc]
+
+    def inbound(
+        self,
+        address: str,
+        client_id: str,
+        text: str,
+        *,
+        name: str | None = None,
+        email: str | None = None,
+        language: str | None = None,
+    ) -> InboundMessage:
+        """A visitor's message. Validate first with ``check_message``."""
+        hints = {"email": email.strip().lower()} if email and _EMAIL.match(email.strip()) else {}
+        return InboundMessage(
+            external_id=f"{address}:{client_id}",
+            sender=Sender(
+                "webchat", address, True, (name or "").strip()[:100] or None, "visitor_token"
+            ),
+            text=text,
+            language=language if language and _LANGUAGE.match(language) else None,
+            hints=hints,
+            data={"client_id": client_id},
+        )
+
+    def check_message(self, client_id: object, text: object) -> str | None:
+        """Why a visitor frame is refused (None when it is fine)."""
+        if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id):
+            return "client_id must be a UUID"
+        if not isinstance(text, str) or not text.strip():
+            return "the message is empty"
+        if len(text) > self.web_config.max_message_chars:
+            return f"the message is longer than {self.web_config.max_message_chars} characters"
+        return None
+
+    async def send(self, message: OutboundMessage) -> SendReceipt:
+        push: Callable[[OutboundMessage], Awaitable[SendReceipt]] | None = self.context.push
+        if push is None:
+            raise PermanentSendError("web chat delivery is not wired")
+        return await push(message)

@@ -1,0 +1,193 @@
+"""Conversations and messages over REST (the websocket offers the same commands live)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection, select
+
+from router.agents import agent_by_name
+from router.api.deps import get_runtime, require
+from router.auth import Principal
+from router.exceptions import NotFound
+from router.messaging import agent_write
+from router.models import Conversation, Message
+from router.runtime import Runtime
+from router.serialize import iso, message_payload
+from router.timeline import contact_timeline, conversation_detail
+from router.types import Role
+
+router = APIRouter(tags=["conversations"])
+agent = require(Role.AGENT)
+
+
+def list_conversations(
+    conn: Connection, filters: dict[str, Any], limit: int, before: int | None
+) -> dict[str, Any]:
+    query = select(Conversation)
+    for column in ("state", "queue", "channel", "contact_id"):
+        if filters.get(column) is not None:
+            query = query.where(getattr(Conversation, column) == filters[column])
+    if filters.get("agent_id") is not None:
+        query = query.where(Conversation.assigned_agent_id == filters["agent_id"])
+    if before is not None:
+        query = query.where(Conversation.id < before)
+    rows = conn.execute(query.order_by(Conversation.id.desc()).limit(limit + 1)).all()
+    items = [
+        {
+            "id": c.id,
+            "channel": c.channel,
+            "state": c.state,
+            "queue": c.queue,
+            "priority": c.priority,
+            "tags": c.tags or [],
+            "contact_id": c.contact_id,
+            "agent_id": c.assigned_agent_id,
+            "created_at": iso(c.created_at),
+            "queued_at": iso(c.queued_at),
+            "first_response_at": iso(c.first_response_at),
+            "resolved_at": iso(c.resolved_at),
+        }
+        for c in rows[:limit]
+    ]
+    return {"items": items, "next_before": items[-1]["id"] if len(rows) > limit else None}
+
+
+@router.get("/api/conversations", summary="Conversations, newest first, filtered")
+async def get_conversations(
+    state: str | None = None,
+    queue: str | None = None,
+    channel: str | None = None,
+    agent_id: int | None = None,
+    contact_id: int | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    before: int | None = None,
+    runtime: Runtime = Depends(get_runtime),
+    _: Principal = Depends(agent),
+) -> dict[str, Any]:
+    filters = {
+        "state": state,
+        "queue": queue,
+        "channel": channel,
+        "agent_id": agent_id,
+        "contact_id": contact_id,
+    }
+    return await runtime.db.read(list_conversations, filters, limit, before)
+
+
+@router.get(
+    "/api/conversations/{conversation_id}",
+    summary="A conversation with its contact's full cross-channel timeline",
+)
+async def get_conversation(
+    conversation_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+) -> dict[str, Any]:
+    detail = await runtime.db.read(conversation_detail, conversation_id)
+    if detail is None:
+        raise NotFound(f"no conversation {conversation_id}")
+    return detail
+
+
+class Write(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=20_000)
+    note: bool = False
+    client_id: str | None = Field(None, max_length=64)
+    identity_id: int | None = None
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/messages",
+    summary="Reply to the customer (or write an internal note)",
+)
+async def post_message(
+    conversation_id: int,
+    body: Write,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(agent),
+) -> dict[str, Any]:
+    if user.agent_id is None:
+        raise NotFound("you are not an agent")
+    result = await runtime.db.write(
+        agent_write,
+        user.agent_id,
+        conversation_id,
+        body.text,
+        note=body.note,
+        client_id=body.client_id,
+        identity_id=body.identity_id,
+        supervisor=user.allows(Role.SUPERVISOR),
+    )
+    runtime.outbox.wake()
+    return result
+
+
+@router.post("/api/conversations/{conversation_id}/resolve", summary="Resolve my conversation")
+async def resolve(
+    conversation_id: int, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(agent)
+) -> dict[str, bool]:
+    if user.agent_id is None:
+        raise NotFound("you are not an agent")
+    await runtime.assignment.resolve(user.agent_id, conversation_id)
+    return {"resolved": True}
+
+
+class Transfer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to_queue: str | None = None
+    to_agent: str | None = None
+    note: str | None = Field(None, max_length=2000)
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/transfer",
+    summary="Transfer my conversation to a queue or a named agent",
+)
+async def transfer(
+    conversation_id: int,
+    body: Transfer,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(agent),
+) -> dict[str, bool]:
+    if user.agent_id is None:
+        raise NotFound("you are not an agent")
+    to_agent = None
+    if body.to_agent is not None:
+        to_agent = await runtime.db.read(agent_by_name, body.to_agent)
+        if to_agent is None:
+            raise NotFound(f'no agent "{body.to_agent}"')
+    await runtime.assignment.transfer(
+        user.agent_id, conversation_id, to_queue=body.to_queue, to_agent=to_agent, note=body.note
+    )
+    return {"transferred": True}
+
+
+@router.get("/api/messages/{message_id}", summary="One message")
+async def get_message(
+    message_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+) -> dict[str, Any]:
+    row = await runtime.db.read(
+        lambda c: c.execute(select(Message).where(Message.id == message_id)).first()
+    )
+    if row is None:
+        raise NotFound(f"no message {message_id}")
+    return message_payload(row)
+
+
+@router.get(
+    "/api/contacts/{contact_id}/timeline",
+    summary="Every message of the contact across channels, oldest first, cursor-paginated",
+    tags=["contacts"],
+)
+async def timeline(
+    contact_id: int,
+    limit: int = Query(100, ge=1, le=500),
+    before: int | None = None,
+    runtime: Runtime = Depends(get_runtime),
+    _: Principal = Depends(agent),
+) -> dict[str, Any]:
+    return await runtime.db.read(
+        lambda c: contact_timeline(c, contact_id, limit=limit, before=before)
+    )

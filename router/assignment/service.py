@@ -1,0 +1,235 @@
+"""The assignment service: when to decide (event-driven), plus the timer worker.
+
+Decisions are triggered by what changes who can take what: a conversation routed or sent
+back to a queue, an agent freeing capacity or coming online, a ruleset activation. A worker
+fires stored due times (offer expiry, presence grace after a socket loss, a preferred
+agent's wait) and sweeps waiting work as a safety net; a restart fires what fell due while
+the process was down, once, because each firing is a conditional update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, exists, insert, select, update
+
+from router.assignment import core
+from router.assignment.matcher import BATCH, dispatch_batch
+from router.db import Database, Tx
+from router.models import Agent, AgentConnection, Conversation, Process
+from router.types import AgentPresence, ConversationState
+from routing_rules import QueueSpec
+
+__all__ = ["Assignment"]
+
+log = logging.getLogger(__name__)
+DEFAULT_STICKY_WAIT = 20.0
+
+
+def _connect(tx: Tx, agent_id: int, process_id: str) -> int:
+    connection_id = int(
+        tx.execute(
+            insert(AgentConnection)
+            .values(agent_id=agent_id, process_id=process_id, connected_at=tx.now)
+            .returning(AgentConnection.id)
+        ).scalar_one()
+    )
+    tx.execute(update(Agent).where(Agent.id == agent_id).values(disconnected_at=None))
+    core.set_presence(tx, agent_id, AgentPresence.ONLINE, "connected")
+    return connection_id
+
+
+def _disconnect(tx: Tx, agent_id: int, connection_id: int, logout: bool) -> list[int]:
+    """A socket closed: pending offers are withdrawn at once; presence waits out the grace
+    period (a reconnect keeps it); logging out goes offline now."""
+    tx.execute(delete(AgentConnection).where(AgentConnection.id == connection_id))
+    others = tx.execute(
+        select(AgentConnection.id).where(AgentConnection.agent_id == agent_id).limit(1)
+    ).first()
+    if others is not None and not logout:
+        return []
+    if logout:
+        return core.set_presence(tx, agent_id, AgentPresence.OFFLINE, "logout")
+    tx.execute(update(Agent).where(Agent.id == agent_id).values(disconnected_at=tx.now))
+    return core.withdraw_offers(tx, agent_id, "socket lost")
+
+
+def _presence_timeouts(tx: Tx, grace: float, alive_after: Any) -> list[int]:
+    """Socket losses: a process that died took its agents' sockets with it (their grace
+    starts now, their offers are withdrawn); an agent whose socket has been gone for longer
+    than the grace goes offline. An agent set online without ever having a socket (through
+    the API) is left alone."""
+    live_processes = select(Process.id).where(Process.heartbeat_at >= alive_after)
+    orphans = tx.execute(
+        select(AgentConnection.id, AgentConnection.agent_id).where(
+            AgentConnection.process_id.not_in(live_processes)
+        )
+    ).all()
+    withdrawn: list[int] = []
+    if orphans:
+        tx.execute(delete(AgentConnection).where(AgentConnection.id.in_([o.id for o in orphans])))
+        for agent_id in {int(o.agent_id) for o in orphans}:
+            if (
+                tx.execute(
+                    select(AgentConnection.id).where(AgentConnection.agent_id == agent_id).limit(1)
+                ).first()
+                is None
+            ):
+                tx.execute(
+                    update(Agent)
+                    .where(Agent.id == agent_id, Agent.disconnected_at.is_(None))
+                    .values(disconnected_at=tx.now)
+                )
+                withdrawn.extend(core.withdraw_offers(tx, agent_id, "socket lost"))
+    live = exists().where(AgentConnection.agent_id == Agent.id)
+    stale = (
+        tx.execute(
+            select(Agent.id).where(
+                Agent.presence != AgentPresence.OFFLINE.value,
+                ~live,
+                Agent.disconnected_at.is_not(None),
+                Agent.disconnected_at <= tx.now - timedelta(seconds=grace),
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for agent_id in stale:
+        core.set_presence(tx, int(agent_id), AgentPresence.OFFLINE, "socket lost")
+    return withdrawn
+
+
+def _release_preferred(tx: Tx, queues: dict[str, QueueSpec]) -> list[int]:
+    """A conversation reserved for a preferred agent falls back to the strategy after the wait."""
+    rows = tx.execute(
+        select(Conversation.id, Conversation.queue, Conversation.queued_at).where(
+            Conversation.state == ConversationState.QUEUED.value,
+            Conversation.preferred_agent_id.is_not(None),
+        )
+    ).all()
+    released = []
+    for row in rows:
+        spec = queues.get(row.queue)
+        wait = (
+            spec.sticky.wait.total_seconds()
+            if spec is not None and spec.sticky is not None
+            else DEFAULT_STICKY_WAIT
+        )
+        if row.queued_at is not None and tx.now - row.queued_at >= timedelta(seconds=wait):
+            tx.execute(
+                update(Conversation)
+                .where(
+                    Conversation.id == row.id, Conversation.state == ConversationState.QUEUED.value
+                )
+                .values(preferred_agent_id=None)
+            )
+            released.append(int(row.id))
+    return released
+
+
+class Assignment:
+    def __init__(
+        self,
+        db: Database,
+        queues: Callable[[], dict[str, QueueSpec]],
+        *,
+        process_id: str,
+        presence_grace: float,
+        dead_after: float,
+    ) -> None:
+        self.db = db
+        self.queues = queues
+        self.process_id = process_id
+        self.presence_grace = presence_grace
+        self.dead_after = dead_after
+        self.decisions = 0
+        self._lock = asyncio.Lock()
+        self._dirty = False
+
+    # -- triggers -------------------------------------------------------------------------
+    async def dispatch(self) -> int:
+        """Offer waiting work to free agents now. Concurrent calls coalesce: while a run is in
+        progress, further triggers make it run once more instead of running in parallel."""
+        self._dirty = True
+        offered = 0
+        async with self._lock:
+            while self._dirty:
+                self._dirty = False
+                while True:
+                    made = await self.db.write(dispatch_batch, self.queues())
+                    offered += len(made)
+                    if len(made) < BATCH:
+                        break
+        self.decisions += offered
+        return offered
+
+    # -- agent actions --------------------------------------------------------------------
+    async def connect(self, agent_id: int) -> int:
+        connection_id = await self.db.write(_connect, agent_id, self.process_id)
+        await self.dispatch()
+        return connection_id
+
+    async def disconnect(self, agent_id: int, connection_id: int, *, logout: bool = False) -> None:
+        if await self.db.write(_disconnect, agent_id, connection_id, logout):
+            await self.dispatch()
+
+    async def accept(self, agent_id: int, offer_id: int) -> dict[str, Any]:
+        return await self.db.write(core.accept_offer, agent_id, offer_id)
+
+    async def reject(self, agent_id: int, offer_id: int, reason: str | None) -> None:
+        await self.db.write(core.reject_offer, agent_id, offer_id, reason)
+        # The declined conversation goes to someone else, or back to this agent only if
+        # nobody else is eligible; the agent gets the best work they have not declined.
+        await self.dispatch()
+
+    async def resolve(self, agent_id: int, conversation_id: int) -> None:
+        await self.db.write(core.resolve_conversation, agent_id, conversation_id)
+        await self.dispatch()
+
+    async def transfer(
+        self,
+        agent_id: int,
+        conversation_id: int,
+        *,
+        to_queue: str | None,
+        to_agent: int | None,
+        note: str | None,
+    ) -> None:
+        await self.db.write(
+            core.transfer_conversation,
+            agent_id,
+            conversation_id,
+            self.queues(),
+            to_queue=to_queue,
+            to_agent=to_agent,
+            note=note,
+        )
+        await self.dispatch()
+
+    async def set_status(self, agent_id: int, status: AgentPresence, reason: str) -> None:
+        await self.db.write(core.set_presence, agent_id, status, reason)
+        await self.dispatch()
+
+    # -- the timer worker -------------------------------------------------------------------
+    async def tick(self, sweep: bool = True) -> None:
+        queues = self.queues()
+        changed = bool(await self.db.write(core.expire_offers, queues))
+        alive_after = self.db.clock.now() - timedelta(seconds=self.dead_after)
+        changed |= bool(await self.db.write(_presence_timeouts, self.presence_grace, alive_after))
+        changed |= bool(await self.db.write(_release_preferred, queues))
+        if changed or sweep:
+            await self.dispatch()
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("assignment tick failed")
+            await asyncio.sleep(interval)

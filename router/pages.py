@@ -1,0 +1,67 @@
+"""Static pages and assets: the widget, the demo pages. A strict Content-Security-Policy
+(no inline script or style) on every page we serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response
+
+from router.exceptions import NotFound
+
+__all__ = ["CSP", "router"]
+
+router = APIRouter(include_in_schema=False)
+STATIC = Path(__file__).resolve().parent / "static"
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+)
+_ASSETS = {
+    "demo.css": "text/css",
+    "demo-agent.js": "application/javascript",
+}
+
+
+def _page(name: str) -> Response:
+    return FileResponse(
+        STATIC / name,
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+    )
+
+
+@router.get("/widget.js")
+async def widget_js() -> Response:
+    return FileResponse(
+        STATIC / "widget.js",
+        media_type="application/javascript",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+@router.get("/widget.css")
+async def widget_css() -> Response:
+    return FileResponse(
+        STATIC / "widget.css",
+        media_type="text/css",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+@router.get("/static/{name}")
+async def static_asset(name: str) -> Response:
+    if name not in _ASSETS:
+        raise NotFound("no such asset")
+    return FileResponse(STATIC / name, media_type=_ASSETS[name])
+
+
+@router.get("/demo")
+async def demo_chat() -> Response:
+    return _page("demo-chat.html")
+
+
+@router.get("/demo/agent")
+async def demo_agent() -> Response:
+    return _page("demo-agent.html")

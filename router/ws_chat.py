@@ -1,0 +1,244 @@
+"""``/ws/chat?inbox=<slug>``: the web-chat visitor protocol (docs/agent-protocol.md, "Visitors").
+
+Origins not in the inbox's ``allowed_origins`` (or our own public origin) get 403 before
+the upgrade. The first frame is a ``hello`` with the visitor's token if the widget has one;
+a new visitor gets a fresh 256-bit token in the ``welcome``. Each message carries a client
+UUID; the server acks after the commit and dedupes a resend on ``(inbox, visitor, client_id)``.
+Token buckets per IP and per visitor limit connections, new visitors and messages: beyond
+them the socket is closed with 1008 and a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from sqlalchemy import Connection, select
+
+from channels.webchat import WebChatChannel, new_visitor_token, visitor_address
+from router.events import agent_stream, visitor_stream
+from router.failpoints import failpoint
+from router.hub import Session
+from router.models import ContactIdentity, Conversation, Message
+from router.ratelimit import RateLimiter
+from router.runtime import Runtime
+from router.timeline import visitor_history
+from router.types import OPEN_STATES
+
+__all__ = ["router"]
+
+router = APIRouter()
+log = logging.getLogger(__name__)
+HELLO_TIMEOUT = 10.0
+MAX_FRAME = 64 * 1024
+
+
+class _Limits:
+    """Per-inbox token buckets, created lazily (per process)."""
+
+    def __init__(self, channel: WebChatChannel) -> None:
+        c = channel.web_config
+        self.connections = RateLimiter(c.connections_per_minute_per_ip, 60)
+        self.new_visitors = RateLimiter(c.new_visitors_per_minute_per_ip, 60)
+        self.visitor_messages = RateLimiter(
+            min(10, c.messages_per_minute_per_visitor),
+            60 * min(10, c.messages_per_minute_per_visitor) / c.messages_per_minute_per_visitor,
+        )
+        self.ip_messages = RateLimiter(c.messages_per_minute_per_ip, 60)
+
+
+def _limits(channel: WebChatChannel) -> _Limits:
+    limits = getattr(channel, "_limits", None)
+    if limits is None:
+        limits = _Limits(channel)
+        channel._limits = limits  # type: ignore[attr-defined]
+    return limits
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _identity(conn: Connection, address: str) -> int | None:
+    return conn.execute(
+        select(ContactIdentity.id).where(
+            ContactIdentity.kind == "webchat", ContactIdentity.address == address
+        )
+    ).scalar_one_or_none()
+
+
+def _assigned_agent(conn: Connection, identity_id: int) -> int | None:
+    return conn.execute(
+        select(Conversation.assigned_agent_id)
+        .join(Message, Message.conversation_id == Conversation.id)
+        .where(
+            Message.identity_id == identity_id,
+            Conversation.state.in_([s.value for s in OPEN_STATES]),
+            Conversation.assigned_agent_id.is_not(None),
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+@router.websocket("/ws/chat")
+async def chat_socket(ws: WebSocket) -> None:
+    runtime: Runtime = ws.app.state.runtime
+    slug = ws.query_params.get("inbox", "")
+    channel = runtime.channels.get(slug)
+    if not isinstance(channel, WebChatChannel) or not runtime.inboxes[slug].enabled:
+        await ws.close(code=1008)  # before accept: an HTTP 403
+        return
+    origin = (ws.headers.get("origin") or "").lower()
+    allowed = {origin_of(o) for o in channel.config.allowed_origins} | {
+        origin_of(runtime.settings.public_base_url)
+    }
+    if origin not in allowed:
+        log.info("web chat upgrade from a foreign origin %r refused", origin)
+        await ws.close(code=1008)  # 403
+        return
+    ip = ws.client.host if ws.client else "?"
+    limits = _limits(channel)
+    await ws.accept()
+    if not limits.connections.allow(ip):
+        await ws.close(1008, "rate limit: too many connections")
+        return
+    send_lock = asyncio.Lock()
+
+    async def send(frame: dict[str, Any]) -> None:
+        async with send_lock:
+            await ws.send_text(json.dumps(frame, default=str))
+
+    try:
+        raw = await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT)
+        hello = json.loads(raw)
+        if not isinstance(hello, dict) or hello.get("type") != "hello":
+            raise ValueError
+    except (TimeoutError, ValueError):
+        with contextlib.suppress(Exception):
+            await ws.close(1008, 'the first frame must be {"type": "hello"}')
+        return
+    except WebSocketDisconnect:
+        return
+    token = hello.get("token")
+    address = visitor_address(token) if isinstance(token, str) else None
+    if address is None:
+        if not limits.new_visitors.allow(ip):
+            await ws.close(1008, "rate limit: too many new visitors")
+            return
+        token = new_visitor_token()
+        address = visitor_address(token)
+        assert address is not None
+    name = hello.get("name") if isinstance(hello.get("name"), str) else None
+    email = hello.get("email") if isinstance(hello.get("email"), str) else None
+    language = hello.get("language") if isinstance(hello.get("language"), str) else None
+    stream = visitor_stream(address)
+    resume = hello.get("last_seq")
+    session = Session(runtime.db, runtime.bus, send)
+    try:
+        opened = await session.open(
+            {stream: resume if isinstance(resume, int) and not isinstance(resume, bool) else None},
+            [f"ephemeral:{stream}"],
+        )
+        identity_id = await runtime.db.read(_identity, address)
+        history = (
+            await runtime.db.read(visitor_history, identity_id) if identity_id is not None else []
+        )
+        await send(
+            {
+                "type": "welcome",
+                "token": token,
+                "stream": stream,
+                "last_seq": opened.positions[stream],
+                "history": history,
+                "title": channel.web_config.title,
+                "greeting": channel.web_config.greeting,
+                "max_chars": channel.web_config.max_message_chars,
+            }
+        )
+        for frame in opened.replay:
+            await send(frame)
+        session.start()
+        while True:
+            raw = await ws.receive_text()
+            if len(raw) > MAX_FRAME:
+                await send(
+                    {"type": "error", "code": "too_large", "message": "the frame is too large"}
+                )
+                continue
+            try:
+                frame = json.loads(raw)
+            except ValueError:
+                await send(
+                    {"type": "error", "code": "invalid", "message": "frames must be JSON objects"}
+                )
+                continue
+            if not isinstance(frame, dict):
+                await send(
+                    {"type": "error", "code": "invalid", "message": "frames must be JSON objects"}
+                )
+                continue
+            kind = frame.get("type")
+            if kind == "message":
+                problem = channel.check_message(frame.get("client_id"), frame.get("text"))
+                if problem is not None:
+                    await send(
+                        {
+                            "type": "error",
+                            "code": "invalid",
+                            "client_id": frame.get("client_id"),
+                            "message": problem,
+                        }
+                    )
+                    continue
+                if not limits.visitor_messages.allow(address) or not limits.ip_messages.allow(ip):
+                    await ws.close(1008, "rate limit: too many messages")
+                    return
+                item = channel.inbound(
+                    address,
+                    frame["client_id"],
+                    frame["text"],
+                    name=name,
+                    email=email,
+                    language=language,
+                )
+                outcomes = await runtime.ingest(slug, [item])
+                failpoint("after_visitor_commit")
+                outcome = outcomes[0] if outcomes else None
+                await send(
+                    {
+                        "type": "ack",
+                        "client_id": frame["client_id"],
+                        "message_id": outcome.message_id if outcome else None,
+                        "duplicate": bool(outcome and outcome.duplicate),
+                    }
+                )
+                await runtime.after_ingest(outcomes)
+            elif kind == "typing":
+                identity_id = identity_id or await runtime.db.read(_identity, address)
+                agent_id = (
+                    await runtime.db.read(_assigned_agent, identity_id)
+                    if identity_id is not None
+                    else None
+                )
+                if agent_id is not None:
+                    await runtime.bus.publish(
+                        f"ephemeral:{agent_stream(agent_id)}",
+                        {"type": "typing", "from": "visitor", "visitor": address},
+                    )
+            elif kind == "ping":
+                await send({"type": "pong"})
+            else:
+                await send(
+                    {"type": "error", "code": "invalid", "message": f'unknown frame type "{kind}"'}
+                )
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await session.close()

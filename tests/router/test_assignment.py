@@ -1,0 +1,270 @@
+"""Assignment with an injected clock: eligibility, capacity, order, offers and their ends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from adapters.clock import FakeClock
+from router.assignment.core import accept_offer
+from router.exceptions import Conflict
+from router.models import Agent, AgentStatusEvent, Conversation, ConversationEvent, Offer
+from router.runtime import Runtime
+from router.types import AgentPresence
+from tests.router.test_live import make_agent
+from tests.router.test_pipeline import rows, settle
+from tests.support import AGENT_RULES, client_for, make_settings, post_fake, started_runtime
+
+
+@pytest.fixture
+async def rt(
+    tmp_path: Path, db_url: str, clock: FakeClock
+) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
+    settings = make_settings(tmp_path / "conf", db_url, rules=AGENT_RULES)
+    async with started_runtime(settings, clock) as runtime, client_for(runtime) as client:
+        yield runtime, client
+
+
+async def online(
+    runtime: Runtime,
+    name: str,
+    skills: str = "",
+    capacity: str = "sms=1,total=1",
+    idle_minutes: int = 0,
+) -> int:
+    agent_id, _ = await make_agent(runtime, name, skills, capacity)
+    if idle_minutes:
+        await runtime.db.write(
+            lambda tx: tx.execute(
+                update(Agent)
+                .where(Agent.id == agent_id)
+                .values(idle_since=tx.now - timedelta(minutes=idle_minutes))
+            )
+        )
+    await runtime.assignment.set_status(agent_id, AgentPresence.ONLINE, "test")
+    return agent_id
+
+
+async def customer(runtime: Runtime, client: httpx.AsyncClient, n: int, text: str = "hello") -> int:
+    await post_fake(client, "sms", {"id": f"m{n}", "from": f"+49170000{n:05d}", "text": text})
+    await settle(runtime)
+    return int(
+        await runtime.db.read(
+            lambda c: c.execute(
+                select(Conversation.id).order_by(Conversation.id.desc()).limit(1)
+            ).scalar_one()
+        )
+    )
+
+
+async def offers(runtime: Runtime, *where: Any) -> list[Any]:
+    return await rows(runtime, Offer, *where)
+
+
+async def test_longest_idle_agent_gets_the_offer(rt: tuple[Runtime, httpx.AsyncClient]) -> None:
+    runtime, client = rt
+    await online(runtime, "anna", idle_minutes=5)
+    ben = await online(runtime, "ben", idle_minutes=30)
+    conversation = await customer(runtime, client, 1)
+    (offer,) = await offers(runtime)
+    assert (offer.agent_id, offer.conversation_id, offer.state) == (ben, conversation, "pending")
+    (state,) = await runtime.db.read(lambda c: c.execute(select(Conversation.state)).one())
+    assert state == "offered"
+
+
+async def test_required_skill_levels_are_respected(rt: tuple[Runtime, httpx.AsyncClient]) -> None:
+    runtime, client = rt
+    await online(runtime, "novice", "billing=2", idle_minutes=60)
+    expert = await online(runtime, "expert", "billing=3")
+    await customer(runtime, client, 1, "I need a refund")  # billing queue: billing >= 3
+    (offer,) = await offers(runtime)
+    assert offer.agent_id == expert
+
+
+async def test_capacity_is_never_exceeded_and_freed_capacity_takes_the_next(
+    rt: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    runtime, client = rt
+    anna = await online(runtime, "anna", capacity="sms=1,total=1")
+    first = await customer(runtime, client, 1)
+    second = await customer(runtime, client, 2)
+    assert [(o.conversation_id, o.state) for o in await offers(runtime)] == [(first, "pending")]
+    (offer,) = await offers(runtime)
+    await runtime.assignment.accept(anna, offer.id)
+    await runtime.assignment.resolve(anna, first)
+    assert [(o.conversation_id, o.state) for o in await offers(runtime)] == [
+        (first, "accepted"),
+        (second, "pending"),
+    ]
+    history = await rows(runtime, AgentStatusEvent, AgentStatusEvent.agent_id == anna)
+    assert all(e.load[c][0] <= e.load[c][1] for e in history for c in ("sms", "total"))
+    assert max(e.load["total"][0] for e in history) == 1
+
+
+async def test_priority_then_age(rt: tuple[Runtime, httpx.AsyncClient], clock: FakeClock) -> None:
+    runtime, client = rt
+    normal_old = await customer(runtime, client, 1)
+    clock.advance(60)
+    urgent_new = await customer(runtime, client, 2, "refund")  # high priority (billing)
+    await runtime.db.write(
+        lambda tx: tx.execute(
+            update(Conversation)
+            .where(Conversation.id == urgent_new)
+            .values(queue="general", required_skills={})
+        )
+    )
+    anna = await online(runtime, "anna")
+    (offer,) = await offers(runtime)
+    assert offer.conversation_id == urgent_new and offer.agent_id == anna
+    await runtime.assignment.reject(anna, offer.id, "busy")
+    assert [(o.conversation_id, o.state) for o in await offers(runtime)] == [
+        (urgent_new, "rejected"),
+        (normal_old, "pending"),
+    ]
+
+
+async def test_accept_racing_expiry_has_one_winner(
+    rt: tuple[Runtime, httpx.AsyncClient], clock: FakeClock
+) -> None:
+    runtime, client = rt
+    anna = await online(runtime, "anna", idle_minutes=10)
+    ben = await online(runtime, "ben")
+    conversation = await customer(runtime, client, 1)
+    (offer,) = await offers(runtime)
+    assert offer.agent_id == anna
+    clock.advance(31)  # the general queue's offer_timeout is the default 30s
+    with pytest.raises(Conflict, match="the offer is expired"):
+        await runtime.db.write(accept_offer, anna, offer.id)
+    await runtime.assignment.tick(sweep=False)
+    states = [(o.agent_id, o.state) for o in await offers(runtime)]
+    assert states == [
+        (anna, "expired"),
+        (ben, "pending"),
+    ]  # the next offer skips the agent who missed it
+    kinds = [
+        e.kind
+        for e in await rows(
+            runtime, ConversationEvent, ConversationEvent.conversation_id == conversation
+        )
+    ]
+    assert kinds[-3:] == ["offered", "offer_expired", "offered"]
+    # A tick after a restart fires nothing twice: the expiry is a conditional update.
+    await runtime.assignment.tick(sweep=False)
+    assert len(await offers(runtime)) == 2
+
+
+async def test_rejected_offers_go_elsewhere_unless_nobody_else_is_eligible(
+    rt: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    runtime, client = rt
+    anna = await online(runtime, "anna", idle_minutes=10)
+    ben = await online(runtime, "ben")
+    await customer(runtime, client, 1)
+    (first,) = await offers(runtime)
+    await runtime.assignment.reject(anna, first.id, "not mine")
+    second = (await offers(runtime))[-1]
+    assert (second.agent_id, second.state) == (ben, "pending")
+    await runtime.assignment.reject(ben, second.id, "nor mine")
+    third = (await offers(runtime))[-1]
+    assert (
+        third.agent_id in (anna, ben) and third.state == "pending"
+    )  # nobody else: back to one who declined
+
+
+async def test_missing_offers_in_a_row_sets_the_agent_away(
+    rt: tuple[Runtime, httpx.AsyncClient], clock: FakeClock
+) -> None:
+    runtime, client = rt
+    anna = await online(runtime, "anna")
+    await customer(runtime, client, 1)
+    for _ in range(3):
+        clock.advance(31)
+        await runtime.assignment.tick()
+    (presence, missed) = await runtime.db.read(
+        lambda c: c.execute(
+            select(Agent.presence, Agent.missed_offers).where(Agent.id == anna)
+        ).one()
+    )
+    assert (presence, missed) == ("away", 3)
+    assert [o.state for o in await offers(runtime)] == ["expired", "expired", "expired"]
+    events = await rows(
+        runtime,
+        AgentStatusEvent,
+        AgentStatusEvent.agent_id == anna,
+        AgentStatusEvent.presence == "away",
+    )
+    assert events[0].reason == "missed 3 offers in a row"
+
+
+async def test_socket_loss_withdraws_offers_at_once_and_presence_waits_for_the_grace(
+    rt: tuple[Runtime, httpx.AsyncClient], clock: FakeClock
+) -> None:
+    runtime, client = rt
+    anna, _ = await make_agent(runtime, "anna", capacity="sms=1,total=1")
+    connection = await runtime.assignment.connect(anna)
+    conversation = await customer(runtime, client, 1)
+    await runtime.assignment.disconnect(anna, connection)
+    assert [o.state for o in await offers(runtime)] == ["withdrawn"]
+    (state,) = await runtime.db.read(
+        lambda c: c.execute(select(Conversation.state).where(Conversation.id == conversation)).one()
+    )
+    assert state == "queued"
+    clock.advance(30)
+    await runtime.assignment.tick(sweep=False)
+    assert (
+        await runtime.db.read(
+            lambda c: c.execute(select(Agent.presence).where(Agent.id == anna)).scalar_one()
+        )
+        == "online"
+    )
+    clock.advance(31)
+    await runtime.assignment.tick(sweep=False)
+    assert (
+        await runtime.db.read(
+            lambda c: c.execute(select(Agent.presence).where(Agent.id == anna)).scalar_one()
+        )
+        == "offline"
+    )
+
+
+async def test_a_customer_reply_never_pushes_a_full_agent_over_capacity(
+    rt: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    runtime, client = rt
+    anna = await online(runtime, "anna", capacity="sms=1,total=1")
+    first = await customer(runtime, client, 1)
+    (offer,) = await offers(runtime)
+    await runtime.assignment.accept(anna, offer.id)
+    from router.messaging import agent_write
+
+    await runtime.db.write(
+        agent_write, anna, first, "reply: over to you"
+    )  # sms frees capacity while waiting
+    second = await customer(runtime, client, 2)
+    accepted = (await offers(runtime))[-1]
+    assert accepted.conversation_id == second
+    await runtime.assignment.accept(anna, accepted.id)
+    await post_fake(
+        client, "sms", {"id": "m1-again", "from": "+4917000000001", "text": "still there?"}
+    )
+    await settle(runtime)
+    (state, agent_id, preferred) = await runtime.db.read(
+        lambda c: c.execute(
+            select(
+                Conversation.state, Conversation.assigned_agent_id, Conversation.preferred_agent_id
+            ).where(Conversation.id == first)
+        ).one()
+    )
+    assert (state, agent_id, preferred) == (
+        "queued",
+        None,
+        anna,
+    )  # back in the queue, reserved for anna
+    history = await rows(runtime, AgentStatusEvent, AgentStatusEvent.agent_id == anna)
+    assert max(e.load["total"][0] for e in history) == 1
