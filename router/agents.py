@@ -38,53 +38,50 @@ _SKILL = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _PHONE = re.compile(r"^\+[1-9]\d{6,14}$")
 
 
+def _numbered(
+    spec: str | dict[str, Any], what: str, low: int, high: int, example: int
+) -> list[tuple[str, int]]:
+    """``a=1,b=2`` (or a mapping) -> ``[("a", 1), ("b", 2)]``, each number within range."""
+    if isinstance(spec, dict):
+        pairs = [(str(k), v) for k, v in spec.items()]
+    else:
+        pairs = [
+            (name.strip(), raw.strip())
+            for name, _, raw in (p.partition("=") for p in spec.split(",") if p.strip())
+        ]
+    out = []
+    for name, raw in pairs:
+        try:
+            number = int(raw)
+        except (TypeError, ValueError):
+            raise InvalidInput(
+                f'{what} "{name}" needs a number {low}-{high}, like {name}={example}'
+            ) from None
+        if not low <= number <= high:
+            raise InvalidInput(f'{what} "{name}" must be between {low} and {high}, got {number}')
+        out.append((name, number))
+    return out
+
+
 def parse_skills(spec: str | dict[str, Any]) -> dict[str, int]:
     """``billing=5,lang_de=3`` (or a mapping) -> ``{"billing": 5, "lang_de": 3}``; levels 1-10."""
-    pairs = (
-        spec.items()
-        if isinstance(spec, dict)
-        else (
-            p.split("=", 1) if "=" in p else (p, "")
-            for p in filter(None, (s.strip() for s in spec.split(",")))
-        )
-    )
     out: dict[str, int] = {}
-    for name, level in pairs:
-        if not _SKILL.match(str(name)):
+    for name, level in _numbered(spec, "skill", 1, 10, 5):
+        if not _SKILL.match(name):
             raise InvalidInput(
                 f'invalid skill "{name}" (lowercase letters, digits, _; languages are lang_<code>)'
             )
-        try:
-            value = int(level)
-        except (TypeError, ValueError):
-            raise InvalidInput(f'skill "{name}" needs a level 1-10, like {name}=5') from None
-        if not 1 <= value <= 10:
-            raise InvalidInput(f'skill "{name}": level must be between 1 and 10, got {value}')
-        out[str(name)] = value
+        out[name] = level
     return out
 
 
 def parse_capacity(spec: str | dict[str, Any]) -> dict[str, int]:
     """``webchat=3,email=5,total=6`` -> a full capacity map (unlisted channels: 0; total: the sum)."""
-    pairs = (
-        spec.items()
-        if isinstance(spec, dict)
-        else (
-            p.split("=", 1) if "=" in p else (p, "")
-            for p in filter(None, (s.strip() for s in spec.split(",")))
-        )
-    )
     given: dict[str, int] = {}
-    for key, value in pairs:
+    for key, number in _numbered(spec, "capacity", 0, 1000, 3):
         if key not in CAPACITY_KEYS:
             raise InvalidInput(f'unknown capacity key "{key}" (one of {", ".join(CAPACITY_KEYS)})')
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise InvalidInput(f'capacity "{key}" needs a number, like {key}=3') from None
-        if not 0 <= number <= 1000:
-            raise InvalidInput(f'capacity "{key}" must be between 0 and 1000')
-        given[str(key)] = number
+        given[key] = number
     capacity = {c: given.get(c, 0) for c in CHANNEL_IDS}
     capacity["total"] = given.get("total", sum(capacity.values()))
     return capacity
@@ -200,17 +197,26 @@ def load_snapshot(conn: Connection, agent_id: int) -> dict[str, list[int]]:
     return {r.channel: [r.used, r.cap] for r in conn.execute(_SNAPSHOT, {"agent": agent_id})}
 
 
-def record_status(tx: Tx, agent_id: int, presence: str | None, reason: str) -> None:
-    """Append an AgentStatusEvent with presence and capacity used per channel after a change."""
+def record_status(
+    tx: Tx,
+    agent_id: int,
+    presence: str | None,
+    reason: str,
+    *,
+    load: dict[str, list[int]] | None = None,
+) -> None:
+    """Append an AgentStatusEvent: presence and capacity ``[used, cap]`` after a change (the
+    channels that changed when ``load`` is given, else every channel)."""
     if presence is None:
         presence = tx.execute(_PRESENCE, {"agent": agent_id}).scalar_one()
+    snapshot = load if load is not None else load_snapshot(tx.conn, agent_id)
     tx.execute(
         _STATUS,
         {
             "agent_id": agent_id,
             "at": tx.now,
             "presence": presence,
-            "load": load_snapshot(tx.conn, agent_id),
+            "load": snapshot,
             "reason": reason,
         },
     )

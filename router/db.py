@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import random
 import threading
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
@@ -382,7 +383,8 @@ class Database:
                     result = await conn.run_sync(run)
             except DBAPIError as exc:
                 if is_retryable(exc) and attempt < 7:
-                    await asyncio.sleep(0.005 * (2**attempt))
+                    # jittered, so two transactions that collided do not collide again in step
+                    await asyncio.sleep(random.uniform(0.002, 0.01) * (2**attempt))
                     continue
                 raise
             self.commits += 1

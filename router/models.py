@@ -163,7 +163,10 @@ class User(Base):
 
 class Agent(Base):
     __tablename__ = "agents"
-    __table_args__ = (Index("ix_agents_presence_idle", "presence", "idle_since"),)
+    __table_args__ = (
+        Index("ix_agents_presence_idle", "presence", "idle_since"),
+        Index("ix_agents_presence_rr", "presence", "rr_position"),
+    )
     id: Mapped[int] = _id()
     user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), unique=True)
     display_name: Mapped[str] = mapped_column(String(200))

@@ -18,7 +18,6 @@ resend is counted on the row and reported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from router.exceptions import InvalidInput, NotFound
 from router.failpoints import failpoint
 from router.models import ContactIdentity, Conversation, Message, Outbox, Process
 from router.serialize import message_payload
+from router.tasks import periodic
 from router.types import Actor, ConversationState, DeliveryStatus, Direction, EventKind, OutboxState
 
 __all__ = ["ClaimedSend", "OutboxSender", "claim_due", "enqueue_message", "resend"]
@@ -530,18 +530,12 @@ class OutboxSender:
         self._wake.set()
 
     async def run(self, interval: float) -> None:
-        while True:
-            try:
-                await self.recover_uncertain()
-                while await self.process_due():
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("outbox worker iteration failed; retrying")
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+        await periodic(self.step, interval, "outbox worker", wake=self._wake)
+
+    async def step(self) -> None:
+        await self.recover_uncertain()
+        while await self.process_due():
+            pass
 
     async def process_due(self, limit: int = 64) -> int:
         claimed = await self.db.write(claim_due, self.holder, limit)
@@ -555,44 +549,36 @@ class OutboxSender:
         ceiling = min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
         return random.uniform(ceiling / 2, ceiling)  # jitter: never a thundering herd
 
+    async def _retry(
+        self,
+        job: ClaimedSend,
+        reason: str,
+        *,
+        after: float | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        delay = after if after is not None else self._backoff(job.attempt, retry_after)
+        at = self.db.clock.now() + timedelta(seconds=delay)
+        await self.db.write(mark_retry, job.outbox_id, self.holder, reason, at, self.max_attempts)
+
     async def _send(self, job: ClaimedSend) -> None:
         async with self._limit:
             channel = self.channel_for(job.inbox_id)
             if channel is None:
-                await self.db.write(
-                    mark_retry,
-                    job.outbox_id,
-                    self.holder,
-                    "inbox disabled or not configured",
-                    self.db.clock.now() + timedelta(seconds=60),
-                    self.max_attempts,
-                )
+                await self._retry(job, "inbox disabled or not configured", after=60)
                 return
             failpoint("before_outbox_send")
             try:
                 receipt = await channel.send(job.message)
             except TemporarySendError as exc:
-                at = self.db.clock.now() + timedelta(
-                    seconds=self._backoff(job.attempt, exc.retry_after)
-                )
-                await self.db.write(
-                    mark_retry, job.outbox_id, self.holder, exc.reason, at, self.max_attempts
-                )
+                await self._retry(job, exc.reason, retry_after=exc.retry_after)
                 return
             except PermanentSendError as exc:
                 await self.db.write(mark_failed, job.outbox_id, self.holder, exc.reason)
                 return
             except Exception as exc:  # an unexpected error is treated as temporary, and logged
                 log.exception("send of outbox %s raised", job.outbox_id)
-                at = self.db.clock.now() + timedelta(seconds=self._backoff(job.attempt, None))
-                await self.db.write(
-                    mark_retry,
-                    job.outbox_id,
-                    self.holder,
-                    f"{type(exc).__name__}: {exc}",
-                    at,
-                    self.max_attempts,
-                )
+                await self._retry(job, f"{type(exc).__name__}: {exc}")
                 return
             failpoint("after_provider_send")
             await self.db.write(mark_sent, job.outbox_id, self.holder, receipt)

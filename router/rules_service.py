@@ -30,6 +30,7 @@ from router.exceptions import RulesRejected
 from router.leases import try_acquire
 from router.models import Conversation, Process, Queue, QueueMember
 from router.models import Ruleset as RulesetRow
+from router.tasks import periodic
 from router.types import OPEN_STATES
 from routing_rules import LocatedError, RulesError, Ruleset, format_duration, load_ruleset
 
@@ -252,26 +253,16 @@ class RulesService:
 
     async def watch(self, interval: float) -> None:
         """The ``rules-watch`` lease holder imports the file when its content changes."""
-        while True:
-            try:
-                if await self.db.write(try_acquire, "rules-watch", self.process_id, self.lease_ttl):
-                    await self.import_file()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("rules watch iteration failed")
-            await asyncio.sleep(interval)
+
+        async def step() -> None:
+            if await self.db.write(try_acquire, "rules-watch", self.process_id, self.lease_ttl):
+                await self.import_file()
+
+        await periodic(step, interval, "rules watch")
 
     async def poll(self, interval: float) -> None:
         """Fallback to the bus notice: notice a new activation within ``interval`` seconds."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("rules poll failed")
+        await periodic(self.refresh, interval, "rules poll", first_delay=interval)
 
     async def status(self) -> dict[str, Any]:
         def load(conn: Connection) -> dict[str, Any]:

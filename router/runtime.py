@@ -39,7 +39,7 @@ from router.routing import ROUTE_BATCH, route_batch
 from router.rules_service import RulesService
 from router.serialize import visitor_payload
 from router.settings import Settings
-from router.tasks import TaskGroup
+from router.tasks import TaskGroup, periodic
 from routing_rules import RulesError
 
 __all__ = ["Runtime"]
@@ -182,9 +182,17 @@ class Runtime:
 
     def start_workers(self) -> None:
         s = self.settings
-        self.workers.spawn(self._heartbeat_loop(s.heartbeat_interval), "heartbeat")
+        self.workers.spawn(
+            periodic(
+                self._heartbeat, s.heartbeat_interval, "heartbeat", first_delay=s.heartbeat_interval
+            ),
+            "heartbeat",
+        )
         self.workers.spawn(self.outbox.run(s.outbox_interval), "outbox")
-        self.workers.spawn(self._routing_sweep(s.worker_interval), "routing-sweep")
+        # A safety net: conversations left in ``new`` (a crash between commit and routing).
+        self.workers.spawn(
+            periodic(self.route_pending, s.worker_interval, "routing sweep"), "routing-sweep"
+        )
         self.workers.spawn(self.rules.watch(s.rules_watch_interval), "rules-watch")
         self.workers.spawn(self.rules.poll(s.rules_poll_interval), "rules-poll")
         self.workers.spawn(self.assignment.run(s.worker_interval), "assignment")
@@ -418,28 +426,9 @@ class Runtime:
                         break
         return routed
 
-    async def _routing_sweep(self, interval: float) -> None:
-        """A safety net: conversations left in ``new`` (a crash between the ingest commit and
-        routing) are routed here."""
-        while True:
-            try:
-                await self.route_pending()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("routing sweep failed")
-            await asyncio.sleep(interval)
-
-    async def _heartbeat_loop(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.db.write(_heartbeat, self.process_id)
-                self.metrics.outbox_backlog.set(await self.db.read(backlog))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("heartbeat failed")
+    async def _heartbeat(self) -> None:
+        await self.db.write(_heartbeat, self.process_id)
+        self.metrics.outbox_backlog.set(await self.db.read(backlog))
 
     async def _publish_records(self, records: list[StreamRecord]) -> None:
         await self.bus.publish_many([(f"stream:{r.stream}", r.frame()) for r in records])

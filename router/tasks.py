@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-__all__ = ["TaskGroup", "spawn"]
+__all__ = ["TaskGroup", "periodic", "spawn"]
 
 log = logging.getLogger(__name__)
 _default: set[asyncio.Task[Any]] = set()
@@ -19,6 +19,34 @@ def _done(task: asyncio.Task[Any], bucket: set[asyncio.Task[Any]]) -> None:
     bucket.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+async def periodic(
+    step: Callable[[], Awaitable[Any]],
+    interval: float,
+    name: str,
+    *,
+    wake: asyncio.Event | None = None,
+    first_delay: float = 0.0,
+) -> None:
+    """Run ``step`` every ``interval`` seconds (sooner when ``wake`` is set), forever. A step
+    that fails is logged and tried again at the next interval: a worker never dies of it."""
+    if first_delay:
+        await asyncio.sleep(first_delay)
+    while True:
+        if wake is not None:
+            wake.clear()  # before the step, so a wake-up during the step is not lost
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; trying again in %.1fs", name, interval)
+        if wake is None:
+            await asyncio.sleep(interval)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval)
 
 
 def spawn(

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from sqlalchemy import Connection, select
+from starlette.websockets import WebSocketDisconnected
 
 from router.agents import agent_by_name
 from router.assignment.core import conversation_summary
@@ -292,8 +293,8 @@ async def agent_socket(ws: WebSocket) -> None:
         # live events after the welcome, never lost between the snapshot and the stream.
         connection_id = await runtime.assignment.connect(conn.agent_id)
         await _command_loop(ws, conn)
-    except WebSocketDisconnect:
-        pass
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        pass  # the client left (or a send found it gone)
     finally:
         await session.close()
         logout = getattr(conn, "logged_out", False)
@@ -338,21 +339,28 @@ async def _command_loop(ws: WebSocket, conn: AgentConnection) -> None:
             await conn.send({"type": "ack", "id": request_id, "result": {}})
             await ws.close(1000, "logged out")
             return
+        reply: dict[str, Any] | None
         try:
             result = await conn.handle(cmd)
-            if cmd.get("type") != "typing":
-                await conn.send({"type": "ack", "id": request_id, "result": result})
-        except OmnirouteError as exc:
-            await conn.send(
-                {"type": "error", "id": request_id, "code": exc.code, "message": exc.message}
+            reply = (
+                None
+                if cmd.get("type") == "typing"
+                else {"type": "ack", "id": request_id, "result": result}
             )
+        except OmnirouteError as exc:
+            reply = {"type": "error", "id": request_id, "code": exc.code, "message": exc.message}
         except Exception:
             log.exception("agent command %r failed", cmd.get("type"))
-            await conn.send(
-                {
-                    "type": "error",
-                    "id": request_id,
-                    "code": "internal",
-                    "message": "the command failed; it can be retried",
-                }
-            )
+            reply = {
+                "type": "error",
+                "id": request_id,
+                "code": "internal",
+                "message": "the command failed; it can be retried",
+            }
+        if reply is not None:
+            try:
+                await conn.send(reply)
+            except Exception:
+                # The client left while its command ran: the command took effect and the
+                # client sees its outcome in the events it gets when it resumes.
+                return

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from sqlalchemy import Connection, select
+from starlette.websockets import WebSocketDisconnected
 
 from channels.webchat import WebChatChannel, new_visitor_token, visitor_address
 from router.events import agent_stream, visitor_stream
@@ -238,7 +239,7 @@ async def chat_socket(ws: WebSocket) -> None:
                 await send(
                     {"type": "error", "code": "invalid", "message": f'unknown frame type "{kind}"'}
                 )
-    except WebSocketDisconnect:
-        pass
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        pass  # the client left (or a send found it gone)
     finally:
         await session.close()

@@ -164,6 +164,29 @@ async def transfer(
     return {"transferred": True}
 
 
+class Assign(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent: str = Field(description="the agent's user name")
+    override: bool = Field(False, description="assign even past the agent's capacity (recorded)")
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/assign",
+    summary="Assign or reassign a conversation (supervisors)",
+)
+async def assign(
+    conversation_id: int,
+    body: Assign,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(require(Role.SUPERVISOR)),
+) -> dict[str, bool]:
+    agent_id = await runtime.db.read(agent_by_name, body.agent)
+    if agent_id is None:
+        raise NotFound(f'no agent "{body.agent}"')
+    await runtime.assignment.assign(conversation_id, agent_id, by=user.name, override=body.override)
+    return {"assigned": True}
+
+
 @router.get("/api/messages/{message_id}", summary="One message")
 async def get_message(
     message_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)

@@ -9,13 +9,15 @@ Every change appends an AgentStatusEvent with the load after it.
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, select, update
+from typing import Any
+
+from sqlalchemy import bindparam, update
 
 from router.agents import record_status
 from router.db import Tx
 from router.models import Agent, AgentLoad, table
 
-__all__ = ["LIVE_CHANNELS", "claim", "holds_while_waiting", "release"]
+__all__ = ["LIVE_CHANNELS", "CapacityFull", "claim", "holds_while_waiting", "release", "take"]
 
 #: Channels whose conversations keep holding capacity while waiting for the customer.
 LIVE_CHANNELS = frozenset({"webchat", "voice"})
@@ -27,42 +29,76 @@ def holds_while_waiting(channel: str) -> bool:
 
 _load = table(AgentLoad)
 _KEY = (_load.c.agent_id == bindparam("p_agent"), _load.c.channel == bindparam("p_channel"))
-_TAKE = update(_load).where(*_KEY, _load.c.used < _load.c.cap).values(used=_load.c.used + 1)
-_TAKE_FORCED = update(_load).where(*_KEY).values(used=_load.c.used + 1)
-_GIVE = update(_load).where(*_KEY, _load.c.used > 0).values(used=_load.c.used - 1)
+_AFTER = (_load.c.used, _load.c.cap)
+_TAKE = (
+    update(_load)
+    .where(*_KEY, _load.c.used < _load.c.cap)
+    .values(used=_load.c.used + 1)
+    .returning(*_AFTER)
+)
+_TAKE_FORCED = update(_load).where(*_KEY).values(used=_load.c.used + 1).returning(*_AFTER)
+_GIVE = (
+    update(_load).where(*_KEY, _load.c.used > 0).values(used=_load.c.used - 1).returning(*_AFTER)
+)
 
 
-def _bump(tx: Tx, agent_id: int, channel: str, delta: int, *, force: bool = False) -> bool:
-    statement = _GIVE if delta < 0 else (_TAKE_FORCED if force else _TAKE)
-    return bool(tx.execute(statement, {"p_agent": agent_id, "p_channel": channel}).rowcount)
+class CapacityFull(Exception):
+    """A counter was full (or already empty): the caller rolls back what it did."""
 
 
-class _Full(Exception):
-    """A counter was full: roll the savepoint back so neither counter moved."""
+def _bump(tx: Tx, agent_id: int, channel: str, statement: Any) -> list[int]:
+    row = tx.execute(statement, {"p_agent": agent_id, "p_channel": channel}).first()
+    if row is None:
+        raise CapacityFull(channel)
+    return [int(row.used), int(row.cap)]
 
 
-def claim(tx: Tx, agent_id: int, channel: str, reason: str, *, force: bool = False) -> bool:
-    """Take one unit of ``channel`` and of ``total``; False (and nothing changed) if either is
-    full. ``force`` is for a supervisor's explicit, recorded override."""
+def take(
+    tx: Tx,
+    agent_id: int,
+    channel: str,
+    reason: str,
+    *,
+    force: bool = False,
+    presence: str | None = None,
+) -> None:
+    """Take one unit of ``channel`` and of ``total`` or raise :class:`CapacityFull`; the caller's
+    transaction (or savepoint) undoes a half-done claim. ``force`` is a supervisor's explicit,
+    recorded override."""
+    statement = _TAKE_FORCED if force else _TAKE
+    load = {
+        channel: _bump(tx, agent_id, channel, statement),
+        "total": _bump(tx, agent_id, "total", statement),
+    }
+    record_status(tx, agent_id, presence, reason, load=load)
+
+
+def claim(
+    tx: Tx,
+    agent_id: int,
+    channel: str,
+    reason: str,
+    *,
+    force: bool = False,
+    presence: str | None = None,
+) -> bool:
+    """Like :func:`take`, but False (and nothing changed) when full."""
     try:
         with tx.savepoint():
-            if not _bump(tx, agent_id, channel, +1, force=force) or not _bump(
-                tx, agent_id, "total", +1, force=force
-            ):
-                raise _Full
-    except _Full:
+            take(tx, agent_id, channel, reason, force=force, presence=presence)
+    except CapacityFull:
         return False
-    record_status(tx, agent_id, None, reason)
     return True
 
 
 def release(tx: Tx, agent_id: int, channel: str, reason: str) -> None:
-    """Give back one unit of ``channel`` and ``total``; mark the agent idle when all is free."""
-    _bump(tx, agent_id, channel, -1)
-    _bump(tx, agent_id, "total", -1)
-    total = tx.execute(
-        select(AgentLoad.used).where(AgentLoad.agent_id == agent_id, AgentLoad.channel == "total")
-    ).scalar_one_or_none()
-    if total == 0:
+    """Give back one unit of ``channel`` and ``total`` (never below zero); the agent is idle
+    from now on when nothing is left."""
+    load: dict[str, list[int]] = {}
+    for key in (channel, "total"):
+        row = tx.execute(_GIVE, {"p_agent": agent_id, "p_channel": key}).first()
+        if row is not None:
+            load[key] = [int(row.used), int(row.cap)]
+    if load.get("total", [1])[0] == 0:
         tx.execute(update(Agent).where(Agent.id == agent_id).values(idle_since=tx.now))
-    record_status(tx, agent_id, None, reason)
+    record_status(tx, agent_id, None, reason, load=load or None)

@@ -16,24 +16,49 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Float,
+    and_,
+    bindparam,
+    cast,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import aliased
 
 from router.agents import record_status
-from router.assignment.capacity import claim, holds_while_waiting, release
+from router.assignment.capacity import CapacityFull, claim, holds_while_waiting, release, take
 from router.db import Tx
 from router.events import SUPERVISORS, add_event, agent_stream
-from router.exceptions import Conflict, InvalidInput, NotFound
-from router.models import Agent, AgentLoad, AgentSkill, Contact, Conversation, Message, Offer, User
+from router.exceptions import CapacityExceeded, Conflict, InvalidInput, NotFound
+from router.models import (
+    Agent,
+    AgentLoad,
+    AgentSkill,
+    Contact,
+    Conversation,
+    Message,
+    Offer,
+    User,
+    table,
+)
 from router.serialize import iso
 from router.types import Actor, AgentPresence, ConversationState, EventKind, OfferState
 from routing_rules import QueueSpec
 
 __all__ = [
+    "LostRace",
     "accept_offer",
+    "assign_manually",
     "candidate_agents",
     "conversation_summary",
-    "expire_offers",
+    "due_offers",
+    "expire_offer",
+    "offer_now",
     "reject_offer",
     "resolve_conversation",
     "set_presence",
@@ -43,6 +68,43 @@ __all__ = [
 ]
 
 S = ConversationState
+
+
+def _strategy_order(spec: QueueSpec, conversation: Any, total_load: Any) -> list[Any]:
+    """ORDER BY for a queue's strategy (best first)."""
+    if spec.strategy == "least_busy":  # lowest occupancy ratio
+        return [cast(total_load.used, Float) / total_load.cap, Agent.idle_since, Agent.id]
+    if spec.strategy == "round_robin":  # the rotation is stored, so it survives restarts
+        return [Agent.rr_position, Agent.id]
+    if spec.strategy == "most_skilled":  # the highest levels on the required skills
+        required = list((conversation.required_skills or spec.skills or {}).keys())
+        levels = (
+            select(func.coalesce(func.sum(AgentSkill.level), 0))
+            .where(AgentSkill.agent_id == Agent.id, AgentSkill.skill.in_(required))
+            .scalar_subquery()
+        )
+        return [levels.desc(), Agent.idle_since, Agent.id]
+    return [Agent.idle_since, Agent.id]  # longest_idle: idle since the last work ended
+
+
+def strategy_rank(
+    spec: QueueSpec,
+    required: dict[str, int],
+    idle_since: Any,
+    agent_id: int,
+    rr_position: int,
+    skills: dict[str, int],
+    load: dict[str, list[int]],
+) -> tuple[Any, ...]:
+    """The same order in memory (for the batch matcher): smaller is better."""
+    if spec.strategy == "least_busy":
+        used, cap = load.get("total", [0, 1])
+        return (used / cap if cap else 1.0, idle_since, agent_id)
+    if spec.strategy == "round_robin":
+        return (rr_position, agent_id)
+    if spec.strategy == "most_skilled":
+        return (-sum(skills.get(s, 0) for s in (required or spec.skills)), idle_since, agent_id)
+    return (idle_since, agent_id)
 
 
 def candidate_agents(
@@ -91,7 +153,9 @@ def candidate_agents(
         )
     if exclude:
         query = query.where(Agent.id.not_in(list(exclude)))
-    rows = conn.execute(query.order_by(Agent.idle_since, Agent.id).limit(limit * 2)).all()
+    rows = conn.execute(
+        query.order_by(*_strategy_order(spec, conversation, total_load)).limit(limit * 2)
+    ).all()
     out = []
     for row in rows:
         exclusive = row.exclusive_channels or []
@@ -135,10 +199,11 @@ _SUMMARY = (
     .join(Contact, Contact.id == Conversation.contact_id)
     .where(Conversation.id == bindparam("cid"))
 )
-_QUEUED = select(Conversation.id, Conversation.channel, Conversation.queue).where(
-    Conversation.id == bindparam("cid"), Conversation.state == S.QUEUED.value
+_ROTATE = (
+    update(table(Agent))
+    .where(table(Agent).c.id == bindparam("p_agent"))
+    .values(rr_position=select(func.coalesce(func.max(Agent.rr_position), 0) + 1).scalar_subquery())
 )
-_QUEUED_LOCKED = _QUEUED.with_for_update(skip_locked=True, key_share=True)
 
 
 def conversation_summary(conn: Connection, conversation_id: int) -> dict[str, Any]:
@@ -160,27 +225,42 @@ def conversation_summary(conn: Connection, conversation_id: int) -> dict[str, An
     }
 
 
-def _lock_queued(tx: Tx, conversation_id: int) -> Any:
-    return tx.execute(
-        _QUEUED_LOCKED if tx.dialect == "postgresql" else _QUEUED, {"cid": conversation_id}
-    ).first()
+_conversations = table(Conversation)
+_MOVE_QUEUED = {
+    target: update(_conversations)
+    .where(_conversations.c.id == bindparam("cid"), _conversations.c.state == S.QUEUED.value)
+    .values(
+        state=target.value,
+        updated_at=bindparam("now"),
+        **({"assigned_agent_id": bindparam("p_agent")} if target == S.ASSIGNED else {}),
+    )
+    .returning(_conversations.c.id, _conversations.c.channel, _conversations.c.queue)
+    for target in (S.OFFERED, S.ASSIGNED)
+}
+_NEW_OFFER = insert(table(Offer)).returning(table(Offer).c.id)
 
 
-def _make_offer(tx: Tx, conversation: Any, agent_id: int, spec: QueueSpec) -> dict[str, Any] | None:
-    """Reserve capacity and offer (or, on an auto_accept queue, assign). None if it lost a race."""
-    if not claim(tx, agent_id, conversation.channel, "offered"):
-        return None
+class LostRace(Exception):
+    """The conversation left ``queued``, or the agent filled up, under us: roll back."""
+
+
+def offer_now(tx: Tx, conversation_id: int, agent_id: int, spec: QueueSpec) -> dict[str, Any]:
+    """One decision: offer a queued conversation to an agent (on an ``auto_accept`` queue,
+    assign it). Raises :class:`LostRace` when the conversation is no longer queued or the
+    agent has no capacity left; the caller's transaction (or savepoint) is then rolled back.
+    The conversation is locked before the agent's capacity, the order every path keeps."""
     target = S.ASSIGNED if spec.auto_accept else S.OFFERED
-    values: dict[str, Any] = {"state": target.value, "updated_at": tx.now}
-    if spec.auto_accept:
-        values["assigned_agent_id"] = agent_id
-    moved = tx.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation.id, Conversation.state == S.QUEUED.value)
-        .values(**values)
-    ).rowcount
-    if not moved:
-        raise _LostRace
+    conversation = tx.execute(
+        _MOVE_QUEUED[target], {"cid": conversation_id, "now": tx.now, "p_agent": agent_id}
+    ).first()
+    if conversation is None:
+        raise LostRace
+    try:
+        take(tx, agent_id, conversation.channel, "offered", presence=AgentPresence.ONLINE.value)
+    except CapacityFull:
+        raise LostRace from None
+    if spec.strategy == "round_robin":
+        tx.execute(_ROTATE, {"p_agent": agent_id})
     if spec.auto_accept:
         add_event(
             tx,
@@ -191,22 +271,24 @@ def _make_offer(tx: Tx, conversation: Any, agent_id: int, spec: QueueSpec) -> di
             queue=conversation.queue,
             auto_accept=True,
         )
-        summary = conversation_summary(tx.conn, conversation.id)
-        tx.emit(agent_stream(agent_id), "assigned", {"conversation": summary})
+        tx.emit(
+            agent_stream(agent_id),
+            "assigned",
+            {"conversation": conversation_summary(tx.conn, conversation.id)},
+        )
         return {"conversation_id": conversation.id, "agent_id": agent_id, "assigned": True}
     expires = tx.now + spec.offer_timeout
     offer_id = int(
         tx.execute(
-            insert(Offer)
-            .values(
-                conversation_id=conversation.id,
-                agent_id=agent_id,
-                channel=conversation.channel,
-                state=OfferState.PENDING.value,
-                created_at=tx.now,
-                expires_at=expires,
-            )
-            .returning(Offer.id)
+            _NEW_OFFER,
+            {
+                "conversation_id": conversation.id,
+                "agent_id": agent_id,
+                "channel": conversation.channel,
+                "state": OfferState.PENDING.value,
+                "created_at": tx.now,
+                "expires_at": expires,
+            },
         ).scalar_one()
     )
     add_event(
@@ -232,21 +314,14 @@ def _make_offer(tx: Tx, conversation: Any, agent_id: int, spec: QueueSpec) -> di
     }
 
 
-class _LostRace(Exception):
-    """The conversation left ``queued`` under us: undo this attempt (savepoint)."""
-
-
 def try_offer(
     tx: Tx, conversation_id: int, agent_id: int, spec: QueueSpec
 ) -> dict[str, Any] | None:
-    """Offer one queued conversation to one agent, or None (and nothing changed) if either lost a race."""
+    """:func:`offer_now` inside a savepoint: None (and nothing changed) if it lost a race."""
     try:
         with tx.savepoint():
-            conversation = _lock_queued(tx, conversation_id)
-            if conversation is None:
-                raise _LostRace
-            return _make_offer(tx, conversation, agent_id, spec)
-    except _LostRace:
+            return offer_now(tx, conversation_id, agent_id, spec)
+    except LostRace:
         return None
 
 
@@ -359,42 +434,51 @@ def _end_offer(tx: Tx, offer: Any, state: OfferState, kind: EventKind, reason: s
     )
 
 
-def expire_offers(tx: Tx, queues: dict[str, QueueSpec], limit: int = 200) -> list[int]:
-    """Expire due offers: capacity back, conversation back to its queue, a miss counted.
-    An agent who misses ``max_missed_offers`` in a row is set away."""
-    due = tx.execute(
+def due_offers(conn: Connection, now: Any, limit: int = 500) -> list[int]:
+    """Pending offers whose time is up (each is expired in a transaction of its own)."""
+    return [
+        int(i)
+        for i in conn.execute(
+            select(Offer.id)
+            .where(Offer.state == OfferState.PENDING.value, Offer.expires_at <= now)
+            .order_by(Offer.id)
+            .limit(limit)
+        ).scalars()
+    ]
+
+
+def expire_offer(tx: Tx, offer_id: int, queues: dict[str, QueueSpec]) -> int | None:
+    """Expire one due offer: capacity back, the conversation back to its queue, a miss
+    counted; ``max_missed_offers`` misses in a row set the agent away. Conditional, so it
+    fires once however many processes try (and again after a restart if it was missed)."""
+    offer = tx.execute(
         update(Offer)
         .where(
-            Offer.id.in_(
-                select(Offer.id)
-                .where(Offer.state == OfferState.PENDING.value, Offer.expires_at <= tx.now)
-                .limit(limit)
-            ),
+            Offer.id == offer_id,
             Offer.state == OfferState.PENDING.value,
+            Offer.expires_at <= tx.now,
         )
         .values(state=OfferState.EXPIRED.value, decided_at=tx.now)
         .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
-    ).all()
-    for offer in due:
-        _end_offer(tx, offer, OfferState.EXPIRED, EventKind.OFFER_EXPIRED, "expired")
-        missed = tx.execute(
-            update(Agent)
-            .where(Agent.id == offer.agent_id)
-            .values(missed_offers=Agent.missed_offers + 1)
-            .returning(Agent.missed_offers, Agent.presence)
-        ).one()
-        queue = tx.execute(
-            select(Conversation.queue).where(Conversation.id == offer.conversation_id)
-        ).scalar_one()
-        limit_missed = queues[queue].max_missed_offers if queue in queues else 3
-        if missed.missed_offers >= limit_missed and missed.presence == AgentPresence.ONLINE:
-            set_presence(
-                tx,
-                offer.agent_id,
-                AgentPresence.AWAY,
-                f"missed {missed.missed_offers} offers in a row",
-            )
-    return [int(o.conversation_id) for o in due]
+    ).first()
+    if offer is None:
+        return None
+    _end_offer(tx, offer, OfferState.EXPIRED, EventKind.OFFER_EXPIRED, "expired")
+    missed = tx.execute(
+        update(Agent)
+        .where(Agent.id == offer.agent_id)
+        .values(missed_offers=Agent.missed_offers + 1)
+        .returning(Agent.missed_offers, Agent.presence)
+    ).one()
+    queue = tx.execute(
+        select(Conversation.queue).where(Conversation.id == offer.conversation_id)
+    ).scalar_one()
+    limit_missed = queues[queue].max_missed_offers if queue in queues else 3
+    if missed.missed_offers >= limit_missed and missed.presence == AgentPresence.ONLINE:
+        set_presence(
+            tx, offer.agent_id, AgentPresence.AWAY, f"missed {missed.missed_offers} offers in a row"
+        )
+    return int(offer.conversation_id)
 
 
 def withdraw_offers(tx: Tx, agent_id: int, reason: str) -> list[int]:
@@ -518,4 +602,91 @@ def transfer_conversation(
         agent_stream(agent_id),
         "conversation_updated",
         {"conversation_id": conversation_id, "state": S.QUEUED.value, "transferred": True},
+    )
+
+
+def assign_manually(
+    tx: Tx, conversation_id: int, agent_id: int, *, by: str, override: bool = False
+) -> None:
+    """A supervisor assigns (or reassigns) a conversation. Capacity is respected unless the
+    supervisor explicitly overrides it, which is recorded on the event."""
+    row = tx.execute(select(Conversation).where(Conversation.id == conversation_id)).first()
+    if row is None:
+        raise NotFound(f"no conversation {conversation_id}")
+    if row.state not in (S.QUEUED, S.OFFERED, S.ASSIGNED, S.WAITING_CUSTOMER):
+        raise Conflict(f"a {row.state} conversation cannot be assigned")
+    if row.assigned_agent_id == agent_id:
+        return
+    name = tx.execute(
+        select(User.name).join(Agent, Agent.user_id == User.id).where(Agent.id == agent_id)
+    ).scalar_one_or_none()
+    if name is None:
+        raise NotFound(f"no agent {agent_id}")
+    if row.state == S.OFFERED:
+        pending = tx.execute(
+            update(Offer)
+            .where(
+                Offer.conversation_id == conversation_id, Offer.state == OfferState.PENDING.value
+            )
+            .values(
+                state=OfferState.WITHDRAWN.value,
+                decided_at=tx.now,
+                reason="assigned by a supervisor",
+            )
+            .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
+        ).all()
+        for offer in pending:
+            _end_offer(
+                tx,
+                offer,
+                OfferState.WITHDRAWN,
+                EventKind.OFFER_WITHDRAWN,
+                "assigned by a supervisor",
+            )
+    elif row.assigned_agent_id is not None:
+        if _holds_capacity(row):
+            release(tx, row.assigned_agent_id, row.channel, "reassigned")
+        add_event(
+            tx,
+            conversation_id,
+            EventKind.UNASSIGNED,
+            Actor.SUPERVISOR,
+            agent_id=row.assigned_agent_id,
+            queue=row.queue,
+            by=by,
+        )
+        tx.emit(
+            agent_stream(row.assigned_agent_id),
+            "unassigned",
+            {"conversation_id": conversation_id, "reason": f"reassigned by {by}"},
+        )
+    if not claim(tx, agent_id, row.channel, "assigned by a supervisor", force=override):
+        raise CapacityExceeded(
+            f"{name} has no free {row.channel} capacity (a supervisor may override it explicitly)"
+        )
+    tx.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(
+            state=S.ASSIGNED.value,
+            assigned_agent_id=agent_id,
+            preferred_agent_id=None,
+            updated_at=tx.now,
+        )
+    )
+    add_event(
+        tx,
+        conversation_id,
+        EventKind.ASSIGNED,
+        Actor.SUPERVISOR,
+        agent_id=agent_id,
+        queue=row.queue,
+        by=by,
+        manual=True,
+        override=override,
+    )
+    tx.emit(
+        agent_stream(agent_id),
+        "assigned",
+        {"conversation": conversation_summary(tx.conn, conversation_id)},
     )

@@ -14,23 +14,23 @@ more agents.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, select
 
-from router.assignment.core import candidate_agents, try_offer
+from router.assignment.core import candidate_agents, strategy_rank, try_offer
 from router.db import Tx
 from router.models import Agent, AgentLoad, AgentSkill, Conversation, Offer, User
 from router.types import AgentPresence, ConversationState, OfferState
 from routing_rules import QueueSpec
 
-__all__ = ["dispatch_batch"]
+__all__ = ["dispatch_batch", "plan_batch"]
 
 BATCH = 500
-SMALL = 8  # at most this many waiting: per-conversation indexed candidate queries
+SMALL = 32  # at most this many waiting: per-conversation indexed candidate queries
 
 _WAITING = (
     select(
@@ -46,7 +46,7 @@ _WAITING = (
     .limit(bindparam("limit"))
 )
 _FREE_AGENTS = (
-    select(Agent.id, Agent.idle_since, Agent.exclusive_channels, User.name)
+    select(Agent.id, Agent.idle_since, Agent.exclusive_channels, Agent.rr_position, User.name)
     .join(User, User.id == Agent.user_id)
     .join(
         AgentLoad,
@@ -76,6 +76,7 @@ class _Candidate:
     name: str
     idle_since: datetime
     exclusive: list[str]
+    rr_position: int
     skills: dict[str, int] = field(default_factory=dict)
     load: dict[str, list[int]] = field(default_factory=dict)  # channel -> [used, cap]
 
@@ -112,15 +113,26 @@ class _Candidate:
         used, cap = self.load.get("total", (0, 0))
         return used < cap
 
-    def take(self, channel: str) -> None:
+    def take(self, channel: str, spec: QueueSpec) -> None:
         for key in (channel, "total"):
             self.load.setdefault(key, [0, 0])[0] += 1
+        if spec.strategy == "round_robin":
+            self.rr_position = 1 << 62  # rotated to the back (the database holds the real value)
 
 
-def _pool(conn: Connection) -> list[_Candidate]:
+def _pool(conn: Connection, limit: int | None = None) -> list[_Candidate]:
+    """Agents who could take something: all of them, or the ``limit`` longest idle (an
+    index walk, so a run with few waiting does not read thousands of agents)."""
+    query = (
+        _FREE_AGENTS
+        if limit is None
+        else _FREE_AGENTS.order_by(Agent.idle_since, Agent.id).limit(limit)
+    )
     agents = {
-        r.id: _Candidate(r.id, r.name, r.idle_since, list(r.exclusive_channels or []))
-        for r in conn.execute(_FREE_AGENTS)
+        r.id: _Candidate(
+            r.id, r.name, r.idle_since, list(r.exclusive_channels or []), int(r.rr_position)
+        )
+        for r in conn.execute(query)
     }
     if not agents:
         return []
@@ -129,7 +141,7 @@ def _pool(conn: Connection) -> list[_Candidate]:
         agents[skill.agent_id].skills[skill.skill] = skill.level
     for load in conn.execute(_LOADS, {"ids": ids}):
         agents[load.agent_id].load[load.channel] = [load.used, load.cap]
-    # longest idle first (the default strategy; the others arrive with assignment part 1)
+    # Longest idle first: the default strategy picks the first qualified agent in this order.
     return sorted(agents.values(), key=lambda a: (a.idle_since, a.id))
 
 
@@ -148,77 +160,143 @@ def _pick(
     *,
     allow_declined: bool,
 ) -> _Candidate | None:
-    if (
-        row.preferred_agent_id is not None
-    ):  # offered to its preferred agent only, until its wait is over
+    """The best qualified agent for ``row`` by the queue's strategy (the pool is in longest-idle
+    order, so for that strategy the first qualified agent is the best)."""
+    if row.preferred_agent_id is not None:  # its preferred agent only, until its wait is over
         return next(
             (a for a in pool if a.id == row.preferred_agent_id and a.qualifies(spec, row)), None
         )
-    for agent in pool:
-        if agent.qualifies(spec, row) and (allow_declined or (row.id, agent.id) not in declined):
-            return agent
-    return None
+    qualified = (
+        a
+        for a in pool
+        if a.qualifies(spec, row) and (allow_declined or (row.id, a.id) not in declined)
+    )
+    if spec.strategy == "longest_idle":
+        return next(qualified, None)
+    required = row.required_skills or {}
+    return min(
+        qualified,
+        key=lambda a: strategy_rank(
+            spec, required, a.idle_since, a.id, a.rr_position, a.skills, a.load
+        ),
+        default=None,
+    )
 
 
-def _small_batch(
-    tx: Tx, waiting: list[Any], queues: dict[str, QueueSpec], allow_declined: bool
-) -> list[dict[str, Any]]:
-    made = []
-    declined = _declined(tx.conn, (r.id for r in waiting))
-    for row in waiting:
-        spec = queues.get(row.queue)
-        if spec is None:
+Attempt = Callable[[Any, int, QueueSpec], bool]
+
+
+def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: Attempt) -> int:
+    """Match waiting conversations to agents in queue order and call ``attempt`` for each
+    match (it returns whether an offer was made). Two passes: first nobody is offered a
+    conversation they declined before; then, for what is still waiting, an agent who
+    declined it is the last resort (when nobody else is eligible)."""
+    made = 0
+    taken: set[int] = set()
+    for allow_declined in (False, True):
+        waiting = [r for r in conn.execute(_WAITING, {"limit": limit}).all() if r.id not in taken]
+        if not waiting:
+            break
+        declined = _declined(conn, (r.id for r in waiting))
+        if (
+            len(waiting) <= SMALL
+        ):  # few waiting: indexed candidate queries, whatever the agent count
+            for row in waiting:
+                spec = queues.get(row.queue)
+                if spec is None:
+                    continue
+                if row.preferred_agent_id is not None:
+                    candidates = [
+                        a
+                        for a in candidate_agents(conn, row, spec, exclude=set(), limit=50)
+                        if a == row.preferred_agent_id
+                    ]
+                else:
+                    exclude = (
+                        set()
+                        if allow_declined
+                        else {agent for conversation, agent in declined if conversation == row.id}
+                    )
+                    candidates = candidate_agents(conn, row, spec, exclude=exclude)
+                for agent_id in candidates:
+                    if attempt(row, agent_id, spec):
+                        made += 1
+                        taken.add(row.id)
+                        break
             continue
-        if row.preferred_agent_id is not None:
-            candidates = [
-                a
-                for a in candidate_agents(tx.conn, row, spec, exclude=set(), limit=50)
-                if a == row.preferred_agent_id
-            ]
-        else:
-            exclude = (
-                set()
-                if allow_declined
-                else {agent for conversation, agent in declined if conversation == row.id}
-            )
-            candidates = candidate_agents(tx.conn, row, spec, exclude=exclude)
-        for agent_id in candidates:
-            result = try_offer(tx, row.id, agent_id, spec)
-            if result is not None:
-                made.append(result)
+        # With only the default strategy in play the longest idle agents are the best ones:
+        # read a slice of them; otherwise every free agent, so any strategy's order is exact.
+        longest_idle_only = all(
+            queues[r.queue].strategy == "longest_idle" for r in waiting if r.queue in queues
+        )
+        pool = _pool(conn, limit=4 * len(waiting) + 100 if longest_idle_only else None)
+        if not pool:
+            break
+        unmatched = []
+        for row in waiting:
+            spec = queues.get(row.queue)
+            if spec is None:
+                continue
+            agent = _pick(pool, row, spec, declined, allow_declined=allow_declined)
+            if agent is not None and attempt(row, agent.id, spec):
+                agent.take(row.channel, spec)
+                made += 1
+                taken.add(row.id)
+            elif agent is None:
+                unmatched.append(row)
+            if not any(a.free_any() for a in pool):
                 break
+        if longest_idle_only:
+            # Eligible agents beyond the slice (skills, members) are found per conversation.
+            for row in unmatched[:SMALL]:
+                spec = queues[row.queue]
+                exclude = (
+                    set()
+                    if allow_declined
+                    else {agent for conversation, agent in declined if conversation == row.id}
+                )
+                exclude |= {a.id for a in pool}
+                for agent_id in (
+                    candidate_agents(conn, row, spec, exclude=exclude)
+                    if row.preferred_agent_id is None
+                    else []
+                ):
+                    if attempt(row, agent_id, spec):
+                        made += 1
+                        taken.add(row.id)
+                        break
     return made
 
 
 def dispatch_batch(
     tx: Tx, queues: dict[str, QueueSpec], limit: int = BATCH
 ) -> list[dict[str, Any]]:
-    """Offer as much waiting work as free agents can take, in queue order. Two passes: first
-    nobody is offered a conversation they declined before; then, for what is still waiting,
-    an agent who declined it is the last resort (when nobody else is eligible)."""
+    """Match and offer in this one transaction (SQLite: one writer, so no lock cycles; the
+    offers are committed together)."""
     made: list[dict[str, Any]] = []
-    for allow_declined in (False, True):
-        waiting = tx.execute(_WAITING, {"limit": limit}).all()
-        if not waiting:
-            break
-        if len(waiting) <= SMALL:
-            made.extend(_small_batch(tx, waiting, queues, allow_declined))
-            continue
-        pool = _pool(tx.conn)
-        if not pool:
-            break
-        declined = _declined(tx.conn, (r.id for r in waiting))
-        for row in waiting:
-            spec = queues.get(row.queue)
-            if spec is None:
-                continue
-            agent = _pick(pool, row, spec, declined, allow_declined=allow_declined)
-            if agent is None:
-                continue
-            result = try_offer(tx, row.id, agent.id, spec)
-            if result is not None:
-                agent.take(row.channel)
-                made.append(result)
-            if not any(a.free_any() for a in pool):
-                break
+
+    def attempt(row: Any, agent_id: int, spec: QueueSpec) -> bool:
+        result = try_offer(tx, row.id, agent_id, spec)
+        if result is not None:
+            made.append(result)
+        return result is not None
+
+    _match(tx.conn, queues, limit, attempt)
     return made
+
+
+def plan_batch(
+    conn: Connection, queues: dict[str, QueueSpec], limit: int = BATCH
+) -> list[tuple[int, int, str]]:
+    """Match in a read; the caller makes each offer in a transaction of its own (PostgreSQL:
+    one transaction per decision locks one conversation and one agent, always in the same
+    order, so concurrent processes never deadlock). A stale plan loses its conditional
+    update and is retried by the next run."""
+    plan: list[tuple[int, int, str]] = []
+
+    def attempt(row: Any, agent_id: int, spec: QueueSpec) -> bool:
+        plan.append((int(row.id), agent_id, str(row.queue)))
+        return True
+
+    _match(conn, queues, limit, attempt)
+    return plan

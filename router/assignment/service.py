@@ -18,9 +18,10 @@ from typing import Any
 from sqlalchemy import delete, exists, insert, select, update
 
 from router.assignment import core
-from router.assignment.matcher import BATCH, dispatch_batch
+from router.assignment.matcher import BATCH, dispatch_batch, plan_batch
 from router.db import Database, Tx
 from router.models import Agent, AgentConnection, Conversation, Process
+from router.tasks import periodic
 from router.types import AgentPresence, ConversationState
 from routing_rules import QueueSpec
 
@@ -160,12 +161,31 @@ class Assignment:
             while self._dirty:
                 self._dirty = False
                 while True:
-                    made = await self.db.write(dispatch_batch, self.queues())
-                    offered += len(made)
-                    if len(made) < BATCH:
+                    made, full = await self._run_once()
+                    offered += made
+                    if not full:
                         break
         self.decisions += offered
         return offered
+
+    async def _run_once(self) -> tuple[int, bool]:
+        queues = self.queues()
+        if self.db.dialect == "sqlite":
+            made = await self.db.write(dispatch_batch, queues)
+            return len(made), len(made) >= BATCH
+        plan = await self.db.read(plan_batch, queues)
+        limit = asyncio.Semaphore(8)
+
+        async def offer(conversation_id: int, agent_id: int, queue: str) -> bool:
+            async with limit:
+                try:
+                    await self.db.write(core.offer_now, conversation_id, agent_id, queues[queue])
+                except core.LostRace:
+                    return False  # the plan was stale: the next run takes it from here
+                return True
+
+        results = await asyncio.gather(*(offer(*step) for step in plan))
+        return sum(results), len(plan) >= BATCH
 
     # -- agent actions --------------------------------------------------------------------
     async def connect(self, agent_id: int) -> int:
@@ -210,6 +230,12 @@ class Assignment:
         )
         await self.dispatch()
 
+    async def assign(self, conversation_id: int, agent_id: int, *, by: str, override: bool) -> None:
+        await self.db.write(
+            core.assign_manually, conversation_id, agent_id, by=by, override=override
+        )
+        await self.dispatch()
+
     async def set_status(self, agent_id: int, status: AgentPresence, reason: str) -> None:
         await self.db.write(core.set_presence, agent_id, status, reason)
         await self.dispatch()
@@ -217,7 +243,13 @@ class Assignment:
     # -- the timer worker -------------------------------------------------------------------
     async def tick(self, sweep: bool = True) -> None:
         queues = self.queues()
-        changed = bool(await self.db.write(core.expire_offers, queues))
+        expired = await asyncio.gather(
+            *(
+                self.db.write(core.expire_offer, offer_id, queues)
+                for offer_id in await self.db.read(core.due_offers, self.db.clock.now())
+            )
+        )
+        changed = any(c is not None for c in expired)
         alive_after = self.db.clock.now() - timedelta(seconds=self.dead_after)
         changed |= bool(await self.db.write(_presence_timeouts, self.presence_grace, alive_after))
         changed |= bool(await self.db.write(_release_preferred, queues))
@@ -225,11 +257,4 @@ class Assignment:
             await self.dispatch()
 
     async def run(self, interval: float) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("assignment tick failed")
-            await asyncio.sleep(interval)
+        await periodic(self.tick, interval, "assignment tick")

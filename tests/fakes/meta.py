@@ -29,21 +29,20 @@ import hmac
 import json
 import re
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from tests.fakes.server import ThreadedASGIServer
 
 __all__ = [
     "APP_ID",
@@ -1009,95 +1008,30 @@ def _unsupported(node: str, verb: str) -> Json:
 
 
 # -- the server --------------------------------------------------------------------------------
-class FakeGraphServer:
+class FakeGraphServer(ThreadedASGIServer):
     """Serves a :class:`FakeGraph` on ``127.0.0.1:<free port>`` from a daemon thread.
 
     ``with FakeGraphServer() as server: httpx.get(server.url + ...)``; ``server.graph`` is the
     fake, ``server.graph_url`` the versioned base (``http://127.0.0.1:PORT/v21.0``).
+    Stopping releases the requests ``hang_next`` holds (:meth:`FakeGraph.close`); starting
+    again re-arms the hangs. ``start()`` on a running server does nothing.
     """
 
     def __init__(
         self, graph: FakeGraph | None = None, *, host: str = "127.0.0.1", **graph_kwargs: Any
     ) -> None:
         self.graph = graph if graph is not None else FakeGraph(**graph_kwargs)
-        self.host = host
-        self.port: int | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("FakeGraphServer is not started")
-        return f"http://{self.host}:{self.port}"
+        super().__init__(self.graph, name="FakeGraphServer", host=host, on_stop=self.graph.close)
 
     @property
     def graph_url(self) -> str:
         return f"{self.url}/{self.graph.version}"
 
-    def start(self, timeout: float = 10.0) -> Self:
-        if self._thread is not None:
+    def start(self, timeout: float | None = 10.0) -> Self:
+        if self.running:
             return self
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.graph,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            http="h11",
-            timeout_graceful_shutdown=2,
-        )
-        # uvicorn only installs signal handlers from the main thread, so none are installed
-        # here (0.54 has no install_signal_handlers switch; Server.capture_signals checks).
-        server = uvicorn.Server(config)
-        self._server = server
-
-        def run() -> None:
-            try:
-                server.run(sockets=[sock])
-            except BaseException as exc:  # surfaced by start()
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name=f"fake-graph:{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if self._error is not None or not self._thread.is_alive():
-                raise RuntimeError(f"FakeGraphServer failed to start: {self._error!r}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"FakeGraphServer not ready after {timeout}s")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.graph.close()
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive() and self._server is not None:
-                self._server.force_exit = True
-                self._thread.join(timeout)
-        self._thread = None
-        self._server = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self.graph._closing.clear()
+        return super().start(timeout)
 
 
 # -- webhook signing -------------------------------------------------------------------------

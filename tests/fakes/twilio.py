@@ -32,7 +32,6 @@ import hashlib
 import io
 import logging
 import re
-import socket
 import threading
 import time
 import wave
@@ -40,11 +39,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Self, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import ImmutableMultiDict
 from starlette.requests import Request
@@ -54,6 +52,8 @@ from starlette.types import Receive, Scope, Send
 from twilio.http import AsyncHttpClient
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response as TwilioResponse
+
+from tests.fakes.server import ThreadedASGIServer
 
 __all__ = [
     "DEFAULT_ACCOUNT_SID",
@@ -884,6 +884,10 @@ class FakeTwilio:
     def _bad(code: int, message: str) -> JSONResponse:
         return twilio_error(400, code, message)
 
+    def _found(self, ctx: _Ctx, record: dict[str, Any] | None) -> JSONResponse:
+        """``record`` as served (a fetch answer), or Twilio's 404 for the request's path."""
+        return JSONResponse(_public(record)) if record else self._not_found(ctx.path)
+
     def _page(
         self,
         ctx: _Ctx,
@@ -1038,8 +1042,7 @@ class FakeTwilio:
         return self._page(ctx, records, "messages", "Messages.json")
 
     def _fetch_message(self, ctx: _Ctx) -> Response:
-        message = self._find(self.messages, ctx.params["sid"])
-        return JSONResponse(_public(message)) if message else self._not_found(ctx.path)
+        return self._found(ctx, self._find(self.messages, ctx.params["sid"]))
 
     # ---- Calls ---------------------------------------------------------------------------
 
@@ -1107,7 +1110,14 @@ class FakeTwilio:
             changes["duration"] = str(int((end - started).total_seconds())) if started else "0"
         self._touch(call, **changes)
 
-    def _create_call(self, ctx: _Ctx) -> Response:
+    def _dial_parties(
+        self, ctx: _Ctx, *, needs_instructions: bool = False
+    ) -> tuple[str, str] | JSONResponse:
+        """``(To, From)`` of a request that places a call, or Twilio's error for them.
+
+        ``needs_instructions``: the call also needs ``Url``, ``Twiml`` or ``ApplicationSid``
+        (checked once both numbers are present, before ``To`` is validated).
+        """
         form = ctx.form
         to = (form.get("To") or "").strip()
         from_ = (form.get("From") or "").strip()
@@ -1115,10 +1125,19 @@ class FakeTwilio:
             return self._bad(21201, "No 'To' number is specified")
         if not from_:
             return self._bad(21213, "No 'From' number is specified")
-        if not (form.get("Url") or form.get("Twiml") or form.get("ApplicationSid")):
+        if needs_instructions and not (
+            form.get("Url") or form.get("Twiml") or form.get("ApplicationSid")
+        ):
             return self._bad(21205, "Either 'Url', 'Twiml' or 'ApplicationSid' is required")
         if not _valid_voice_address(to):
             return self._bad(21211, f"Invalid 'To' Phone Number: {to}")
+        return to, from_
+
+    def _create_call(self, ctx: _Ctx) -> Response:
+        parties = self._dial_parties(ctx, needs_instructions=True)
+        if isinstance(parties, Response):
+            return parties
+        to, from_ = parties
         call = self._new_call(to, from_, ctx.form_first, ctx.form_lists)
         return JSONResponse(_public(call), status_code=201)
 
@@ -1140,8 +1159,7 @@ class FakeTwilio:
         return self._page(ctx, records, "calls", "Calls.json")
 
     def _fetch_call(self, ctx: _Ctx) -> Response:
-        call = self._find(self.calls, ctx.params["sid"])
-        return JSONResponse(_public(call)) if call else self._not_found(ctx.path)
+        return self._found(ctx, self._find(self.calls, ctx.params["sid"]))
 
     def _update_call(self, ctx: _Ctx) -> Response:
         call = self._find(self.calls, ctx.params["sid"])
@@ -1235,8 +1253,7 @@ class FakeTwilio:
         return self._page(ctx, records, "conferences", "Conferences.json")
 
     def _fetch_conference(self, ctx: _Ctx) -> Response:
-        conference = self._find(self.conferences, ctx.params["sid"])
-        return JSONResponse(_public(conference)) if conference else self._not_found(ctx.path)
+        return self._found(ctx, self._find(self.conferences, ctx.params["sid"]))
 
     def _update_conference(self, ctx: _Ctx) -> Response:
         conference = self._find(self.conferences, ctx.params["sid"])
@@ -1335,15 +1352,11 @@ class FakeTwilio:
         return conference
 
     def _create_participant(self, ctx: _Ctx) -> Response:
+        parties = self._dial_parties(ctx)
+        if isinstance(parties, Response):
+            return parties
+        to, from_ = parties
         form = ctx.form
-        to = (form.get("To") or "").strip()
-        from_ = (form.get("From") or "").strip()
-        if not to:
-            return self._bad(21201, "No 'To' number is specified")
-        if not from_:
-            return self._bad(21213, "No 'From' number is specified")
-        if not _valid_voice_address(to):
-            return self._bad(21211, f"Invalid 'To' Phone Number: {to}")
         key = ctx.params["conference"]
         conference = self._resolve_conference(key)
         if conference is None and re.match(r"^CF[0-9a-f]{32}$", key):
@@ -1394,8 +1407,7 @@ class FakeTwilio:
         return self._find_participant(conference, ctx.params["participant"])
 
     def _fetch_participant(self, ctx: _Ctx) -> Response:
-        part = self._participant_for(ctx)
-        return JSONResponse(_public(part)) if part else self._not_found(ctx.path)
+        return self._found(ctx, self._participant_for(ctx))
 
     def _update_participant(self, ctx: _Ctx) -> Response:
         part = self._participant_for(ctx)
@@ -1442,17 +1454,16 @@ class FakeTwilio:
 # =========================================================================================
 
 
-class FakeTwilioServer:
+class FakeTwilioServer(ThreadedASGIServer):
     """Serves a ``FakeTwilio`` on ``127.0.0.1`` (free port) with uvicorn in a daemon thread.
 
-    ``with FakeTwilioServer() as server: server.url, server.fake``. The listening socket is
-    bound (port 0) before uvicorn starts and handed to it, so there is no port race.
-    Signal handlers are not touched: uvicorn 0.54 only installs them in the main thread
-    (it has no ``install_signal_handlers`` option any more).
+    ``with FakeTwilioServer() as server: server.url, server.fake``. See
+    :class:`~tests.fakes.server.ThreadedASGIServer` for the port, start and stop details.
 
     Starting takes ~10 ms but stopping ~0.2 s (uvicorn's 0.1 s ticks), so a suite can keep
     one server per module and give each test a fresh fake: ``server.fake = FakeTwilio()``
-    (requests are dispatched to whatever ``server.fake`` is at that moment).
+    (requests are dispatched to whatever ``server.fake`` is at that moment). Stopping cuts
+    short the ``hang_next`` delays of every fake served since the start.
     """
 
     def __init__(
@@ -1464,12 +1475,13 @@ class FakeTwilioServer:
     ) -> None:
         self._fake = fake if fake is not None else FakeTwilio()
         self._served: list[FakeTwilio] = [self._fake]
-        self.host = host
-        self.startup_timeout = startup_timeout
-        self.port: int | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        super().__init__(
+            self._app,
+            name="FakeTwilioServer",
+            host=host,
+            startup_timeout=startup_timeout,
+            on_stop=self._abort_served_hangs,
+        )
 
     @property
     def fake(self) -> FakeTwilio:
@@ -1484,73 +1496,12 @@ class FakeTwilioServer:
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._fake(scope, receive, send)
 
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("FakeTwilioServer is not started")
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> FakeTwilioServer:
-        if self._thread is not None:
-            raise RuntimeError("FakeTwilioServer already started")
-        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
-        # proto is IPPROTO_TCP; with proto 0, Nagle + delayed ACK add ~40 ms per response.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind((self.host, 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            loop="asyncio",
-            interface="asgi3",
-            timeout_graceful_shutdown=2,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._fake._abort_hangs.clear()
-
-        def run() -> None:
-            try:
-                server.run(sockets=[sock])
-            except BaseException as exc:  # surfaced by start()/stop()
-                self._error = exc
-            finally:
-                sock.close()
-
-        self._thread = threading.Thread(target=run, name=f"fake-twilio-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"FakeTwilioServer did not start: {self._error!r}")
-            time.sleep(0.005)
-        return self
-
-    def stop(self) -> None:
-        if self._server is None or self._thread is None:
-            return
+    def _abort_served_hangs(self) -> None:
         for fake in self._served:
             fake.abort_hangs()
         self._served = [self._fake]
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
 
-    def __enter__(self) -> FakeTwilioServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def start(self, timeout: float | None = None) -> Self:
+        if not self.running:
+            self._fake._abort_hangs.clear()
+        return super().start(timeout)

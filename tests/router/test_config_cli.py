@@ -166,7 +166,7 @@ def test_users_and_agents(tmp_path: Path, sqlite_url: str) -> None:
     assert code == 0 and "agent anna (#1) created" in out and "token (shown once)" in out
     assert run(["agents", "add", "ben", "--skills", "billing=11"], env) == (
         2,
-        'error: skill "billing": level must be between 1 and 10, got 11\n',
+        'error: skill "billing" must be between 1 and 10, got 11\n',
     )
     assert run(["agents", "add", "ben", "--capacity", "fax=1"], env)[0] == 2
     assert run(["agents", "add", "ben", "--phone", "030123"], env) == (
