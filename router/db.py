@@ -68,6 +68,30 @@ _BUMP_STREAM = (
     .returning(_streams.c.last_seq)
 )
 _INSERT_STREAM_EVENT = insert(table(StreamEvent))
+_stream_events = table(StreamEvent)
+_BUMPED = (
+    update(_streams)
+    .where(_streams.c.stream == bindparam("s"))
+    .values(last_seq=_streams.c.last_seq + 1)
+    .returning(_streams.c.last_seq)
+    .cte("bumped")
+)
+# PostgreSQL: number and store one event in one round trip (nothing when the stream has no
+# row yet: the caller creates it and takes the general path).
+_APPEND_ONE = (
+    insert(_stream_events)
+    .from_select(
+        ["stream", "seq", "at", "type", "payload"],
+        select(
+            bindparam("s", type_=_streams.c.stream.type),
+            _BUMPED.c.last_seq,
+            bindparam("at", type_=_stream_events.c.at.type),
+            bindparam("type", type_=_stream_events.c.type.type),
+            bindparam("payload", type_=_stream_events.c.payload.type),
+        ).select_from(_BUMPED),
+    )
+    .returning(_stream_events.c.seq)
+)
 MAX_BATCH = 256
 _STOP = object()
 
@@ -143,6 +167,15 @@ class Tx:
         for stream in sorted(self._events):
             events = self._events[stream]
             n = len(events)
+            if n == 1 and self.dialect == "postgresql":
+                type_, payload = events[0]
+                params = {"s": stream, "at": self.now, "type": type_, "payload": payload}
+                seq = self.conn.execute(_APPEND_ONE, params).scalar()
+                if seq is None:  # the stream's first event
+                    insert_ignore(self.conn, EventStream, {"stream": stream, "last_seq": 0})
+                    seq = self.conn.execute(_APPEND_ONE, params).scalar_one()
+                self.records.append(StreamRecord(stream, seq, type_, self.now, payload))
+                continue
             last = self.conn.execute(_BUMP_STREAM, {"s": stream, "n": n}).scalar()
             if last is None:
                 insert_ignore(self.conn, EventStream, {"stream": stream, "last_seq": 0})
@@ -258,7 +291,9 @@ class Database:
                 self.url.set(drivername="postgresql+asyncpg"),
                 pool_size=self._pool_size,
                 max_overflow=self._max_overflow,
-                pool_pre_ping=True,
+                # No ping per checkout (a round trip on every transaction): a connection the
+                # server dropped fails its first statement, and that transaction is retried
+                # on a fresh connection (below), since nothing of it was committed.
             )
 
     def _checkpointer(self) -> None:
@@ -379,8 +414,15 @@ class Database:
                 return result
 
             try:
-                async with self._async_engine.begin() as conn:
-                    result = await conn.run_sync(run)
+                async with self._async_engine.connect() as conn:
+                    await conn.begin()
+                    try:
+                        result = await conn.run_sync(run)
+                    except DBAPIError as exc:
+                        if exc.connection_invalidated and attempt < 7:
+                            continue  # a stale pooled connection, before any commit: retry
+                        raise
+                    await conn.commit()  # a failure here is not retried: it may have landed
             except DBAPIError as exc:
                 if is_retryable(exc) and attempt < 7:
                     # jittered, so two transactions that collided do not collide again in step
@@ -450,8 +492,14 @@ class Database:
                 self._readers, self._read_sync, fn, args
             )
         assert self._async_engine is not None, "Database.start() first"
-        async with self._async_engine.connect() as conn:
-            return await conn.run_sync(lambda c: fn(c, *args))
+        for attempt in range(3):
+            try:
+                async with self._async_engine.connect() as conn:
+                    return await conn.run_sync(lambda c: fn(c, *args))
+            except DBAPIError as exc:
+                if not (exc.connection_invalidated and attempt < 2):
+                    raise  # else a stale pooled connection: retry on a fresh one
+        raise AssertionError("unreachable")
 
     def _read_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         assert self._reader_engine is not None

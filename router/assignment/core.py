@@ -83,8 +83,10 @@ def _strategy_order(spec: QueueSpec, conversation: Any, total_load: Any) -> list
             .where(AgentSkill.agent_id == Agent.id, AgentSkill.skill.in_(required))
             .scalar_subquery()
         )
-        return [levels.desc(), Agent.idle_since, Agent.id]
-    return [Agent.idle_since, Agent.id]  # longest_idle: idle since the last work ended
+        return [levels.desc(), total_load.used, Agent.idle_since, Agent.id]
+    # longest_idle: an agent holding work is not idle; agents free of work first, longest
+    # idle (since their last work ended) first, then those with the fewest conversations
+    return [total_load.used, Agent.idle_since, Agent.id]
 
 
 def strategy_rank(
@@ -102,15 +104,24 @@ def strategy_rank(
         return (used / cap if cap else 1.0, idle_since, agent_id)
     if spec.strategy == "round_robin":
         return (rr_position, agent_id)
+    used = load.get("total", [0, 1])[0]
     if spec.strategy == "most_skilled":
-        return (-sum(skills.get(s, 0) for s in (required or spec.skills)), idle_since, agent_id)
-    return (idle_since, agent_id)
+        levels = sum(skills.get(s, 0) for s in (required or spec.skills))
+        return (-levels, used, idle_since, agent_id)
+    return (used, idle_since, agent_id)
 
 
 def candidate_agents(
-    conn: Connection, conversation: Any, spec: QueueSpec, *, exclude: set[int], limit: int = 10
+    conn: Connection,
+    conversation: Any,
+    spec: QueueSpec,
+    *,
+    exclude: set[int],
+    limit: int = 10,
+    only: int | None = None,
 ) -> list[int]:
-    """Eligible agents for a conversation, in the queue strategy's order (longest idle first)."""
+    """Eligible agents for a conversation, in the queue strategy's order (longest idle first);
+    with ``only``, that one agent if eligible."""
     channel_load, total_load = aliased(AgentLoad), aliased(AgentLoad)
     query = (
         select(Agent.id, Agent.exclusive_channels)
@@ -153,6 +164,8 @@ def candidate_agents(
         )
     if exclude:
         query = query.where(Agent.id.not_in(list(exclude)))
+    if only is not None:
+        query = query.where(Agent.id == only)
     rows = conn.execute(
         query.order_by(*_strategy_order(spec, conversation, total_load)).limit(limit * 2)
     ).all()
@@ -180,25 +193,25 @@ _PREVIEW = (
     .limit(1)
     .scalar_subquery()
 )
-_SUMMARY = (
-    select(
-        Conversation.id,
-        Conversation.channel,
-        Conversation.state,
-        Conversation.queue,
-        Conversation.priority,
-        Conversation.tags,
-        Conversation.subject,
-        Conversation.contact_id,
-        Conversation.assigned_agent_id,
-        Conversation.queued_at,
-        Conversation.language,
-        Contact.name.label("contact_name"),
-        _PREVIEW.label("preview"),
-    )
-    .join(Contact, Contact.id == Conversation.contact_id)
-    .where(Conversation.id == bindparam("cid"))
+_SUMMARY_COLUMNS = (
+    Conversation.id,
+    Conversation.channel,
+    Conversation.state,
+    Conversation.queue,
+    Conversation.priority,
+    Conversation.tags,
+    Conversation.subject,
+    Conversation.contact_id,
+    Conversation.assigned_agent_id,
+    Conversation.queued_at,
+    Conversation.language,
+    select(Contact.name)
+    .where(Contact.id == Conversation.contact_id)
+    .scalar_subquery()
+    .label("contact_name"),
+    _PREVIEW.label("preview"),
 )
+_SUMMARY = select(*_SUMMARY_COLUMNS).where(Conversation.id == bindparam("cid"))
 _ROTATE = (
     update(table(Agent))
     .where(table(Agent).c.id == bindparam("p_agent"))
@@ -207,7 +220,10 @@ _ROTATE = (
 
 
 def conversation_summary(conn: Connection, conversation_id: int) -> dict[str, Any]:
-    row = conn.execute(_SUMMARY, {"cid": conversation_id}).one()
+    return _summary(conn.execute(_SUMMARY, {"cid": conversation_id}).one())
+
+
+def _summary(row: Any) -> dict[str, Any]:
     return {
         "conversation_id": row.id,
         "channel": row.channel,
@@ -225,16 +241,19 @@ def conversation_summary(conn: Connection, conversation_id: int) -> dict[str, An
     }
 
 
-_conversations = table(Conversation)
+# queued -> offered/assigned, returning the summary the agent is sent (one round trip)
 _MOVE_QUEUED = {
-    target: update(_conversations)
-    .where(_conversations.c.id == bindparam("cid"), _conversations.c.state == S.QUEUED.value)
+    target: update(Conversation)
+    .where(
+        Conversation.id == bindparam("cid"),
+        Conversation.state == S.QUEUED.value,
+    )
     .values(
         state=target.value,
         updated_at=bindparam("now"),
         **({"assigned_agent_id": bindparam("p_agent")} if target == S.ASSIGNED else {}),
     )
-    .returning(_conversations.c.id, _conversations.c.channel, _conversations.c.queue)
+    .returning(*_SUMMARY_COLUMNS)
     for target in (S.OFFERED, S.ASSIGNED)
 }
 _NEW_OFFER = insert(table(Offer)).returning(table(Offer).c.id)
@@ -274,7 +293,7 @@ def offer_now(tx: Tx, conversation_id: int, agent_id: int, spec: QueueSpec) -> d
         tx.emit(
             agent_stream(agent_id),
             "assigned",
-            {"conversation": conversation_summary(tx.conn, conversation.id)},
+            {"conversation": _summary(conversation)},
         )
         return {"conversation_id": conversation.id, "agent_id": agent_id, "assigned": True}
     expires = tx.now + spec.offer_timeout
@@ -300,7 +319,7 @@ def offer_now(tx: Tx, conversation_id: int, agent_id: int, spec: QueueSpec) -> d
         queue=conversation.queue,
         offer_id=offer_id,
     )
-    summary = conversation_summary(tx.conn, conversation.id)
+    summary = _summary(conversation)
     tx.emit(
         agent_stream(agent_id),
         "offer",

@@ -14,12 +14,14 @@ more agents.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, select
+from sqlalchemy import Connection, String, and_, bindparam, cast, func, select
+from sqlalchemy.orm import aliased
 
 from router.assignment.core import candidate_agents, strategy_rank, try_offer
 from router.db import Tx
@@ -45,8 +47,32 @@ _WAITING = (
     .order_by(Conversation.priority.desc(), Conversation.queued_at, Conversation.id)
     .limit(bindparam("limit"))
 )
+_LOAD = aliased(AgentLoad)
+# Skills and loads ride along as "name:level,..." and "channel:used:cap,...": one query.
+_SKILL_LIST = (
+    select(func.aggregate_strings(AgentSkill.skill + ":" + cast(AgentSkill.level, String), ","))
+    .where(AgentSkill.agent_id == Agent.id)
+    .scalar_subquery()
+)
+_LOAD_LIST = (
+    select(
+        func.aggregate_strings(
+            _LOAD.channel + ":" + cast(_LOAD.used, String) + ":" + cast(_LOAD.cap, String), ","
+        )
+    )
+    .where(_LOAD.agent_id == Agent.id)
+    .scalar_subquery()
+)
 _FREE_AGENTS = (
-    select(Agent.id, Agent.idle_since, Agent.exclusive_channels, Agent.rr_position, User.name)
+    select(
+        Agent.id,
+        Agent.idle_since,
+        Agent.exclusive_channels,
+        Agent.rr_position,
+        User.name,
+        _SKILL_LIST.label("skills"),
+        _LOAD_LIST.label("loads"),
+    )
     .join(User, User.id == Agent.user_id)
     .join(
         AgentLoad,
@@ -58,11 +84,15 @@ _FREE_AGENTS = (
     )
     .where(Agent.presence == AgentPresence.ONLINE.value, Agent.disconnected_at.is_(None))
 )
-_SKILLS = select(AgentSkill.agent_id, AgentSkill.skill, AgentSkill.level).where(
-    AgentSkill.agent_id.in_(bindparam("ids", expanding=True))
+_IDLE_SLICE = (
+    _FREE_AGENTS.where(AgentLoad.used == 0)
+    .order_by(Agent.idle_since, Agent.id)
+    .limit(bindparam("n"))
 )
-_LOADS = select(AgentLoad.agent_id, AgentLoad.channel, AgentLoad.used, AgentLoad.cap).where(
-    AgentLoad.agent_id.in_(bindparam("ids", expanding=True))
+_BUSY_SLICE = (
+    _FREE_AGENTS.where(AgentLoad.used > 0)
+    .order_by(Agent.idle_since, Agent.id)
+    .limit(bindparam("n"))
 )
 _DECLINED = select(Offer.conversation_id, Offer.agent_id).where(
     Offer.conversation_id.in_(bindparam("ids", expanding=True)),
@@ -109,6 +139,11 @@ class _Candidate:
             and self.skills.get(f"lang_{row.language}", 0) < 1
         )
 
+    def idle_key(self) -> tuple[int, datetime, int]:
+        """Longest idle order: free of work first, longest idle first, then fewest
+        conversations (the same order as :func:`strategy_rank`)."""
+        return (self.load.get("total", [0, 0])[0], self.idle_since, self.id)
+
     def free_any(self) -> bool:
         used, cap = self.load.get("total", (0, 0))
         return used < cap
@@ -123,26 +158,30 @@ class _Candidate:
 def _pool(conn: Connection, limit: int | None = None) -> list[_Candidate]:
     """Agents who could take something: all of them, or the ``limit`` longest idle (an
     index walk, so a run with few waiting does not read thousands of agents)."""
-    query = (
-        _FREE_AGENTS
-        if limit is None
-        else _FREE_AGENTS.order_by(Agent.idle_since, Agent.id).limit(limit)
-    )
-    agents = {
-        r.id: _Candidate(
+    if limit is None:
+        rows = list(conn.execute(_FREE_AGENTS))
+    else:
+        # Agents free of work first (an index walk in idle order), then, if that is not
+        # enough, agents already holding some.
+        rows = list(conn.execute(_IDLE_SLICE, {"n": limit}))
+        if len(rows) < limit:
+            rows += conn.execute(_BUSY_SLICE, {"n": limit - len(rows)})
+    agents = []
+    for r in rows:
+        agent = _Candidate(
             r.id, r.name, r.idle_since, list(r.exclusive_channels or []), int(r.rr_position)
         )
-        for r in conn.execute(query)
-    }
-    if not agents:
-        return []
-    ids = list(agents)
-    for skill in conn.execute(_SKILLS, {"ids": ids}):
-        agents[skill.agent_id].skills[skill.skill] = skill.level
-    for load in conn.execute(_LOADS, {"ids": ids}):
-        agents[load.agent_id].load[load.channel] = [load.used, load.cap]
+        for item in (r.skills or "").split(","):
+            if item:
+                skill, level = item.split(":")
+                agent.skills[skill] = int(level)
+        for item in (r.loads or "").split(","):
+            if item:
+                channel, used, cap = item.split(":")
+                agent.load[channel] = [int(used), int(cap)]
+        agents.append(agent)
     # Longest idle first: the default strategy picks the first qualified agent in this order.
-    return sorted(agents.values(), key=lambda a: (a.idle_since, a.id))
+    return sorted(agents, key=_Candidate.idle_key)
 
 
 def _declined(conn: Connection, ids: Iterable[int]) -> set[tuple[int, int]]:
@@ -186,85 +225,80 @@ def _pick(
 Attempt = Callable[[Any, int, QueueSpec], bool]
 
 
+def _candidates(conn: Connection, row: Any, spec: QueueSpec, exclude: set[int]) -> list[int]:
+    """Indexed candidate query for one conversation: its preferred agent only while it waits
+    for them (whether or not they declined it before), else the best eligible agents."""
+    if row.preferred_agent_id is not None:
+        return candidate_agents(conn, row, spec, exclude=set(), only=row.preferred_agent_id)
+    return candidate_agents(conn, row, spec, exclude=exclude)
+
+
 def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: Attempt) -> int:
     """Match waiting conversations to agents in queue order and call ``attempt`` for each
     match (it returns whether an offer was made). Two passes: first nobody is offered a
-    conversation they declined before; then, for what is still waiting, an agent who
-    declined it is the last resort (when nobody else is eligible)."""
+    conversation they declined before; then, for what is still waiting and was declined,
+    an agent who declined it is the last resort (when nobody else is eligible)."""
     made = 0
     taken: set[int] = set()
+    waiting = [r for r in conn.execute(_WAITING, {"limit": limit}).all() if r.queue in queues]
+    if not waiting:
+        return 0
+    declined = _declined(conn, (r.id for r in waiting))
+    # With only the default strategy in play the longest idle agents are the best ones: one
+    # read of a slice of them serves the whole batch. Otherwise, with few waiting, indexed
+    # candidate queries per conversation cost less than reading every free agent.
+    longest_idle_only = all(queues[r.queue].strategy == "longest_idle" for r in waiting)
+    per_conversation = len(waiting) <= SMALL and not longest_idle_only
+    pool: list[_Candidate] | None = None
+
+    def by_query(rows: list[Any], allow_declined: bool, skip: set[int]) -> None:
+        nonlocal made
+        for row in rows:
+            spec = queues[row.queue]
+            exclude = skip if allow_declined else skip | declined_by(row.id)
+            for agent_id in _candidates(conn, row, spec, exclude):
+                if attempt(row, agent_id, spec):
+                    made += 1
+                    taken.add(row.id)
+                    break
+
+    def declined_by(conversation_id: int) -> set[int]:
+        return {agent for conversation, agent in declined if conversation == conversation_id}
+
     for allow_declined in (False, True):
-        waiting = [r for r in conn.execute(_WAITING, {"limit": limit}).all() if r.id not in taken]
-        if not waiting:
-            break
-        declined = _declined(conn, (r.id for r in waiting))
-        if (
-            len(waiting) <= SMALL
-        ):  # few waiting: indexed candidate queries, whatever the agent count
-            for row in waiting:
-                spec = queues.get(row.queue)
-                if spec is None:
-                    continue
-                if row.preferred_agent_id is not None:
-                    candidates = [
-                        a
-                        for a in candidate_agents(conn, row, spec, exclude=set(), limit=50)
-                        if a == row.preferred_agent_id
-                    ]
-                else:
-                    exclude = (
-                        set()
-                        if allow_declined
-                        else {agent for conversation, agent in declined if conversation == row.id}
-                    )
-                    candidates = candidate_agents(conn, row, spec, exclude=exclude)
-                for agent_id in candidates:
-                    if attempt(row, agent_id, spec):
-                        made += 1
-                        taken.add(row.id)
-                        break
+        if allow_declined:  # the second pass is only for what someone declined
+            declined_ids = {conversation for conversation, _ in declined}
+            waiting = [r for r in waiting if r.id not in taken and r.id in declined_ids]
+            if not waiting:
+                break
+        if per_conversation:
+            by_query(waiting, allow_declined, set())
             continue
-        # With only the default strategy in play the longest idle agents are the best ones:
-        # read a slice of them; otherwise every free agent, so any strategy's order is exact.
-        longest_idle_only = all(
-            queues[r.queue].strategy == "longest_idle" for r in waiting if r.queue in queues
-        )
-        pool = _pool(conn, limit=4 * len(waiting) + 100 if longest_idle_only else None)
+        # A slice of the longest idle agents, or every free agent so that any strategy's
+        # order is exact. The second pass reuses it (its loads are kept up to date).
+        if pool is None:
+            pool = _pool(conn, limit=4 * len(waiting) + 100 if longest_idle_only else None)
         if not pool:
             break
         unmatched = []
-        for row in waiting:
-            spec = queues.get(row.queue)
-            if spec is None:
-                continue
+        for index, row in enumerate(waiting):
+            spec = queues[row.queue]
             agent = _pick(pool, row, spec, declined, allow_declined=allow_declined)
             if agent is not None and attempt(row, agent.id, spec):
                 agent.take(row.channel, spec)
+                pool.remove(agent)  # now holding more work: it moves back in idle order
+                bisect.insort(pool, agent, key=_Candidate.idle_key)
                 made += 1
                 taken.add(row.id)
             elif agent is None:
                 unmatched.append(row)
             if not any(a.free_any() for a in pool):
+                # the slice is used up: the rest may still have agents beyond it
+                unmatched.extend(waiting[index + 1 :])
                 break
         if longest_idle_only:
             # Eligible agents beyond the slice (skills, members) are found per conversation.
-            for row in unmatched[:SMALL]:
-                spec = queues[row.queue]
-                exclude = (
-                    set()
-                    if allow_declined
-                    else {agent for conversation, agent in declined if conversation == row.id}
-                )
-                exclude |= {a.id for a in pool}
-                for agent_id in (
-                    candidate_agents(conn, row, spec, exclude=exclude)
-                    if row.preferred_agent_id is None
-                    else []
-                ):
-                    if attempt(row, agent_id, spec):
-                        made += 1
-                        taken.add(row.id)
-                        break
+            by_query(unmatched[:SMALL], allow_declined, {a.id for a in pool})
     return made
 
 
