@@ -25,6 +25,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal_column,
     select,
     update,
 )
@@ -186,30 +187,38 @@ def candidate_agents(
     return out
 
 
-_PREVIEW = (
-    select(Message.text)
-    .where(Message.conversation_id == Conversation.id, Message.direction == "in")
-    .order_by(Message.id.desc())
-    .limit(1)
-    .scalar_subquery()
-)
-_SUMMARY_COLUMNS = (
-    Conversation.id,
-    Conversation.channel,
-    Conversation.state,
-    Conversation.queue,
-    Conversation.priority,
-    Conversation.tags,
-    Conversation.subject,
-    Conversation.contact_id,
-    Conversation.assigned_agent_id,
-    Conversation.queued_at,
-    Conversation.language,
-    select(Contact.name)
-    .where(Contact.id == Conversation.contact_id)
-    .scalar_subquery()
-    .label("contact_name"),
-    _PREVIEW.label("preview"),
+def _summary_columns(conversation_id: Any, contact_id: Any) -> tuple[Any, ...]:
+    """The summary's columns, with the two references its subqueries correlate on (in a
+    RETURNING clause they must be spelled out: SQLAlchemy renders its columns unqualified,
+    and a bare ``id`` inside a subquery would mean the subquery's own table)."""
+    return (
+        Conversation.id,
+        Conversation.channel,
+        Conversation.state,
+        Conversation.queue,
+        Conversation.priority,
+        Conversation.tags,
+        Conversation.subject,
+        Conversation.contact_id,
+        Conversation.assigned_agent_id,
+        Conversation.queued_at,
+        Conversation.language,
+        select(Contact.name)
+        .where(Contact.id == contact_id)
+        .scalar_subquery()
+        .label("contact_name"),
+        select(Message.text)
+        .where(Message.conversation_id == conversation_id, Message.direction == "in")
+        .order_by(Message.id.desc())
+        .limit(1)
+        .scalar_subquery()
+        .label("preview"),
+    )
+
+
+_SUMMARY_COLUMNS = _summary_columns(Conversation.id, Conversation.contact_id)
+_RETURNING_SUMMARY = _summary_columns(
+    literal_column("conversations.id"), literal_column("conversations.contact_id")
 )
 _SUMMARY = select(*_SUMMARY_COLUMNS).where(Conversation.id == bindparam("cid"))
 _ROTATE = (
@@ -253,7 +262,7 @@ _MOVE_QUEUED = {
         updated_at=bindparam("now"),
         **({"assigned_agent_id": bindparam("p_agent")} if target == S.ASSIGNED else {}),
     )
-    .returning(*_SUMMARY_COLUMNS)
+    .returning(*_RETURNING_SUMMARY)
     for target in (S.OFFERED, S.ASSIGNED)
 }
 _NEW_OFFER = insert(table(Offer)).returning(table(Offer).c.id)

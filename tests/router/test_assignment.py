@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +15,15 @@ from sqlalchemy import select, update
 from adapters.clock import FakeClock
 from router.assignment.core import accept_offer
 from router.exceptions import Conflict
-from router.models import Agent, AgentStatusEvent, Conversation, ConversationEvent, Offer
+from router.models import (
+    Agent,
+    AgentStatusEvent,
+    Contact,
+    Conversation,
+    ConversationEvent,
+    Offer,
+    StreamEvent,
+)
 from router.runtime import Runtime
 from router.types import AgentPresence
 from tests.router.test_live import make_agent
@@ -268,3 +277,66 @@ async def test_a_customer_reply_never_pushes_a_full_agent_over_capacity(
     )  # back in the queue, reserved for anna
     history = await rows(runtime, AgentStatusEvent, AgentStatusEvent.agent_id == anna)
     assert max(e.load["total"][0] for e in history) == 1
+
+
+async def test_longest_idle_spreads_work_before_doubling_anyone_up(
+    rt: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    """An agent holding work is not idle: the next conversation goes to a free agent even
+    when the busy one finished their previous work longer ago."""
+    runtime, client = rt
+    anna = await online(runtime, "anna", capacity="sms=3,total=3", idle_minutes=60)
+    ben = await online(runtime, "ben", capacity="sms=3,total=3", idle_minutes=5)
+    await customer(runtime, client, 1)
+    await customer(runtime, client, 2)
+    await customer(runtime, client, 3)
+    assert [o.agent_id for o in await offers(runtime)] == [anna, ben, anna]
+
+
+async def test_offers_that_fell_due_while_down_expire_once_after_a_restart(
+    tmp_path: Path, db_url: str, clock: FakeClock
+) -> None:
+    settings = make_settings(tmp_path / "conf", db_url, rules=AGENT_RULES)
+    async with started_runtime(settings, clock) as runtime, client_for(runtime) as client:
+        anna = await online(runtime, "anna", idle_minutes=10)
+        ben = await online(runtime, "ben")
+        await customer(runtime, client, 1)
+        (offer,) = await offers(runtime)
+        assert (offer.agent_id, offer.state) == (anna, "pending")
+    clock.advance(120)  # down past the 30s offer timeout
+    async with started_runtime(settings, clock, workers=True) as runtime:
+        for _ in range(200):  # the timer worker's first tick fires what fell due
+            states = [(o.agent_id, o.state) for o in await offers(runtime)]
+            if len(states) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert states == [(anna, "expired"), (ben, "pending")]
+        await runtime.assignment.tick()
+        await runtime.assignment.tick()
+        assert [(o.agent_id, o.state) for o in await offers(runtime)] == states
+        expired = await rows(runtime, ConversationEvent, ConversationEvent.kind == "offer_expired")
+        assert len(expired) == 1
+
+
+async def test_each_offer_carries_its_own_conversation_summary(
+    rt: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    runtime, client = rt
+    anna = await online(runtime, "anna", capacity="sms=5,total=5")
+    await post_fake(client, "sms", {"id": "m0", "from": "+4917000000001", "text": "hello?"})
+    await settle(runtime)  # offered now, with this message as its preview
+    first = await customer(runtime, client, 1, "my parcel is late")
+    second = await customer(runtime, client, 2, "wrong colour")  # message ids != conversation ids
+    events = await rows(runtime, StreamEvent, StreamEvent.stream == f"agent:{anna}")
+    summaries = {
+        e.payload["conversation"]["conversation_id"]: e.payload["conversation"]
+        for e in events
+        if e.type == "offer"
+    }
+    assert summaries[first]["preview"] == "hello?"  # the latest inbound when it was offered
+    assert summaries[second]["preview"] == "wrong colour"
+    contacts = await rows(runtime, Contact)
+    names = {c.id: c.name for c in contacts}
+    for summary in summaries.values():
+        assert summary["contact_name"] == names[summary["contact_id"]]
+        assert summary["state"] == "offered" and summary["queue"] == "general"
