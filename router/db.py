@@ -120,12 +120,19 @@ class Tx:
     """One write transaction: the connection, the clock reading, buffered stream events
     and callbacks to run after the commit."""
 
-    __slots__ = ("_after", "_events", "conn", "dialect", "now", "records")
+    __slots__ = ("_after", "_events", "conn", "context", "dialect", "now", "records")
 
-    def __init__(self, conn: Connection, now: datetime, dialect: str) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        now: datetime,
+        dialect: str,
+        context: dict[str, Any] | None = None,
+    ) -> None:
         self.conn = conn
         self.now = now
         self.dialect = dialect
+        self.context = context if context is not None else {}  # the owner's (Database.context)
         self._events: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         self._after: list[Callable[[], Any]] = []
         self.records: list[StreamRecord] = []
@@ -245,6 +252,8 @@ class Database:
     ) -> None:
         self.url = make_url(url)
         self.clock = clock or SystemClock()
+        # What every transaction may consult (Tx.context), e.g. the active ruleset's provider.
+        self.context: dict[str, Any] = {}
         self.dialect = self.url.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
@@ -407,7 +416,7 @@ class Database:
             holder: list[Tx] = []
 
             def run(sync_conn: Connection, holder: list[Tx] = holder) -> Any:
-                tx = Tx(sync_conn, self.clock.now(), "postgresql")
+                tx = Tx(sync_conn, self.clock.now(), "postgresql", self.context)
                 holder.append(tx)
                 result = fn(tx, *args, **kwargs)
                 tx.flush_streams()
@@ -464,7 +473,7 @@ class Database:
             with conn.begin():
                 for job in batch:
                     savepoint = conn.begin_nested()
-                    tx = Tx(conn, self.clock.now(), "sqlite")
+                    tx = Tx(conn, self.clock.now(), "sqlite", self.context)
                     try:
                         result = job.fn(tx, *job.args, **job.kwargs)
                         tx.flush_streams()

@@ -29,6 +29,7 @@ __all__ = [
     "OmnirouteError",
     "RulesRejected",
     "Unauthorized",
+    "Unavailable",
 ]
 
 
@@ -92,3 +93,10 @@ class AlreadyRunning(OmnirouteError):
 class ChannelUnavailable(OmnirouteError):
     status = 409
     code = "channel_unavailable"
+
+
+class Unavailable(OmnirouteError):
+    """The server cannot do it right now (e.g. no active ruleset yet); retry later."""
+
+    status = 503
+    code = "unavailable"

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -56,6 +57,7 @@ __all__ = [
     "RoutingDecision",
     "Ruleset",
     "StreamEvent",
+    "Timer",
     "User",
     "metadata",
     "table",
@@ -290,6 +292,16 @@ class Conversation(Base):
     previous_id: Mapped[int | None] = mapped_column(Id, ForeignKey("conversations.id"))
     auto_reply_sent: Mapped[bool] = mapped_column(Boolean, default=False)
     queued_at: Mapped[datetime | None]
+    # when it entered its current queue (routing, transfer, escalation, move, reopen): the
+    # origin of overflow steps; returning from an offer does not change it
+    queue_entered_at: Mapped[datetime | None]
+    overflow_step: Mapped[int] = mapped_column(Integer, default=0)
+    # SLA clocks of the current cycle (created or reopened); null when not running
+    sla_first_response_due_at: Mapped[datetime | None]
+    sla_resolution_due_at: Mapped[datetime | None]
+    sla_resolution_since: Mapped[datetime | None]  # running segment start (paused: null)
+    sla_resolution_used_s: Mapped[float] = mapped_column(Float, default=0.0)
+    sla_due_at: Mapped[datetime | None]  # the earliest running due time: breaks queue ties
     first_inbound_at: Mapped[datetime | None]
     last_inbound_at: Mapped[datetime | None]
     last_outbound_at: Mapped[datetime | None]
@@ -350,6 +362,24 @@ class Offer(Base):
     expires_at: Mapped[datetime]
     decided_at: Mapped[datetime | None]
     reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class Timer(Base):
+    """A conversation's stored due time (overflow step, SLA warning or breach, end of a
+    preferred agent's wait, end of wrap-up, closing a resolved conversation). A worker fires
+    what is due by deleting the row (``DELETE ... RETURNING``), so each fires once, across
+    processes and restarts."""
+
+    __tablename__ = "timers"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "kind"),
+        Index("ix_timers_due", "due_at"),
+    )
+    id: Mapped[int] = _id()
+    conversation_id: Mapped[int] = mapped_column(Id, ForeignKey("conversations.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    due_at: Mapped[datetime]
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class RoutingDecision(Base):

@@ -37,7 +37,9 @@ from channels.base import (
     TemporarySendError,
     UncertainPolicy,
 )
+from router.assignment import sla
 from router.assignment.capacity import holds_while_waiting, release
+from router.assignment.timers import current_ruleset
 from router.db import Database, Tx
 from router.events import add_event, agent_stream
 from router.exceptions import InvalidInput, NotFound
@@ -181,6 +183,9 @@ def enqueue_message(
                 agent_id=agent_id,
                 message_id=message_id,
             )
+        if human:  # first response stops; the customer has the turn
+            turn = conversation.state == ConversationState.ASSIGNED
+            sla.agent_answered(tx, conversation, current_ruleset(tx), customer_turn=turn)
         if human and conversation.state == ConversationState.ASSIGNED:
             changes["state"] = ConversationState.WAITING_CUSTOMER.value
             if conversation.assigned_agent_id is not None and not holds_while_waiting(

@@ -31,7 +31,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from channels.base import InboundMessage, ParsedItem, Reject, Sender, StatusUpdate
+from router.assignment import sla
 from router.assignment.capacity import claim, holds_while_waiting
+from router.assignment.flow import sticky_wait
+from router.assignment.timers import CLOSE, PREFERRED, clear_timers, current_ruleset, set_timer
 from router.db import Database, Tx, is_retryable
 from router.events import add_event, agent_stream
 from router.failpoints import failpoint
@@ -245,12 +248,16 @@ def _customer_turn_over(tx: Tx, conversation: Any) -> dict[str, Any]:
     waiting, take it back; if the agent is full now, the conversation returns to its queue
     reserved for that agent (offered back to them first), never over capacity."""
     agent_id = conversation.assigned_agent_id
+    ruleset = current_ruleset(tx)
+    sla.on_customer_turn(tx, conversation.id, ruleset)  # the resolution clock runs again
     if (
         agent_id is None
         or holds_while_waiting(conversation.channel)
         or claim(tx, agent_id, conversation.channel, "customer_replied")
     ):
         return {"state": S.ASSIGNED.value}
+    spec = ruleset.queues.get(conversation.queue) if ruleset is not None else None
+    set_timer(tx, conversation.id, PREFERRED, tx.now + sticky_wait(spec), {"agent_id": agent_id})
     add_event(
         tx,
         conversation.id,
@@ -344,9 +351,12 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
                 data={
                     **(conversation.data or {}),
                     "reopened": True,
+                    "reopened_at": now.isoformat(),
                     "reopen_message": msg.external_id,
+                    "last_agent_id": conversation.assigned_agent_id,
                 },
             )
+            clear_timers(tx, conversation_id, CLOSE)
             add_event(
                 tx,
                 conversation_id,

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
+from router.assignment import flow, sla
+from router.assignment.timers import PREFERRED, set_timer
 from router.db import Tx
 from router.events import add_event
 from router.models import (
@@ -33,11 +35,18 @@ from router.outbox import enqueue_message
 from router.types import Actor, ConversationState, EventKind, Priority
 from routing_rules import Decision, Ruleset, evaluate
 
-__all__ = ["ROUTE_BATCH", "RouteResult", "route_batch"]
+__all__ = ["ROUTE_BATCH", "RouteResult", "conversation_facts", "route_batch"]
 
 ROUTE_BATCH = 200
 
-_NEW = (
+_CLOCKS = (
+    Conversation.sla_first_response_due_at,
+    Conversation.sla_resolution_due_at,
+    Conversation.sla_resolution_since,
+    Conversation.sla_resolution_used_s,
+    Conversation.sla_due_at,
+)
+_CONVERSATION = (
     select(
         Conversation.id,
         Conversation.channel,
@@ -56,13 +65,18 @@ _NEW = (
         Contact.attributes,
         Inbox.slug,
         Inbox.default_queue,
+        Conversation.queue_entered_at,
+        *_CLOCKS,
     )
     .join(Contact, Contact.id == Conversation.contact_id)
     .join(Inbox, Inbox.id == Conversation.inbox_id)
-    .where(Conversation.state == ConversationState.NEW.value)
+)
+_NEW = (
+    _CONVERSATION.where(Conversation.state == ConversationState.NEW.value)
     .order_by(Conversation.id)
     .limit(bindparam("limit"))
 )
+_ONE = _CONVERSATION.where(Conversation.id == bindparam("cid"))
 _FIRST_IN = select(Message.conversation_id, Message.text, Message.subject, Message.data).where(
     Message.id.in_(
         select(func.min(Message.id))
@@ -102,7 +116,20 @@ _ROUTED = (
         queued_at=bindparam("now"),
         updated_at=bindparam("now"),
         data=bindparam("data"),
+        **{c.key: bindparam(c.key) for c in _CLOCKS},
     )
+)
+_LAST_AGENT = (
+    select(Conversation.assigned_agent_id)
+    .where(
+        Conversation.contact_id == bindparam("contact"),
+        Conversation.id != bindparam("cid"),
+        Conversation.queue == bindparam("queue"),
+        Conversation.assigned_agent_id.is_not(None),
+        Conversation.updated_at >= bindparam("since"),
+    )
+    .order_by(Conversation.updated_at.desc())
+    .limit(1)
 )
 _AGENT_BY_NAME = (
     select(Agent.id).join(User, User.id == Agent.user_id).where(User.name == bindparam("name"))
@@ -182,11 +209,14 @@ def _route_one(
             },
         ).scalar_one()
     )
-    preferred = (
-        tx.execute(_AGENT_BY_NAME, {"name": decision.agent}).scalar_one_or_none()
-        if decision.agent
-        else None
-    )
+    data = {k: v for k, v in (row.data or {}).items() if k not in ("reopen_message", "rerouted")}
+    clocks = {c.key: getattr(row, c.key) for c in _CLOCKS}
+    if not (row.data or {}).get("rerouted"):  # a new or reopened conversation: SLA clocks start
+        reopened = bool(data.get("reopened")) and data.get("reopened_at")
+        start = datetime.fromisoformat(data["reopened_at"]) if reopened else row.created_at
+        clocks = sla.cycle_values(data, start)
+        data = clocks.pop("data")
+    preferred = _preferred(tx, row, decision, ruleset, data)
     moved = tx.execute(
         _ROUTED,
         {
@@ -198,7 +228,8 @@ def _route_one(
             "decision_id": decision_id,
             "preferred": preferred,
             "now": tx.now,
-            "data": {k: v for k, v in (row.data or {}).items() if k != "reopen_message"},
+            "data": data,
+            **clocks,
         },
     ).rowcount
     if moved != 1:
@@ -213,6 +244,11 @@ def _route_one(
         ruleset=ruleset.version,
     )
     add_event(tx, row.id, EventKind.QUEUED, queue=decision.queue, priority=decision.priority)
+    current = sla.view(row, data=data, **clocks)
+    flow.enter_queue(tx, row.id, ruleset, decision.queue, row=current, facts=facts)
+    if preferred is not None:  # reserved for them until the wait is over
+        wait = flow.sticky_wait(ruleset.queues[decision.queue])
+        set_timer(tx, row.id, PREFERRED, tx.now + wait, {"agent_id": preferred})
     reply_id = None
     if decision.reply and not row.auto_reply_sent and decision.reply in ruleset.templates:
         text = ruleset.templates[decision.reply].render(facts)
@@ -230,6 +266,42 @@ def _route_one(
         reply_id,
         row.created_at,
     )
+
+
+def _preferred(
+    tx: Tx, row: Any, decision: Decision, ruleset: Ruleset, data: dict[str, Any]
+) -> int | None:
+    """Who is offered it first: the rule's ``agent``; else, on reopen, the agent who had it;
+    else the contact's last agent in this queue within its ``sticky.window``."""
+    if decision.agent:
+        agent = tx.execute(_AGENT_BY_NAME, {"name": decision.agent}).scalar_one_or_none()
+        if agent is not None:
+            return int(agent)
+    if data.get("reopened") and data.get("last_agent_id"):
+        return int(data["last_agent_id"])
+    sticky = ruleset.queues[decision.queue].sticky
+    if sticky is None:
+        return None
+    last = tx.execute(
+        _LAST_AGENT,
+        {
+            "contact": row.contact_id,
+            "cid": row.id,
+            "queue": decision.queue,
+            "since": tx.now - sticky.window,
+        },
+    ).scalar_one_or_none()
+    return int(last) if last is not None else None
+
+
+def conversation_facts(
+    conn: Connection, conversation_id: int, ruleset: Ruleset, now: datetime
+) -> dict[str, Any]:
+    """The facts of a conversation as the rules see them (for templates outside routing)."""
+    row = conn.execute(_ONE, {"cid": conversation_id}).one()
+    message = conn.execute(_FIRST_IN, {"ids": [conversation_id]}).first()
+    email = None if row.email else conn.execute(_EMAILS, {"ids": [row.contact_id]}).first()
+    return _facts(row, message, email[1] if email else None, ruleset, now.isoformat())
 
 
 class _Gone(Exception):

@@ -145,6 +145,7 @@ class Runtime:
             dead_after=settings.heartbeat_interval * 3,
             on_sent=self._count_sent,
         )
+        self.db.context["ruleset"] = lambda: self.rules.active
         self.assignment = Assignment(
             self.db,
             lambda: self.rules.active.queues if self.rules.active is not None else {},
@@ -157,6 +158,7 @@ class Runtime:
         self.workers = TaskGroup()
         self.background = TaskGroup()
         self.rules.listeners.append(self._on_rules_activated)
+        self.assignment.rerouted.append(self.route_pending)
         self._lock_file: Any = None
         self.started = False
         self.ready_reasons: list[str] = ["starting"]
@@ -419,8 +421,7 @@ class Runtime:
                         self.metrics.routing_latency.observe(
                             max(0.0, (now - result.created_at).total_seconds())
                         )
-                    if any(r.reply_message_id is not None for r in results):
-                        self.outbox.wake()
+                    self.outbox.wake()  # auto-replies and after-hours replies
                     self.background.spawn(self.assignment.dispatch(), "dispatch-after-routing")
                     if len(results) < ROUTE_BATCH:
                         break

@@ -153,3 +153,4 @@ class EventKind(StrEnum):
     OVERFLOW = "overflow"
     ABANDONED = "abandoned"
     SURVEY_SENT = "survey_sent"
+    WRAP_UP_ENDED = "wrap_up_ended"

@@ -178,7 +178,20 @@ class AgentConnection:
             )
             return {}
         if kind == "resolve":
-            await rt.assignment.resolve(a, _int(cmd, "conversation_id"))
+            resolved = await rt.assignment.resolve(a, _int(cmd, "conversation_id"))
+            return {"wrap_up_until": resolved["wrap_up_until"]} if resolved["wrap_up_until"] else {}
+        if kind == "end_wrap_up":
+            await rt.assignment.end_wrap_up(a, _int(cmd, "conversation_id"))
+            return {}
+        if kind == "escalate":
+            queue = await rt.assignment.escalate(
+                a, _int(cmd, "conversation_id"), _text(cmd, "reason") or ""
+            )
+            return {"queue": queue}
+        if kind == "send_to_routing":
+            await rt.assignment.send_to_routing(
+                a, _int(cmd, "conversation_id"), _text(cmd, "note", required=False)
+            )
             return {}
         if kind == "set_status":
             status = cmd.get("status")

@@ -127,11 +127,66 @@ async def post_message(
 @router.post("/api/conversations/{conversation_id}/resolve", summary="Resolve my conversation")
 async def resolve(
     conversation_id: int, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(agent)
+) -> dict[str, Any]:
+    if user.agent_id is None:
+        raise NotFound("you are not an agent")
+    result = await runtime.assignment.resolve(user.agent_id, conversation_id)
+    return {"resolved": True, "wrap_up_until": result["wrap_up_until"]}
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/end-wrap-up",
+    summary="End the wrap-up of a conversation I resolved",
+)
+async def end_wrap_up(
+    conversation_id: int, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(agent)
 ) -> dict[str, bool]:
     if user.agent_id is None:
         raise NotFound("you are not an agent")
-    await runtime.assignment.resolve(user.agent_id, conversation_id)
-    return {"resolved": True}
+    await runtime.assignment.end_wrap_up(user.agent_id, conversation_id)
+    return {"ended": True}
+
+
+class Escalation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/escalate",
+    summary="Escalate my conversation to its queue's escalate_to queue",
+)
+async def escalate(
+    conversation_id: int,
+    body: Escalation,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(agent),
+) -> dict[str, str]:
+    if user.agent_id is None:
+        raise NotFound("you are not an agent")
+    queue = await runtime.assignment.escalate(user.agent_id, conversation_id, body.reason)
+    return {"queue": queue}
+
+
+class Reroute(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    note: str | None = Field(None, max_length=2000)
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/send-to-routing",
+    summary="Send my conversation back through the routing rules",
+)
+async def send_to_routing(
+    conversation_id: int,
+    body: Reroute,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(agent),
+) -> dict[str, bool]:
+    if user.agent_id is None:
+        raise NotFound("you are not an agent")
+    await runtime.assignment.send_to_routing(user.agent_id, conversation_id, body.note)
+    return {"rerouted": True}
 
 
 class Transfer(BaseModel):

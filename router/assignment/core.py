@@ -5,7 +5,7 @@ above its minimum) AND free capacity for the channel and in ``total`` AND (when 
 has ``language_required``) the ``lang_<code>`` skill of the conversation's language AND not
 exclusively busy (``exclusive_channels: [voice]`` takes nothing else while on a call).
 
-Queue order: priority (urgent first), then time in queue. An offer reserves capacity until
+Queue order: priority (urgent first), then the SLA due soonest, then time in queue. An offer reserves capacity until
 it is accepted, rejected, expired or withdrawn; accepting is
 ``UPDATE offers ... WHERE state = 'pending' AND expires_at > now`` checked by rowcount, so
 accept racing expiry has exactly one winner. A partial unique index allows one pending
@@ -32,10 +32,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from router.agents import record_status
-from router.assignment.capacity import CapacityFull, claim, holds_while_waiting, release, take
+from router.assignment import flow
+from router.assignment.capacity import CapacityFull, claim, release, take
+from router.assignment.timers import PREFERRED, clear_timers, current_ruleset
 from router.db import Tx
 from router.events import SUPERVISORS, add_event, agent_stream
-from router.exceptions import CapacityExceeded, Conflict, InvalidInput, NotFound
+from router.exceptions import CapacityExceeded, Conflict, NotFound
 from router.models import (
     Agent,
     AgentLoad,
@@ -49,7 +51,7 @@ from router.models import (
 )
 from router.serialize import iso
 from router.types import Actor, AgentPresence, ConversationState, EventKind, OfferState
-from routing_rules import QueueSpec
+from routing_rules import QueueSpec, Ruleset
 
 __all__ = [
     "LostRace",
@@ -389,6 +391,7 @@ def accept_offer(tx: Tx, agent_id: int, offer_id: int) -> dict[str, Any]:
     if not moved:
         raise Conflict("the conversation was withdrawn")
     tx.execute(update(Agent).where(Agent.id == agent_id).values(missed_offers=0))
+    clear_timers(tx, conversation_id, PREFERRED)
     queue = tx.execute(
         select(Conversation.queue).where(Conversation.id == conversation_id)
     ).scalar_one()
@@ -406,12 +409,20 @@ def accept_offer(tx: Tx, agent_id: int, offer_id: int) -> dict[str, Any]:
     return {"conversation_id": conversation_id, "offer_id": offer_id}
 
 
-def _return_to_queue(tx: Tx, conversation_id: int, from_state: S) -> None:
+def _return_to_queue(tx: Tx, conversation_id: int, agent_id: int) -> None:
+    """An offer ended without an accept: back to the queue. If it was reserved for this agent
+    (preferred, sticky or a transfer to them), the reservation ends now."""
     tx.execute(
         update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.state == from_state.value)
+        .where(Conversation.id == conversation_id, Conversation.state == S.OFFERED.value)
         .values(state=S.QUEUED.value, updated_at=tx.now)
     )
+    if tx.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.preferred_agent_id == agent_id)
+        .values(preferred_agent_id=None)
+    ).rowcount:
+        clear_timers(tx, conversation_id, PREFERRED)
 
 
 def reject_offer(tx: Tx, agent_id: int, offer_id: int, reason: str | None) -> int:
@@ -430,7 +441,7 @@ def reject_offer(tx: Tx, agent_id: int, offer_id: int, reason: str | None) -> in
     if row is None:
         raise Conflict("the offer is no longer pending")
     release(tx, agent_id, row.channel, "offer_rejected")
-    _return_to_queue(tx, row.conversation_id, S.OFFERED)
+    _return_to_queue(tx, row.conversation_id, agent_id)
     add_event(
         tx,
         row.conversation_id,
@@ -445,7 +456,7 @@ def reject_offer(tx: Tx, agent_id: int, offer_id: int, reason: str | None) -> in
 
 def _end_offer(tx: Tx, offer: Any, state: OfferState, kind: EventKind, reason: str) -> None:
     release(tx, offer.agent_id, offer.channel, f"offer_{state.value}")
-    _return_to_queue(tx, offer.conversation_id, S.OFFERED)
+    _return_to_queue(tx, offer.conversation_id, offer.agent_id)
     add_event(
         tx,
         offer.conversation_id,
@@ -541,45 +552,33 @@ def set_presence(tx: Tx, agent_id: int, presence: AgentPresence, reason: str) ->
     return withdrawn
 
 
-def _owned(tx: Tx, agent_id: int, conversation_id: int) -> Any:
-    row = tx.execute(select(Conversation).where(Conversation.id == conversation_id)).first()
-    if row is None:
-        raise NotFound(f"no conversation {conversation_id}")
-    if row.assigned_agent_id != agent_id or row.state not in (S.ASSIGNED, S.WAITING_CUSTOMER):
-        raise Conflict("the conversation is not assigned to you")
-    return row
-
-
-def _holds_capacity(row: Any) -> bool:
-    return row.state == S.ASSIGNED or (
-        row.state == S.WAITING_CUSTOMER and holds_while_waiting(row.channel)
-    )
-
-
-def resolve_conversation(tx: Tx, agent_id: int, conversation_id: int) -> None:
-    row = _owned(tx, agent_id, conversation_id)
+def resolve_conversation(tx: Tx, agent_id: int, conversation_id: int) -> dict[str, Any]:
+    """The agent resolved it: the SLA clocks stop, capacity is released (after the queue's
+    wrap-up, if any) and closing is scheduled for the end of the reopen window."""
+    row = flow.owned(tx, agent_id, conversation_id)
     tx.execute(
         update(Conversation)
         .where(Conversation.id == conversation_id)
         .values(state=S.RESOLVED.value, resolved_at=tx.now, updated_at=tx.now)
     )
-    if _holds_capacity(row):
-        release(tx, agent_id, row.channel, "resolved")
     add_event(
         tx, conversation_id, EventKind.RESOLVED, Actor.AGENT, agent_id=agent_id, queue=row.queue
     )
-    tx.emit(
-        agent_stream(agent_id),
-        "conversation_updated",
-        {"conversation_id": conversation_id, "state": S.RESOLVED.value},
-    )
+    until = flow.after_resolve(tx, row, current_ruleset(tx))
+    payload = {
+        "conversation_id": conversation_id,
+        "state": S.RESOLVED.value,
+        "wrap_up_until": iso(until),
+    }
+    tx.emit(agent_stream(agent_id), "conversation_updated", payload)
+    return payload
 
 
 def transfer_conversation(
     tx: Tx,
     agent_id: int,
     conversation_id: int,
-    queues: dict[str, QueueSpec],
+    ruleset: Ruleset,
     *,
     to_queue: str | None,
     to_agent: int | None,
@@ -587,49 +586,8 @@ def transfer_conversation(
 ) -> None:
     """Hand over: to a queue (it enters with that queue's skills) or to a named agent (offered
     to them only). A note travels with it."""
-    row = _owned(tx, agent_id, conversation_id)
-    if (to_queue is None) == (to_agent is None):
-        raise InvalidInput("transfer to a queue or to an agent")
-    queue = to_queue or row.queue
-    if queue not in queues:
-        raise InvalidInput(f'unknown queue "{queue}"')
-    if (
-        to_agent is not None
-        and tx.execute(select(Agent.id).where(Agent.id == to_agent)).first() is None
-    ):
-        raise NotFound(f"no agent {to_agent}")
-    if _holds_capacity(row):
-        release(tx, agent_id, row.channel, "transferred")
-    skills = dict(queues[queue].skills) if to_queue else row.required_skills
-    tx.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id)
-        .values(
-            state=S.QUEUED.value,
-            queue=queue,
-            required_skills=skills,
-            assigned_agent_id=None,
-            preferred_agent_id=to_agent,
-            queued_at=tx.now,
-            updated_at=tx.now,
-        )
-    )
-    add_event(
-        tx,
-        conversation_id,
-        EventKind.TRANSFERRED,
-        Actor.AGENT,
-        agent_id=agent_id,
-        queue=queue,
-        to_queue=to_queue,
-        to_agent=to_agent,
-        note=note,
-    )
-    add_event(tx, conversation_id, EventKind.QUEUED, Actor.SYSTEM, queue=queue)
-    tx.emit(
-        agent_stream(agent_id),
-        "conversation_updated",
-        {"conversation_id": conversation_id, "state": S.QUEUED.value, "transferred": True},
+    flow.transfer(
+        tx, agent_id, conversation_id, ruleset, queue=to_queue, to_agent=to_agent, note=note
     )
 
 
@@ -672,7 +630,7 @@ def assign_manually(
                 "assigned by a supervisor",
             )
     elif row.assigned_agent_id is not None:
-        if _holds_capacity(row):
+        if flow.holds_capacity(row):
             release(tx, row.assigned_agent_id, row.channel, "reassigned")
         add_event(
             tx,

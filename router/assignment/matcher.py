@@ -1,6 +1,7 @@
 """Matching waiting conversations to agents, in batches, in queue order.
 
-One run reads the waiting conversations in queue order (priority, then time in queue) and
+One run reads the waiting conversations in queue order (priority, then the SLA due
+soonest, then time in queue) and
 the agents who could take anything (online, connected, ``total`` not full), matches them in
 memory by each queue's rules and strategy, and makes each offer with conditional updates
 (capacity claim by rowcount, conversation ``queued -> offered``), so a run that raced
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -29,7 +30,7 @@ from router.models import Agent, AgentLoad, AgentSkill, Conversation, Offer, Use
 from router.types import AgentPresence, ConversationState, OfferState
 from routing_rules import QueueSpec
 
-__all__ = ["dispatch_batch", "plan_batch"]
+__all__ = ["dispatch_batch", "eligibility", "plan_batch"]
 
 BATCH = 500
 SMALL = 32  # at most this many waiting: per-conversation indexed candidate queries
@@ -42,9 +43,15 @@ _WAITING = (
         Conversation.required_skills,
         Conversation.language,
         Conversation.preferred_agent_id,
+        Conversation.data,
     )
     .where(Conversation.state == ConversationState.QUEUED.value)
-    .order_by(Conversation.priority.desc(), Conversation.queued_at, Conversation.id)
+    .order_by(
+        Conversation.priority.desc(),
+        Conversation.sla_due_at.asc().nulls_last(),
+        Conversation.queued_at,
+        Conversation.id,
+    )
     .limit(bindparam("limit"))
 )
 _LOAD = aliased(AgentLoad)
@@ -191,24 +198,56 @@ def _declined(conn: Connection, ids: Iterable[int]) -> set[tuple[int, int]]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _View:
+    """What eligibility looks at, for one way a conversation can be taken."""
+
+    id: int
+    channel: str
+    required_skills: dict[str, int]
+    language: str | None
+
+
+Ways = list[tuple[QueueSpec, Any]]
+
+
+def eligibility(queues: dict[str, QueueSpec], row: Any) -> Ways:
+    """The ways an agent can be eligible for a waiting conversation, as (queue, view) pairs:
+    by its own queue; by a queue an overflow step added (that queue's skills and members);
+    or, transferred to a named agent, by free capacity alone (skills aside) while it is
+    reserved for them."""
+    own = queues[row.queue]
+    data = row.data or {}
+    if row.preferred_agent_id is not None and data.get("direct_to") == row.preferred_agent_id:
+        anyone = replace(own, members=None, language_required=False)
+        return [(anyone, _View(row.id, row.channel, {}, None))]
+    ways: Ways = [(own, row)]
+    for name in data.get("extra_queues", ()):
+        if name in queues and name != row.queue:
+            extra = queues[name]
+            ways.append((extra, _View(row.id, row.channel, dict(extra.skills), row.language)))
+    return ways
+
+
 def _pick(
     pool: list[_Candidate],
     row: Any,
     spec: QueueSpec,
+    ways: Ways,
     declined: set[tuple[int, int]],
     *,
     allow_declined: bool,
 ) -> _Candidate | None:
     """The best qualified agent for ``row`` by the queue's strategy (the pool is in longest-idle
     order, so for that strategy the first qualified agent is the best)."""
+
+    def qualifies(agent: _Candidate) -> bool:
+        return any(agent.qualifies(s, view) for s, view in ways)
+
     if row.preferred_agent_id is not None:  # its preferred agent only, until its wait is over
-        return next(
-            (a for a in pool if a.id == row.preferred_agent_id and a.qualifies(spec, row)), None
-        )
+        return next((a for a in pool if a.id == row.preferred_agent_id and qualifies(a)), None)
     qualified = (
-        a
-        for a in pool
-        if a.qualifies(spec, row) and (allow_declined or (row.id, a.id) not in declined)
+        a for a in pool if qualifies(a) and (allow_declined or (row.id, a.id) not in declined)
     )
     if spec.strategy == "longest_idle":
         return next(qualified, None)
@@ -225,12 +264,17 @@ def _pick(
 Attempt = Callable[[Any, int, QueueSpec], bool]
 
 
-def _candidates(conn: Connection, row: Any, spec: QueueSpec, exclude: set[int]) -> list[int]:
+def _candidates(conn: Connection, row: Any, ways: Ways, exclude: set[int]) -> list[int]:
     """Indexed candidate query for one conversation: its preferred agent only while it waits
-    for them (whether or not they declined it before), else the best eligible agents."""
-    if row.preferred_agent_id is not None:
-        return candidate_agents(conn, row, spec, exclude=set(), only=row.preferred_agent_id)
-    return candidate_agents(conn, row, spec, exclude=exclude)
+    for them (whether or not they declined it before), else the best eligible agents (by its
+    own queue first, then by queues an overflow step added)."""
+    found: list[int] = []
+    for spec, view in ways:
+        if row.preferred_agent_id is not None:
+            found += candidate_agents(conn, view, spec, exclude=set(), only=row.preferred_agent_id)
+        else:
+            found += candidate_agents(conn, view, spec, exclude=exclude | set(found))
+    return list(dict.fromkeys(found))
 
 
 def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: Attempt) -> int:
@@ -256,7 +300,7 @@ def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: 
         for row in rows:
             spec = queues[row.queue]
             exclude = skip if allow_declined else skip | declined_by(row.id)
-            for agent_id in _candidates(conn, row, spec, exclude):
+            for agent_id in _candidates(conn, row, eligibility(queues, row), exclude):
                 if attempt(row, agent_id, spec):
                     made += 1
                     taken.add(row.id)
@@ -283,7 +327,8 @@ def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: 
         unmatched = []
         for index, row in enumerate(waiting):
             spec = queues[row.queue]
-            agent = _pick(pool, row, spec, declined, allow_declined=allow_declined)
+            ways = eligibility(queues, row)
+            agent = _pick(pool, row, spec, ways, declined, allow_declined=allow_declined)
             if agent is not None and attempt(row, agent.id, spec):
                 agent.take(row.channel, spec)
                 pool.remove(agent)  # now holding more work: it moves back in idle order

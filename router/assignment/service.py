@@ -2,33 +2,37 @@
 
 Decisions are triggered by what changes who can take what: a conversation routed or sent
 back to a queue, an agent freeing capacity or coming online, a ruleset activation. A worker
-fires stored due times (offer expiry, presence grace after a socket loss, a preferred
-agent's wait) and sweeps waiting work as a safety net; a restart fires what fell due while
-the process was down, once, because each firing is a conditional update.
+fires stored due times (offer expiry, presence grace after a socket loss, the conversation
+timers of :mod:`router.assignment.timers`: overflow steps, a preferred agent's wait, SLA
+warnings and breaches, wrap-up, closing) and unassigns the work of agents absent beyond
+their queue's ``unassign_after``; it also sweeps waiting work as a safety net. A restart
+fires what fell due while the process was down, once, because each firing is a
+conditional update or a delete of the timer row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, exists, insert, select, update
 
-from router.assignment import core
+from router.assignment import core, flow
 from router.assignment.matcher import BATCH, dispatch_batch, plan_batch
+from router.assignment.timers import due_timers
 from router.db import Database, Tx
-from router.models import Agent, AgentConnection, Conversation, Process
+from router.exceptions import Unavailable
+from router.models import Agent, AgentConnection, Process
 from router.tasks import periodic
-from router.types import AgentPresence, ConversationState
-from routing_rules import QueueSpec
+from router.types import AgentPresence
+from routing_rules import QueueSpec, Ruleset
 
 __all__ = ["Assignment"]
 
 log = logging.getLogger(__name__)
-DEFAULT_STICKY_WAIT = 20.0
 
 
 def _connect(tx: Tx, agent_id: int, process_id: str) -> int:
@@ -54,7 +58,8 @@ def _disconnect(tx: Tx, agent_id: int, connection_id: int, logout: bool) -> list
     if others is not None and not logout:
         return []
     if logout:
-        return core.set_presence(tx, agent_id, AgentPresence.OFFLINE, "logout")
+        withdrawn = core.set_presence(tx, agent_id, AgentPresence.OFFLINE, "logout")
+        return withdrawn + flow.unassign_all(tx, agent_id, "agent logged out")
     tx.execute(update(Agent).where(Agent.id == agent_id).values(disconnected_at=tx.now))
     return core.withdraw_offers(tx, agent_id, "socket lost")
 
@@ -104,34 +109,6 @@ def _presence_timeouts(tx: Tx, grace: float, alive_after: Any) -> list[int]:
     return withdrawn
 
 
-def _release_preferred(tx: Tx, queues: dict[str, QueueSpec]) -> list[int]:
-    """A conversation reserved for a preferred agent falls back to the strategy after the wait."""
-    rows = tx.execute(
-        select(Conversation.id, Conversation.queue, Conversation.queued_at).where(
-            Conversation.state == ConversationState.QUEUED.value,
-            Conversation.preferred_agent_id.is_not(None),
-        )
-    ).all()
-    released = []
-    for row in rows:
-        spec = queues.get(row.queue)
-        wait = (
-            spec.sticky.wait.total_seconds()
-            if spec is not None and spec.sticky is not None
-            else DEFAULT_STICKY_WAIT
-        )
-        if row.queued_at is not None and tx.now - row.queued_at >= timedelta(seconds=wait):
-            tx.execute(
-                update(Conversation)
-                .where(
-                    Conversation.id == row.id, Conversation.state == ConversationState.QUEUED.value
-                )
-                .values(preferred_agent_id=None)
-            )
-            released.append(int(row.id))
-    return released
-
-
 class Assignment:
     def __init__(
         self,
@@ -148,6 +125,7 @@ class Assignment:
         self.presence_grace = presence_grace
         self.dead_after = dead_after
         self.decisions = 0
+        self.rerouted: list[Callable[[], Awaitable[Any]]] = []  # what routes conversations
         self._lock = asyncio.Lock()
         self._dirty = False
 
@@ -206,8 +184,34 @@ class Assignment:
         # nobody else is eligible; the agent gets the best work they have not declined.
         await self.dispatch()
 
-    async def resolve(self, agent_id: int, conversation_id: int) -> None:
-        await self.db.write(core.resolve_conversation, agent_id, conversation_id)
+    def ruleset(self) -> Ruleset:
+        ruleset = self.db.context.get("ruleset", lambda: None)()
+        if ruleset is None:
+            raise Unavailable("no active ruleset")
+        return ruleset
+
+    async def resolve(self, agent_id: int, conversation_id: int) -> dict[str, Any]:
+        result = await self.db.write(core.resolve_conversation, agent_id, conversation_id)
+        await self.dispatch()
+        return result
+
+    async def end_wrap_up(self, agent_id: int, conversation_id: int) -> None:
+        await self.db.write(flow.end_wrap_up, agent_id, conversation_id)
+        await self.dispatch()
+
+    async def escalate(self, agent_id: int, conversation_id: int, reason: str) -> str:
+        queue = await self.db.write(
+            flow.escalate, agent_id, conversation_id, self.ruleset(), reason
+        )
+        await self.dispatch()
+        return queue
+
+    async def send_to_routing(self, agent_id: int, conversation_id: int, note: str | None) -> None:
+        """Out of the agent's hands and through the rules again (the runtime's router picks it
+        up: ``reroute`` is called with the conversation id)."""
+        await self.db.write(flow.send_back_to_routing, agent_id, conversation_id, note)
+        for listener in self.rerouted:
+            await listener()
         await self.dispatch()
 
     async def transfer(
@@ -223,7 +227,7 @@ class Assignment:
             core.transfer_conversation,
             agent_id,
             conversation_id,
-            self.queues(),
+            self.ruleset(),
             to_queue=to_queue,
             to_agent=to_agent,
             note=note,
@@ -252,7 +256,16 @@ class Assignment:
         changed = any(c is not None for c in expired)
         alive_after = self.db.clock.now() - timedelta(seconds=self.dead_after)
         changed |= bool(await self.db.write(_presence_timeouts, self.presence_grace, alive_after))
-        changed |= bool(await self.db.write(_release_preferred, queues))
+        changed |= bool(await self.db.write(flow.unassign_absent, queues))
+        ruleset = self.db.context.get("ruleset", lambda: None)()
+        if ruleset is not None:
+            fired = await asyncio.gather(
+                *(
+                    self.db.write(flow.fire_timer, timer_id, ruleset)
+                    for timer_id in await self.db.read(due_timers, self.db.clock.now())
+                )
+            )
+            changed |= any(fired)
         if changed or sweep:
             await self.dispatch()
 
