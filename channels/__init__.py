@@ -7,6 +7,7 @@ names both (``channel: sms, provider: twilio``); the fake provider can play any 
 from __future__ import annotations
 
 from channels.base import Channel
+from channels.email import EmailChannel
 from channels.fake import FakeChannel
 from channels.webchat import WebChatChannel
 
@@ -15,6 +16,7 @@ __all__ = ["CHANNELS", "Channel", "channel_class"]
 CHANNELS: dict[str, dict[str, type[Channel]]] = {
     "fake": {c: FakeChannel for c in FakeChannel.channel_ids},
     "omniroute": {"webchat": WebChatChannel},
+    "imap": {"email": EmailChannel},
 }
 
 

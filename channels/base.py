@@ -39,6 +39,7 @@ __all__ = [
     "Reject",
     "SendReceipt",
     "Sender",
+    "StateStore",
     "StatusUpdate",
     "TemporarySendError",
     "UncertainPolicy",
@@ -120,6 +121,8 @@ class InboundMessage:
     hints: dict[str, str] = field(default_factory=dict)  # unverified claims: name, email
     references: list[str] = field(default_factory=list)  # provider ids this replies to
     thread_token: str | None = None  # a channel-level threading token, checked by the core
+    thread_id: str | None = None  # the id later replies refer to (an email's Message-ID)
+    no_auto_reply: bool = False  # never answer automatically (lists, bulk, noreply senders)
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,6 +142,7 @@ class Reject:
 
     reason: str
     raw: bytes
+    external_id: str | None = None  # where it came from, to re-import it under the same id
 
 
 ParsedItem = InboundMessage | StatusUpdate | Reject
@@ -206,6 +210,13 @@ class PermanentSendError(Exception):
 
 
 # -- the contract -------------------------------------------------------------------
+class StateStore(Protocol):
+    """A channel's durable state in its inbox (e.g. an IMAP cursor), by key."""
+
+    async def load(self, key: str) -> dict[str, Any] | None: ...
+    async def save(self, key: str, value: dict[str, Any]) -> None: ...
+
+
 class BlobStore(Protocol):
     async def put(self, data: bytes, content_type: str, filename: str | None = None) -> str: ...
 
@@ -226,6 +237,8 @@ class ChannelContext:
         None  # live delivery (web chat)
     )
     options: Mapping[str, Any] = field(default_factory=dict)  # test-only overrides and the like
+    state: StateStore | None = None
+    secret: bytes = b""  # per-deployment key for channel-level tokens (thread tokens)
 
 
 class Channel:
@@ -271,6 +284,10 @@ class Channel:
 
     async def send(self, message: OutboundMessage) -> SendReceipt:
         raise PermanentSendError(f"the {self.provider} {self.channel_id} channel cannot send")
+
+    async def reimport(self, raw: bytes, external_id: str) -> list[ParsedItem] | None:
+        """Parse a quarantined item again (after a fix); None if this channel cannot."""
+        return None
 
     async def find_sent(self, message: OutboundMessage, since: datetime) -> SendReceipt | None:
         """For ``check``: the provider's record of this message if it was sent, else None."""

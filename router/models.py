@@ -39,6 +39,7 @@ __all__ = [
     "AgentStatusEvent",
     "Base",
     "Blob",
+    "ChannelState",
     "Contact",
     "ContactHint",
     "ContactIdentity",
@@ -271,7 +272,6 @@ class Ruleset(Base):
 class Conversation(Base):
     __tablename__ = "conversations"
     __table_args__ = (
-        Index("ix_conversations_waiting", "state", "priority", "queued_at"),
         Index("ix_conversations_contact_state", "contact_id", "state"),
         Index("ix_conversations_agent_state", "assigned_agent_id", "state"),
     )
@@ -301,7 +301,9 @@ class Conversation(Base):
     sla_resolution_due_at: Mapped[datetime | None]
     sla_resolution_since: Mapped[datetime | None]  # running segment start (paused: null)
     sla_resolution_used_s: Mapped[float] = mapped_column(Float, default=0.0)
-    sla_due_at: Mapped[datetime | None]  # the earliest running due time: breaks queue ties
+    # The earliest running SLA due time (NO_DUE when none, never NULL once routed, so the
+    # queue order is one index walk): breaks ties within a priority.
+    sla_due_at: Mapped[datetime | None]
     first_inbound_at: Mapped[datetime | None]
     last_inbound_at: Mapped[datetime | None]
     last_outbound_at: Mapped[datetime | None]
@@ -313,17 +315,31 @@ class Conversation(Base):
     updated_at: Mapped[datetime]
 
 
+# Queue order: priority (highest first), SLA due soonest, time in queue, id: one index walk.
+Index(
+    "ix_conversations_queue_order",
+    Conversation.state,
+    Conversation.priority.desc(),
+    Conversation.sla_due_at,
+    Conversation.queued_at,
+    Conversation.id,
+)
+
+
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("inbox_id", "external_id"),
         Index("ix_messages_conversation", "conversation_id", "id"),
+        Index("ix_messages_thread", "inbox_id", "thread_id"),
     )
     id: Mapped[int] = _id()
     conversation_id: Mapped[int] = mapped_column(Id, ForeignKey("conversations.id"))
     inbox_id: Mapped[int] = mapped_column(Id, ForeignKey("inboxes.id"))
     direction: Mapped[str] = mapped_column(String(4))
     external_id: Mapped[str | None] = mapped_column(String(512))
+    # The id other messages refer to when they reply (an email's Message-ID), both directions
+    thread_id: Mapped[str | None] = mapped_column(String(998))
     author: Mapped[str] = mapped_column(String(16))  # customer | agent | system
     agent_id: Mapped[int | None] = mapped_column(Id, ForeignKey("agents.id"))
     identity_id: Mapped[int | None] = mapped_column(Id, ForeignKey("contact_identities.id"))
@@ -362,6 +378,19 @@ class Offer(Base):
     expires_at: Mapped[datetime]
     decided_at: Mapped[datetime | None]
     reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class ChannelState(Base):
+    """A channel's own durable state per inbox (an email poller's cursor: UIDVALIDITY and the
+    last UID imported), written only after what it covers is committed."""
+
+    __tablename__ = "channel_state"
+    __table_args__ = (UniqueConstraint("inbox_id", "key"),)
+    id: Mapped[int] = _id()
+    inbox_id: Mapped[int] = mapped_column(Id, ForeignKey("inboxes.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    value: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime]
 
 
 class Timer(Base):

@@ -219,7 +219,7 @@ class ClaimedSend:
     message: OutboundMessage
 
 
-def _outbound(row: Any) -> OutboundMessage:
+def _outbound(row: Any, **context: Any) -> OutboundMessage:
     recipient = (row.payload or {}).get("recipient", {})
     return OutboundMessage(
         message_id=row.message_id,
@@ -239,7 +239,7 @@ def _outbound(row: Any) -> OutboundMessage:
         is_auto=row.is_auto,
         sender_name=row.display_name,
         attempt=row.attempts,
-        data=row.data or {},
+        data={**(row.data or {}), **context},
     )
 
 
@@ -270,6 +270,23 @@ def _load_claimed(
         .where(Outbox.id.in_(outbox_ids))
         .order_by(Outbox.id)
     ).all()
+    # What a threaded channel (email) needs: the ids of the conversation's messages, oldest
+    # first (for In-Reply-To/References), and the conversation's subject.
+    threads: dict[int, list[dict[str, str]]] = {}
+    subjects: dict[int, str | None] = {}
+    conversation_ids = sorted({r.conversation_id for r in rows})
+    for m in conn.execute(
+        select(Message.conversation_id, Message.direction, Message.thread_id)
+        .where(Message.conversation_id.in_(conversation_ids), Message.thread_id.is_not(None))
+        .order_by(Message.id)
+    ):
+        threads.setdefault(m.conversation_id, []).append(
+            {"direction": m.direction, "id": m.thread_id}
+        )
+    for c in conn.execute(
+        select(Conversation.id, Conversation.subject).where(Conversation.id.in_(conversation_ids))
+    ):
+        subjects[c.id] = c.subject
     return [
         ClaimedSend(
             r.outbox_id,
@@ -278,7 +295,11 @@ def _load_claimed(
             r.inbox_id,
             r.attempts,
             claimed_at,
-            _outbound(r),
+            _outbound(
+                r,
+                thread=threads.get(r.conversation_id, [])[-20:],
+                conversation_subject=subjects.get(r.conversation_id),
+            ),
         )
         for r in rows
     ]
@@ -376,6 +397,7 @@ def mark_sent(tx: Tx, outbox_id: int, holder: str, receipt: SendReceipt) -> bool
         .values(
             delivery_status=receipt.status if receipt.status in ("sent", "delivered") else "sent",
             external_id=receipt.provider_id,
+            thread_id=receipt.data.get("thread_id"),
             data={**(message or {}), **dict(receipt.data)},
         )
     )

@@ -31,6 +31,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from channels.base import InboundMessage, ParsedItem, Reject, Sender, StatusUpdate
+from channels.threading import token_conversation
 from router.assignment import sla
 from router.assignment.capacity import claim, holds_while_waiting
 from router.assignment.flow import sticky_wait
@@ -179,7 +180,7 @@ def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None)
             tx.execute(
                 _NEW_CONTACT,
                 {
-                    "name": sender.name,
+                    "name": _clean(sender.name, 200),
                     "attributes": {},
                     "vip": False,
                     "created_at": tx.now,
@@ -221,26 +222,95 @@ def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None)
     return contact_id, identity_id
 
 
-def _pick_conversation(tx: Tx, inbox: InboxInfo, contact_id: int, auto: bool) -> tuple[Any, str]:
-    """Choose the conversation a message belongs to: ``(row, how)`` with how in
-    join | reopen | attach | new (row is the predecessor for new)."""
+_BY_THREAD_ID = (
+    select(_messages.c.conversation_id)
+    .where(
+        _messages.c.inbox_id == bindparam("inbox"),
+        _messages.c.thread_id.in_(bindparam("ids", expanding=True)),
+    )
+    .order_by(_messages.c.id.desc())
+    .limit(1)
+)
+_CONVERSATION = select(_conversations).where(_conversations.c.id == bindparam("cid"))
+_LAST_RECIPIENTS = (
+    select(_messages.c.data)
+    .where(
+        _messages.c.conversation_id == bindparam("cid"),
+        _messages.c.direction == Direction.OUT.value,
+        _messages.c.is_note.is_(False),
+    )
+    .order_by(_messages.c.id.desc())
+    .limit(1)
+)
+
+
+def _threaded(tx: Tx, inbox: InboxInfo, contact_id: int, msg: InboundMessage) -> tuple[Any, Any]:
+    """The conversation a reply threads into, by the ids it refers to (only ids this inbox
+    sent or stored) or a valid thread token: ``(row, None)`` when the sender may join it (an
+    identity of its contact, or a recipient of our last message in it), ``(None, row)`` when
+    not (the message starts a new conversation, marked related), ``(None, None)`` when it
+    refers to nothing of ours."""
+    conversation_id = None
+    references = [r for r in msg.references if r][-50:]
+    if references:
+        conversation_id = tx.execute(
+            _BY_THREAD_ID, {"inbox": inbox.id, "ids": references}
+        ).scalar_one_or_none()
+    secret = tx.context.get("thread_secret")
+    if conversation_id is None and msg.thread_token and secret:
+        conversation_id = token_conversation(secret, msg.thread_token)
+    if conversation_id is None:
+        return None, None
+    row = tx.execute(_CONVERSATION, {"cid": conversation_id}).first()
+    if row is None or row.inbox_id != inbox.id:
+        return None, None
+    if row.contact_id == contact_id:
+        return row, None
+    last = tx.execute(_LAST_RECIPIENTS, {"cid": row.id}).scalar_one_or_none() or {}
+    if msg.sender.address.lower() in [r.lower() for r in last.get("recipients", [])]:
+        return row, None
+    return None, row
+
+
+def _pick_conversation(
+    tx: Tx, inbox: InboxInfo, contact_id: int, msg: InboundMessage
+) -> tuple[Any, str, Any]:
+    """Choose the conversation a message belongs to: ``(row, how, related)`` with how in
+    join | reopen | attach | new (row is the predecessor for new; ``related`` a conversation
+    the message referred to but may not join)."""
+    threaded, related = (
+        _threaded(tx, inbox, contact_id, msg)
+        if msg.references or msg.thread_token
+        else (None, None)
+    )
+    if threaded is not None:
+        return (*_continue(tx, inbox, threaded, msg.auto), None)
     params = {"contact": contact_id, "inbox": inbox.id}
     open_row = tx.execute(_PICK[(inbox.continuity, "open")], params).first()
-    if open_row is not None:
-        return open_row, "join"
+    if open_row is not None and related is None:
+        return open_row, "join", None
     last = tx.execute(_PICK[(inbox.continuity, "last")], params).first()
-    if last is None:
-        return None, "new"
-    if auto:  # an automatic message (out-of-office) is attached, never reopens anything
-        return last, "attach"
+    if last is None or related is not None:
+        return last, "new", related
+    return (*_continue(tx, inbox, last, msg.auto), None)
+
+
+def _continue(tx: Tx, inbox: InboxInfo, row: Any, auto: bool) -> tuple[Any, str]:
+    """How a message goes on in the conversation ``row``: joins it while open; reopens it
+    when resolved within the reopen window; otherwise starts a new one linked to it. An
+    automatic message (out-of-office) is attached, never reopens anything."""
+    if row.state in _OPEN:
+        return row, "join"
+    if auto:
+        return row, "attach"
     window = timedelta(seconds=inbox.reopen_window_s)
     if (
-        last.state == S.RESOLVED
-        and last.resolved_at is not None
-        and tx.now - last.resolved_at <= window
+        row.state == S.RESOLVED
+        and row.resolved_at is not None
+        and tx.now - row.resolved_at <= window
     ):
-        return last, "reopen"
-    return last, "new"
+        return row, "reopen"
+    return row, "new"
 
 
 def _customer_turn_over(tx: Tx, conversation: Any) -> dict[str, Any]:
@@ -284,10 +354,39 @@ def _customer_turn_over(tx: Tx, conversation: Any) -> dict[str, Any]:
     }
 
 
+_SAME_THREAD_ID = select(_messages.c.id, _messages.c.conversation_id, _messages.c.data).where(
+    _messages.c.inbox_id == bindparam("inbox"),
+    _messages.c.thread_id == bindparam("thread_id"),
+    _messages.c.direction == Direction.IN.value,
+)
+
+
+def _same_content(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> Any:
+    """A message stored under another external id (an IMAP folder whose UIDVALIDITY changed,
+    the same mail in two folders) is the same message only if its id (Message-ID) and the
+    SHA-256 of its raw bytes both match: Message-IDs alone are not unique in the wild."""
+    digest = msg.data.get("sha256")
+    if not msg.thread_id or not digest:
+        return None
+    for row in tx.execute(_SAME_THREAD_ID, {"inbox": inbox.id, "thread_id": msg.thread_id}):
+        if (row.data or {}).get("sha256") == digest:
+            return row
+    return None
+
+
+def _clean(value: str | None, limit: int | None) -> str | None:
+    """Text as every database stores it: no NUL characters (PostgreSQL refuses them in text)
+    and at most ``limit`` characters (a column's size; a 10,000-character Subject exists)."""
+    if value is None:
+        return None
+    value = value.replace("\x00", "\ufffd")
+    return value[:limit] if limit is not None else value
+
+
 def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutcome:
     """Persist one inbound message and everything it changes, in the caller's transaction."""
     seen_key = {"inbox": inbox.id, "external": msg.external_id}
-    seen = tx.execute(_SEEN, seen_key).first()
+    seen = tx.execute(_SEEN, seen_key).first() or _same_content(tx, inbox, msg)
     if seen is not None:
         return IngestOutcome(int(seen.id), int(seen.conversation_id), duplicate=True)
     contact_id, identity_id = resolve_contact(tx, msg.sender, msg.hints)
@@ -296,7 +395,7 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         seen = tx.execute(_SEEN, seen_key).first()
         if seen is not None:
             raise DuplicateMessage(int(seen.id), int(seen.conversation_id))
-    conversation, how = _pick_conversation(tx, inbox, contact_id, msg.auto)
+    conversation, how, related = _pick_conversation(tx, inbox, contact_id, msg)
     now = tx.now
     created = reopened = requeued = False
     agent_id: int | None = None
@@ -317,11 +416,18 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
                     "required_skills": {},
                     "tags": [],
                     "language": language,
-                    "subject": msg.subject,
+                    "subject": _clean(msg.subject, 998),
                     "previous_id": previous,
                     "first_inbound_at": now,
                     "last_inbound_at": now,
-                    "data": {},
+                    "data": {
+                        k: v
+                        for k, v in (
+                            ("related_to", related.id if related is not None else None),
+                            ("no_auto_reply", msg.no_auto_reply or None),
+                        )
+                        if v is not None
+                    },
                     "created_at": now,
                     "updated_at": now,
                 },
@@ -335,6 +441,7 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
             channel=inbox.channel,
             inbox=inbox.slug,
             previous=previous,
+            **({"related": related.id} if related is not None else {}),
         )
         created = True
     else:
@@ -377,11 +484,12 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         "inbox_id": inbox.id,
         "direction": Direction.IN.value,
         "external_id": msg.external_id,
+        "thread_id": _clean(msg.thread_id, 998),
         "author": Actor.CUSTOMER.value,
         "agent_id": None,
         "identity_id": identity_id,
-        "text": msg.text,
-        "subject": msg.subject,
+        "text": _clean(msg.text, None) or "",
+        "subject": _clean(msg.subject, 998),
         "attachments": [_attachment(a) for a in msg.attachments],
         "delivery_status": DeliveryStatus.RECEIVED.value,
         "error": None,
@@ -543,7 +651,8 @@ def _accept_batch(
     outcomes: list[IngestOutcome] = []
     for item in items:
         if isinstance(item, Reject):
-            quarantine(tx, inbox.id, source, item.reason, item.raw)
+            data = {"external_id": item.external_id} if item.external_id else None
+            quarantine(tx, inbox.id, source, item.reason, item.raw, data)
             continue
         try:
             with tx.savepoint():

@@ -11,7 +11,7 @@ and ruleset version and can be replayed (``omniroute rules explain --decision``)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
@@ -129,6 +129,18 @@ _LAST_AGENT = (
         Conversation.updated_at >= bindparam("since"),
     )
     .order_by(Conversation.updated_at.desc())
+    .limit(1)
+)
+AUTO_REPLY_INTERVAL = timedelta(minutes=10)
+_RECENT_AUTO = (
+    select(Message.id)
+    .join(Conversation, Conversation.id == Message.conversation_id)
+    .where(
+        Conversation.contact_id == bindparam("contact"),
+        Message.direction == "out",
+        Message.is_auto.is_(True),
+        Message.created_at >= bindparam("since"),
+    )
     .limit(1)
 )
 _AGENT_BY_NAME = (
@@ -250,7 +262,20 @@ def _route_one(
         wait = flow.sticky_wait(ruleset.queues[decision.queue])
         set_timer(tx, row.id, PREFERRED, tx.now + wait, {"agent_id": preferred})
     reply_id = None
-    if decision.reply and not row.auto_reply_sent and decision.reply in ruleset.templates:
+    quiet = bool(data.get("no_auto_reply"))  # lists, bulk, noreply senders: never answered
+    if decision.reply and not quiet:  # at most one automatic reply per contact and interval
+        quiet = (
+            tx.execute(
+                _RECENT_AUTO, {"contact": row.contact_id, "since": tx.now - AUTO_REPLY_INTERVAL}
+            ).first()
+            is not None
+        )
+    if (
+        decision.reply
+        and not quiet
+        and not row.auto_reply_sent
+        and decision.reply in ruleset.templates
+    ):
         text = ruleset.templates[decision.reply].render(facts)
         reply_id = enqueue_message(
             tx, row.id, text, author=Actor.SYSTEM, is_auto=True, template=decision.reply

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -19,11 +21,13 @@ from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
+from adapters.blobs import LocalBlobs
 from adapters.bus import Bus, make_bus
 from adapters.clock import Clock, SystemClock
 from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from router.assignment.service import Assignment
+from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
 from router.events import visitor_stream
@@ -146,6 +150,8 @@ class Runtime:
             on_sent=self._count_sent,
         )
         self.db.context["ruleset"] = lambda: self.rules.active
+        self.db.context["thread_secret"] = self.channel_secret
+        self.blobs = LocalBlobs(Path(self.settings.data_dir) / "blobs")
         self.assignment = Assignment(
             self.db,
             lambda: self.rules.active.queues if self.rules.active is not None else {},
@@ -319,20 +325,30 @@ class Runtime:
         for slug, inbox_config in config.inboxes.items():
             cls = channel_class(inbox_config.channel, inbox_config.provider)
             assert cls is not None  # validated by load_channels
+            info = await self.db.read(load_inbox, slug)
+            assert info is not None
             context = ChannelContext(
                 slug=slug,
                 public_base_url=self.settings.public_base_url,
                 now=self.clock.now,
                 deliver=self._deliver_for(slug),
                 push=self._push_live,
+                blobs=self.blobs,
+                state=InboxState(self.db, info.id),
+                secret=self.channel_secret,
             )
             channel = cls(slug, inbox_config, context)
-            info = await self.db.read(load_inbox, slug)
-            assert info is not None
             self.channels[slug] = channel
             self.inboxes[slug] = info
             self._inbox_by_id[info.id] = slug
             await channel.start()
+
+    @property
+    def channel_secret(self) -> bytes:
+        """The key of channel-level tokens (email thread tokens), derived from the secret key."""
+        key = self.settings.secret_key
+        base = key.get_secret_value().encode() if key is not None else b"omniroute-insecure"
+        return hmac.new(base, b"channel tokens", hashlib.sha256).digest()
 
     def _deliver_for(
         self, slug: str

@@ -6,11 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 
+from channels.base import Reject
 from router.api.deps import get_runtime, require
 from router.auth import Principal
-from router.exceptions import NotFound
+from router.exceptions import Conflict, InvalidInput, NotFound
 from router.models import Outbox, Quarantine
 from router.outbox import resend
 from router.runtime import Runtime
@@ -91,6 +92,45 @@ async def quarantine_raw(
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="quarantine-{item_id}.bin"'},
     )
+
+
+@router.post(
+    "/quarantine/{item_id}/reimport",
+    summary="Parse a quarantined item again (after a fix) and import it; 422 if it still fails",
+)
+async def quarantine_reimport(
+    item_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+) -> dict[str, Any]:
+    row = await runtime.db.read(
+        lambda c: c.execute(select(Quarantine).where(Quarantine.id == item_id)).first()
+    )
+    if row is None:
+        raise NotFound(f"no quarantined item {item_id}")
+    if row.resolved_at is not None:
+        raise Conflict(f"quarantined item {item_id} was already re-imported")
+    channel = runtime.channel_for_inbox_id(row.inbox_id) if row.inbox_id is not None else None
+    items = (
+        await channel.reimport(
+            row.raw, (row.data or {}).get("external_id") or f"reimport/{item_id}"
+        )
+        if channel is not None
+        else None
+    )
+    if items is None:
+        raise InvalidInput("this item's inbox cannot re-import (or is gone)")
+    still = [i.reason for i in items if isinstance(i, Reject)]
+    if still:
+        raise InvalidInput(f"still cannot be imported: {still[0]}")
+    outcomes = await runtime.ingest(channel.slug, items, source="reimport")  # type: ignore[union-attr]
+    await runtime.db.write(
+        lambda tx: tx.execute(
+            update(Quarantine).where(Quarantine.id == item_id).values(resolved_at=tx.now)
+        )
+    )
+    return {
+        "reimported": True,
+        "message_ids": [o.message_id for o in outcomes if o.message_id is not None],
+    }
 
 
 def _outbox_report(conn: Connection) -> list[dict[str, Any]]:

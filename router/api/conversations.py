@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, select
 
 from router.agents import agent_by_name
-from router.api.deps import get_runtime, require
+from router.api.deps import get_runtime, my_agent_id, require
 from router.auth import Principal
 from router.exceptions import NotFound
 from router.messaging import agent_write
@@ -126,11 +126,9 @@ async def post_message(
 
 @router.post("/api/conversations/{conversation_id}/resolve", summary="Resolve my conversation")
 async def resolve(
-    conversation_id: int, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(agent)
+    conversation_id: int, runtime: Runtime = Depends(get_runtime), me: int = Depends(my_agent_id)
 ) -> dict[str, Any]:
-    if user.agent_id is None:
-        raise NotFound("you are not an agent")
-    result = await runtime.assignment.resolve(user.agent_id, conversation_id)
+    result = await runtime.assignment.resolve(me, conversation_id)
     return {"resolved": True, "wrap_up_until": result["wrap_up_until"]}
 
 
@@ -139,11 +137,9 @@ async def resolve(
     summary="End the wrap-up of a conversation I resolved",
 )
 async def end_wrap_up(
-    conversation_id: int, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(agent)
+    conversation_id: int, runtime: Runtime = Depends(get_runtime), me: int = Depends(my_agent_id)
 ) -> dict[str, bool]:
-    if user.agent_id is None:
-        raise NotFound("you are not an agent")
-    await runtime.assignment.end_wrap_up(user.agent_id, conversation_id)
+    await runtime.assignment.end_wrap_up(me, conversation_id)
     return {"ended": True}
 
 
@@ -160,11 +156,9 @@ async def escalate(
     conversation_id: int,
     body: Escalation,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(agent),
+    me: int = Depends(my_agent_id),
 ) -> dict[str, str]:
-    if user.agent_id is None:
-        raise NotFound("you are not an agent")
-    queue = await runtime.assignment.escalate(user.agent_id, conversation_id, body.reason)
+    queue = await runtime.assignment.escalate(me, conversation_id, body.reason)
     return {"queue": queue}
 
 
@@ -181,11 +175,9 @@ async def send_to_routing(
     conversation_id: int,
     body: Reroute,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(agent),
+    me: int = Depends(my_agent_id),
 ) -> dict[str, bool]:
-    if user.agent_id is None:
-        raise NotFound("you are not an agent")
-    await runtime.assignment.send_to_routing(user.agent_id, conversation_id, body.note)
+    await runtime.assignment.send_to_routing(me, conversation_id, body.note)
     return {"rerouted": True}
 
 
@@ -204,17 +196,15 @@ async def transfer(
     conversation_id: int,
     body: Transfer,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(agent),
+    me: int = Depends(my_agent_id),
 ) -> dict[str, bool]:
-    if user.agent_id is None:
-        raise NotFound("you are not an agent")
     to_agent = None
     if body.to_agent is not None:
         to_agent = await runtime.db.read(agent_by_name, body.to_agent)
         if to_agent is None:
             raise NotFound(f'no agent "{body.to_agent}"')
     await runtime.assignment.transfer(
-        user.agent_id, conversation_id, to_queue=body.to_queue, to_agent=to_agent, note=body.note
+        me, conversation_id, to_queue=body.to_queue, to_agent=to_agent, note=body.note
     )
     return {"transferred": True}
 

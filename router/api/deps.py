@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from router.auth import Principal, authenticate_token
-from router.exceptions import Forbidden, Unauthorized
+from router.exceptions import Forbidden, NotFound, Unauthorized
 from router.runtime import Runtime
 from router.types import Role
 
-__all__ = ["get_runtime", "require"]
+__all__ = ["get_runtime", "my_agent_id", "require"]
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -47,3 +47,10 @@ def require(role: Role) -> Callable[[Request], Awaitable[Principal]]:
 
     dependency.__name__ = f"require_{role.value}"
     return dependency
+
+
+async def my_agent_id(principal: Principal = Depends(require(Role.AGENT))) -> int:
+    """The caller's agent id, for routes that act on the caller's own work."""
+    if principal.agent_id is None:
+        raise NotFound("you are not an agent")
+    return principal.agent_id

@@ -112,7 +112,7 @@ def enter_queue(
     data = dict(row.data or {})
     data.pop("extra_queues", None)
     replied = bool(data.get("after_hours_replied"))
-    if closed and spec.after_hours_reply and not replied:
+    if closed and spec.after_hours_reply and not replied and not data.get("no_auto_reply"):
         template = ruleset.templates.get(spec.after_hours_reply)
         if template is not None:
             from router.routing import conversation_facts

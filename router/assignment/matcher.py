@@ -48,7 +48,7 @@ _WAITING = (
     .where(Conversation.state == ConversationState.QUEUED.value)
     .order_by(
         Conversation.priority.desc(),
-        Conversation.sla_due_at.asc().nulls_last(),
+        Conversation.sla_due_at,
         Conversation.queued_at,
         Conversation.id,
     )

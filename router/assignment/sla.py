@@ -12,7 +12,7 @@ queue order).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +34,7 @@ from router.types import ConversationState, EventKind
 from routing_rules import Hours, QueueSpec, Ruleset
 
 __all__ = [
+    "NO_DUE",
     "agent_answered",
     "arm",
     "fire",
@@ -45,6 +46,9 @@ __all__ = [
 
 S = ConversationState
 WARN_AT = 0.8  # the at-risk warning, as a share of the target
+# "No SLA running": sorts after every real due time and keeps sla_due_at non-null, so the
+# queue order is one index walk on every database.
+NO_DUE = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 def queue_hours(ruleset: Ruleset | None, spec: QueueSpec | None) -> Hours | None:
@@ -72,9 +76,10 @@ def _fired(conversation: Any) -> set[str]:
     return set((conversation.data or {}).get("sla_fired", []))
 
 
-def _earliest(*values: datetime | None) -> datetime | None:
+def _earliest(*values: datetime | None) -> datetime:
+    """The earliest due time, for the queue order (NO_DUE when no clock runs)."""
     present = [v for v in values if v is not None]
-    return min(present) if present else None
+    return min(present) if present else NO_DUE
 
 
 def cycle_values(data: dict[str, Any], start: datetime) -> dict[str, Any]:
@@ -89,7 +94,7 @@ def cycle_values(data: dict[str, Any], start: datetime) -> dict[str, Any]:
         "sla_resolution_due_at": None,
         "sla_resolution_since": start,
         "sla_resolution_used_s": 0.0,
-        "sla_due_at": None,
+        "sla_due_at": NO_DUE,
     }
 
 

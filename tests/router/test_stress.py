@@ -177,9 +177,9 @@ def test_two_processes_on_postgres_and_redis(tmp_path: Path, pg_url: str) -> Non
         server.start()
     try:
         agents = asyncio.run(seed_agents(pg_url, 50, rng))
-        bots = asyncio.run(
-            drive([s.url for s in servers], pg_url, agents, 2000, rng, time.monotonic() + 150)
-        )
+        # A generous bound: this proves invariants, not speed (bench/ measures speed).
+        deadline = time.monotonic() + 300
+        bots = asyncio.run(drive([s.url for s in servers], pg_url, agents, 2000, rng, deadline))
     finally:
         for server in servers:
             server.stop()

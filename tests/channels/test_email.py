@@ -1,0 +1,382 @@
+"""The email channel against real peers: a private Dovecot (and pymap) for IMAP, aiosmtpd for
+SMTP. Mail delivered by APPEND and as maildir files becomes conversations through IDLE; a
+reply goes out threaded; the customer's reply joins, a stranger's does not; restarts and a
+UIDVALIDITY reset store nothing twice; the poller survives its server being killed and the
+awkward corpus; bounces and out-of-office replies are recognised."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from channels.email import EmailChannel
+from router.messaging import agent_write
+from router.models import ChannelState, Conversation, Message, Quarantine
+from router.runtime import Runtime
+from router.types import AgentPresence
+from tests import peers
+from tests.peers import need
+from tests.router.test_live import make_agent
+from tests.support import make_settings, started_runtime
+
+FIXTURES = Path(__file__).parent / "fixtures" / "email"
+RULES = """\
+version: 1
+queues:
+  general: {}
+default: {queue: general}
+"""
+USERS = {f"box{i}@example.com": "secret" for i in range(12)}
+_boxes = iter(sorted(USERS))
+
+
+@pytest.fixture(scope="module")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Dovecot]:
+    server = need(lambda: peers.Dovecot.start(tmp_path_factory.mktemp("dovecot"), USERS))
+    with server:
+        yield server
+
+
+@pytest.fixture
+def sink() -> Iterator[peers.SmtpSink]:
+    with peers.SmtpSink() as server:
+        yield server
+
+
+def channels_yaml(imap_port: int, user: str, smtp_port: int, **extra: Any) -> str:
+    inbox = {
+        "channel": "email",
+        "provider": "imap",
+        "address": "support@example.com",
+        "allow_plaintext": True,
+        "full_poll": "1h",  # only IDLE can bring mail in quickly
+        "reconnect_max": "2s",
+        "imap": {
+            "host": "127.0.0.1",
+            "port": imap_port,
+            "security": "plain",
+            "user": user,
+            "password": USERS.get(user, "secret"),
+        },
+        "smtp": {"host": "127.0.0.1", "port": smtp_port, "security": "plain", "auth": "none"},
+        **extra,
+    }
+    return json.dumps({"version": 1, "inboxes": {"support": inbox}})
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def count(runtime: Runtime, model: Any, *where: Any) -> int:
+    return int(
+        await runtime.db.read(
+            lambda c: c.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+        )
+    )
+
+
+async def conversation_of(runtime: Runtime, thread_id: str) -> int | None:
+    return await runtime.db.read(
+        lambda c: c.execute(
+            select(Message.conversation_id).where(Message.thread_id == thread_id)
+        ).scalar_one_or_none()
+    )
+
+
+def mail(
+    sender: str,
+    subject: str,
+    message_id: str,
+    body: str = "hello",
+    headers: str = "",
+) -> bytes:
+    return (
+        f"From: Customer <{sender}>\r\nTo: support@example.com\r\nSubject: {subject}\r\n"
+        f"Message-ID: {message_id}\r\nDate: Wed, 25 Nov 2026 09:00:00 +0000\r\n{headers}"
+        f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+@pytest.fixture
+async def mailbox(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> AsyncIterator[tuple[Runtime, str, Callable[..., Any]]]:
+    """A runtime polling a fresh Dovecot mailbox; yields (runtime, user, restart)."""
+    user = next(_boxes)
+    settings = make_settings(
+        tmp_path / "conf",
+        db_url,
+        rules=RULES,
+        channels=channels_yaml(dovecot.port, user, sink.port),
+        worker_interval=0.2,
+        outbox_interval=0.1,
+    )
+    holder: dict[str, Runtime] = {}
+
+    async def start() -> Runtime:
+        runtime = Runtime(settings)
+        await runtime.start(workers=True)
+        holder["runtime"] = runtime
+        channel = runtime.channels["support"]
+        assert isinstance(channel, EmailChannel)
+        await asyncio.wait_for(channel.connected.wait(), 10)
+        return runtime
+
+    async def restart() -> Runtime:
+        await holder["runtime"].stop()
+        return await start()
+
+    runtime = await start()
+    try:
+        yield runtime, user, restart
+    finally:
+        await holder["runtime"].stop()
+
+
+async def test_appended_and_dropped_mail_arrive_through_idle(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot
+) -> None:
+    runtime, user, _ = mailbox
+    await dovecot.append(user, USERS[user], mail("a@example.net", "By APPEND", "<append-1@x>"))
+    await eventually(lambda: conversation_of(runtime, "<append-1@x>"))
+    dovecot.deliver_file(user, mail("b@example.net", "As a file", "<file-1@x>"))
+    await eventually(lambda: conversation_of(runtime, "<file-1@x>"))
+    channel = runtime.channels["support"]
+    assert isinstance(channel, EmailChannel) and channel.polls == 1  # only the first poll
+    rows = await runtime.db.read(
+        lambda c: c.execute(select(Message.external_id, Message.text).order_by(Message.id)).all()
+    )
+    assert [r.text for r in rows] == ["hello", "hello"]
+    validity = rows[0].external_id.split("/")[1]
+    assert [r.external_id for r in rows] == [f"INBOX/{validity}/1", f"INBOX/{validity}/2"]
+
+
+async def test_a_reply_is_threaded_and_only_the_customer_joins_it(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    runtime, user, _ = mailbox
+    password = USERS[user]
+    cid, _, received = await answered(
+        mailbox, dovecot, sink, mail("vera@example.net", "Order 7", "<q1@example.net>")
+    )
+    assert received.rcpt_tos == ["vera@example.net"]
+    sent = email.message_from_bytes(received.raw, policy=email.policy.default)
+    assert str(sent["From"]) == "Anna <support@example.com>"
+    assert sent["In-Reply-To"] == "<q1@example.net>"
+    assert "<q1@example.net>" in sent["References"]
+    subject = str(sent["Subject"])
+    assert subject.startswith("Re: Order 7 [#") and subject.endswith("]")
+    ours = str(sent["Message-ID"])
+
+    async def stored() -> Any:  # marked sent just after the SMTP server took it
+        row = await runtime.db.read(
+            lambda c: c.execute(
+                select(Message.external_id, Message.thread_id).where(Message.direction == "out")
+            ).one()
+        )
+        return tuple(row) if row.external_id else None
+
+    assert await eventually(stored) == (ours, ours)
+    # the customer's reply (In-Reply-To our Message-ID) joins
+    await dovecot.append(
+        user,
+        password,
+        mail(
+            "vera@example.net",
+            f"Re: {subject}",
+            "<q2@example.net>",
+            headers=f"In-Reply-To: {ours}\r\nReferences: <q1@example.net> {ours}\r\n",
+        ),
+    )
+    assert await eventually(lambda: conversation_of(runtime, "<q2@example.net>")) == cid
+    # ... so does one that kept only the token in its subject
+    await dovecot.append(user, password, mail("vera@example.net", subject, "<q3@example.net>"))
+    assert await eventually(lambda: conversation_of(runtime, "<q3@example.net>")) == cid
+    # a stranger copying the subject and the headers starts a new conversation, related
+    await dovecot.append(
+        user,
+        password,
+        mail(
+            "mallory@example.org",
+            subject,
+            "<evil@example.org>",
+            headers=f"In-Reply-To: {ours}\r\n",
+        ),
+    )
+    other = await eventually(lambda: conversation_of(runtime, "<evil@example.org>"))
+    assert other != cid
+    data = await runtime.db.read(
+        lambda c: c.execute(select(Conversation.data).where(Conversation.id == other)).scalar_one()
+    )
+    assert data["related_to"] == cid
+    # a forged token does not join either
+    forged = subject.replace(
+        subject[subject.index("[#") : subject.index("]") + 1], f"[#{cid}-00000000]"
+    )
+    await dovecot.append(user, password, mail("mallory@example.org", forged, "<forged@x>"))
+    assert await eventually(lambda: conversation_of(runtime, "<forged@x>")) != cid
+
+
+async def answered(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot, sink: peers.SmtpSink, raw: bytes
+) -> tuple[int, int, peers.ReceivedMessage]:
+    """The customer's mail arrives, Anna takes it and answers: (conversation, anna, sent)."""
+    runtime, user, _ = mailbox
+    anna, _ = await make_agent(runtime, "anna", "", "email=5,total=5")
+    await runtime.assignment.set_status(anna, AgentPresence.ONLINE, "test")
+    await dovecot.append(user, USERS[user], raw)
+    message_id = str(email.message_from_bytes(raw, policy=email.policy.default)["Message-ID"])
+    cid = await eventually(lambda: conversation_of(runtime, message_id))
+    offer = await eventually(lambda: runtime.db.read(_pending_offer))
+    await runtime.assignment.accept(anna, offer)
+    await runtime.db.write(agent_write, anna, cid, "Thanks, it is done.")
+    runtime.outbox.wake()
+    (received,) = await sink.wait_for(1)
+    return cid, anna, received
+
+
+def _pending_offer(conn: Any) -> int | None:
+    from router.models import Offer
+
+    return conn.execute(select(Offer.id).where(Offer.state == "pending")).scalar_one_or_none()
+
+
+async def test_restarts_and_a_uidvalidity_reset_store_nothing_twice(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot
+) -> None:
+    runtime, user, restart = mailbox
+    for i in range(3):
+        await dovecot.append(user, USERS[user], mail(f"c{i}@example.net", f"n{i}", f"<n{i}@x>"))
+    await eventually(lambda: conversation_of(runtime, "<n2@x>"))
+    runtime = await restart()
+    await asyncio.sleep(1)  # a poll after the restart has run (connected waits for SELECT)
+    assert await count(runtime, Message) == 3
+    before = await runtime.db.read(lambda c: c.execute(select(ChannelState.value)).scalar_one())
+    # Dovecot forgets its UIDs: a new UIDVALIDITY, every message numbered again
+    await holder_stop(runtime)
+    maildir = dovecot.maildir(user)
+    for name in ("dovecot-uidlist", "dovecot.index", "dovecot.index.cache", "dovecot.index.log"):
+        (maildir / name).unlink(missing_ok=True)
+    await dovecot.append(user, USERS[user], mail("d@example.net", "after reset", "<n3@x>"))
+    runtime = await restart()
+    await eventually(lambda: conversation_of(runtime, "<n3@x>"))
+    after = await runtime.db.read(lambda c: c.execute(select(ChannelState.value)).scalar_one())
+    assert after["uidvalidity"] != before["uidvalidity"]
+    assert await count(runtime, Message) == 4
+
+
+async def holder_stop(runtime: Runtime) -> None:
+    channel = runtime.channels["support"]
+    await channel.stop()
+
+
+async def test_the_poller_survives_its_server_being_killed(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot
+) -> None:
+    runtime, user, _ = mailbox
+    await dovecot.append(user, USERS[user], mail("k@example.net", "before", "<k1@x>"))
+    await eventually(lambda: conversation_of(runtime, "<k1@x>"))
+    dovecot.kill()
+    dovecot.deliver_file(user, mail("k@example.net", "while down", "<k2@x>"))
+    await asyncio.sleep(1.5)  # the poller notices and backs off
+    dovecot.restart()
+    await eventually(lambda: conversation_of(runtime, "<k2@x>"), timeout=30)
+    assert await count(runtime, Message) == 2
+
+
+async def test_bounces_autoreplies_oversize_and_the_awkward_corpus(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot
+) -> None:
+    runtime, user, _ = mailbox
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    names = sorted(manifest)
+    for name in names:
+        await dovecot.append(user, USERS[user], (FIXTURES / name).read_bytes())
+    await dovecot.append(user, USERS[user], mail("last@example.net", "last", "<last@x>"))
+    await eventually(lambda: conversation_of(runtime, "<last@x>"), timeout=60)
+    quarantined = await count(runtime, Quarantine)
+    expected_quarantine = [n for n in names if manifest[n]["classification"] == "quarantine"]
+    # quarantined: what cannot be parsed, and bounces naming none of our messages
+    assert quarantined >= len(expected_quarantine)
+    messages = await count(runtime, Message, Message.direction == "in")
+    kept = [n for n in names if manifest[n]["classification"] in ("message", "bulk", "auto_reply")]
+    assert messages >= len(kept) - 2  # two fixtures share a Message-ID and content
+    assert messages + quarantined >= len(kept) + len(expected_quarantine)
+
+
+@pytest.mark.parametrize("backend", ["dict", "maildir"])
+async def test_pymap_mail_arrives_too(
+    tmp_path: Path, sqlite_url: str, sink: peers.SmtpSink, backend: str
+) -> None:
+    server = need(lambda: peers.Pymap.start(tmp_path / "pymap", backend=backend))  # type: ignore[arg-type]
+    with server:
+        settings = make_settings(
+            tmp_path / "conf",
+            sqlite_url,
+            rules=RULES,
+            channels=channels_yaml(server.port, "agent", sink.port),
+        )
+        async with started_runtime(settings, workers=True) as runtime:
+            channel = runtime.channels["support"]
+            assert isinstance(channel, EmailChannel)
+            await asyncio.wait_for(channel.connected.wait(), 10)
+            await server.append("agent", "secret", mail("p@example.net", "pymap", "<p1@x>"))
+            await eventually(lambda: conversation_of(runtime, "<p1@x>"))
+            if backend == "maildir":
+                server.deliver_file(mail("p@example.net", "pymap file", "<p2@x>"))
+                # pymap notices maildir files by polling its folder (about every second)
+                await eventually(lambda: conversation_of(runtime, "<p2@x>"), timeout=30)
+
+
+async def test_a_bounce_fails_our_message_and_an_out_of_office_does_not_reopen(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    runtime, user, _ = mailbox
+    password = USERS[user]
+    cid, anna, received = await answered(
+        mailbox, dovecot, sink, mail("henry@example.com", "Hi", "<h1@example.com>")
+    )
+    ours = str(email.message_from_bytes(received.raw, policy=email.policy.default)["Message-ID"])
+    await runtime.assignment.resolve(anna, cid)
+    # Henry's out-of-office answers our reply: attached to the conversation, not reopened
+    ooo = (FIXTURES / "ooo_auto_submitted.eml").read_bytes()
+    ooo = ooo.replace(b"<out-42@support.example.com>", ours.encode())
+    await dovecot.append(user, password, ooo)
+    ooo_id = email.message_from_bytes(ooo, policy=email.policy.default)["Message-ID"]
+    assert await eventually(lambda: conversation_of(runtime, str(ooo_id))) == cid
+    state = await runtime.db.read(
+        lambda c: c.execute(select(Conversation.state).where(Conversation.id == cid)).scalar_one()
+    )
+    assert state == "resolved"
+    # a DSN naming our Message-ID marks it failed instead of opening a conversation
+    dsn = (FIXTURES / "bounce_dsn_postfix.eml").read_bytes()
+    await dovecot.append(
+        user, password, dsn.replace(b"<out-123@support.example.com>", ours.encode())
+    )
+
+    async def failed() -> bool:
+        status = await runtime.db.read(
+            lambda c: c.execute(
+                select(Message.delivery_status).where(Message.external_id == ours)
+            ).scalar_one()
+        )
+        return bool(status == "failed")
+
+    await eventually(failed)
+    assert await count(runtime, Conversation) == 1
