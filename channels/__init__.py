@@ -9,6 +9,7 @@ from __future__ import annotations
 from channels.base import Channel
 from channels.email import EmailChannel
 from channels.fake import FakeChannel
+from channels.twilio_sms import TwilioSmsChannel
 from channels.webchat import WebChatChannel
 
 __all__ = ["CHANNELS", "Channel", "channel_class"]
@@ -17,6 +18,7 @@ CHANNELS: dict[str, dict[str, type[Channel]]] = {
     "fake": {c: FakeChannel for c in FakeChannel.channel_ids},
     "omniroute": {"webchat": WebChatChannel},
     "imap": {"email": EmailChannel},
+    "twilio": {"sms": TwilioSmsChannel},
 }
 
 

@@ -278,6 +278,10 @@ class Channel:
         """Turn a verified request into items. Unknown payloads give ``[]`` (ignored)."""
         return []
 
+    async def parse_async(self, request: WebhookRequest) -> list[ParsedItem]:
+        """What the core calls: ``parse``, plus any I/O a channel needs (fetching media)."""
+        return self.parse(request)
+
     def ack(self, request: WebhookRequest) -> WebhookResponse:
         """The answer the provider expects once everything is persisted."""
         return WebhookResponse(200, b"", "text/plain")

@@ -42,7 +42,7 @@ from router.assignment.capacity import holds_while_waiting, release
 from router.assignment.timers import current_ruleset
 from router.db import Database, Tx
 from router.events import add_event, agent_stream
-from router.exceptions import InvalidInput, NotFound
+from router.exceptions import Conflict, InvalidInput, NotFound
 from router.failpoints import failpoint
 from router.models import ContactIdentity, Conversation, Message, Outbox, Process
 from router.serialize import message_payload
@@ -112,6 +112,19 @@ def enqueue_message(
         inbox_id, recipient = conversation.inbox_id, None
     else:
         inbox_id, recipient = _recipient(tx, conversation, identity_id)
+        opted_out = (
+            tx.execute(
+                select(ContactIdentity.data).where(ContactIdentity.id == recipient)
+            ).scalar_one()
+            or {}
+        ).get("opted_out_at")
+        if opted_out:
+            if author == Actor.AGENT and not is_auto:
+                raise Conflict(
+                    "the customer opted out of messages on this number (they sent STOP); "
+                    "nothing can be sent to it until they send START"
+                )
+            return None  # no automatic message goes to an opted-out identity
     data = {k: v for k, v in {"client_id": client_id, "template": template}.items() if v}
     message_id = int(
         tx.execute(
@@ -363,6 +376,18 @@ def _notify(tx: Tx, message_id: int, status: str, error: str | None = None) -> N
         )
 
 
+def _opted_out(tx: Tx, recipient: Sender) -> None:
+    from router.pipeline import set_opt_out
+
+    identity = tx.execute(
+        select(ContactIdentity.id).where(
+            ContactIdentity.kind == recipient.kind, ContactIdentity.address == recipient.address
+        )
+    ).scalar_one_or_none()
+    if identity is not None:
+        set_opt_out(tx, int(identity), True, "provider")
+
+
 def mark_sent(tx: Tx, outbox_id: int, holder: str, receipt: SendReceipt) -> bool:
     done = tx.execute(
         update(Outbox)
@@ -601,7 +626,11 @@ class OutboxSender:
                 await self._retry(job, exc.reason, retry_after=exc.retry_after)
                 return
             except PermanentSendError as exc:
-                await self.db.write(mark_failed, job.outbox_id, self.holder, exc.reason)
+                reason = exc.reason
+                if exc.code == "21610":  # Twilio: the recipient has opted out (replied STOP)
+                    await self.db.write(_opted_out, job.message.recipient)
+                    reason = f"the customer opted out of messages (STOP): {exc.reason}"
+                await self.db.write(mark_failed, job.outbox_id, self.holder, reason)
                 return
             except Exception as exc:  # an unexpected error is treated as temporary, and logged
                 log.exception("send of outbox %s raised", job.outbox_id)

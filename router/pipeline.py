@@ -60,6 +60,7 @@ __all__ = [
     "ingest_message",
     "quarantine",
     "resolve_contact",
+    "set_opt_out",
 ]
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,18 @@ def _same_content(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> Any:
     return None
 
 
+def set_opt_out(tx: Tx, identity_id: int, opted_out: bool, how: str) -> None:
+    """The customer opted out of (STOP) or back into (START) messages on this identity: no
+    reply, survey or automatic message goes to it while opted out."""
+    data = tx.execute(
+        select(_identities.c.data).where(_identities.c.id == identity_id)
+    ).scalar_one()
+    data = {k: v for k, v in (data or {}).items() if k not in ("opted_out_at", "opted_out_by")}
+    if opted_out:
+        data.update(opted_out_at=tx.now.isoformat(), opted_out_by=how)
+    tx.execute(update(_identities).where(_identities.c.id == identity_id).values(data=data))
+
+
 def _clean(value: str | None, limit: int | None) -> str | None:
     """Text as every database stores it: no NUL characters (PostgreSQL refuses them in text)
     and at most ``limit`` characters (a column's size; a 10,000-character Subject exists)."""
@@ -391,6 +404,8 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         return IngestOutcome(int(seen.id), int(seen.conversation_id), duplicate=True)
     contact_id, identity_id = resolve_contact(tx, msg.sender, msg.hints)
     _lock_contact(tx, contact_id)
+    if msg.data.get("opt_out") in ("stop", "start"):
+        set_opt_out(tx, identity_id, msg.data["opt_out"] == "stop", "keyword")
     if tx.dialect == "postgresql":  # a concurrent delivery may have committed while we waited
         seen = tx.execute(_SEEN, seen_key).first()
         if seen is not None:

@@ -56,7 +56,7 @@ async def handle(
         return Response("forbidden", status_code=403)
     inbox = runtime.inboxes[channel.slug]
     try:
-        items = channel.parse(hook)
+        items = await channel.parse_async(hook)
     except Exception as exc:  # a parser bug must not lose the request: keep it raw
         log.exception("parsing a %s webhook failed; quarantined", channel.slug)
         await runtime.db.write(
@@ -87,3 +87,19 @@ async def fake_webhook(
     runtime: Runtime = Depends(get_runtime),
 ) -> Response:
     return await handle(runtime, inbox_channel(runtime, inbox, "fake"), request, background)
+
+
+@router.post(
+    "/twilio/{inbox}/{kind}",
+    summary="Twilio SMS webhooks (kind: sms | sms-status), signed with X-Twilio-Signature",
+)
+async def twilio_webhook(
+    inbox: str,
+    kind: str,
+    request: Request,
+    background: BackgroundTasks,
+    runtime: Runtime = Depends(get_runtime),
+) -> Response:
+    if kind not in ("sms", "sms-status"):
+        raise NotFound(f"no Twilio webhook {kind!r}")
+    return await handle(runtime, inbox_channel(runtime, inbox, "twilio"), request, background)

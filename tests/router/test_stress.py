@@ -177,8 +177,8 @@ def test_two_processes_on_postgres_and_redis(tmp_path: Path, pg_url: str) -> Non
         server.start()
     try:
         agents = asyncio.run(seed_agents(pg_url, 50, rng))
-        # A generous bound: this proves invariants, not speed (bench/ measures speed).
-        deadline = time.monotonic() + 300
+        # A bound, not a speed check: this proves invariants (bench/ measures speed).
+        deadline = time.monotonic() + 170  # the issue bounds the suite version at 3 minutes
         bots = asyncio.run(drive([s.url for s in servers], pg_url, agents, 2000, rng, deadline))
     finally:
         for server in servers:

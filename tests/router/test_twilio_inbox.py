@@ -1,0 +1,144 @@
+"""A Twilio SMS inbox wired into the server: signed webhooks in (403 and nothing stored when
+the signature is wrong), replies out through the local fake Twilio REST API, delivery status
+forward only, STOP honoured for agents' replies and automatic messages alike."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+from sqlalchemy import select
+from twilio.request_validator import RequestValidator
+
+from router.exceptions import Conflict
+from router.messaging import agent_write
+from router.models import ContactIdentity, Conversation, Message, Offer
+from router.runtime import Runtime
+from router.types import AgentPresence
+from tests.channels.test_twilio_sms import sms_params, status_params
+from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, FakeTwilioServer
+from tests.router.test_live import make_agent
+from tests.router.test_pipeline import count, settle
+from tests.support import client_for, make_settings, started_runtime
+
+RULES = "version: 1\nqueues:\n  general: {}\ndefault: {queue: general}\n"
+OUR_NUMBER = "+15550000000"
+
+
+@pytest.fixture
+async def twilio(
+    tmp_path: Path, db_url: str
+) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient, FakeTwilioServer]]:
+    with FakeTwilioServer() as server:
+        inbox = {
+            "channel": "sms",
+            "provider": "twilio",
+            "account_sid": DEFAULT_ACCOUNT_SID,
+            "auth_token": DEFAULT_AUTH_TOKEN,
+            "from_number": OUR_NUMBER,
+            "api_base_url": server.url,  # test-only: the local fake instead of api.twilio.com
+        }
+        settings = make_settings(
+            tmp_path / "conf",
+            db_url,
+            rules=RULES,
+            channels=json.dumps({"version": 1, "inboxes": {"tw": inbox}}),
+            outbox_interval=0.1,
+        )
+        async with (
+            started_runtime(settings, workers=True) as runtime,
+            client_for(runtime) as client,
+        ):
+            yield runtime, client, server
+
+
+async def post(
+    runtime: Runtime, client: httpx.AsyncClient, kind: str, params: dict[str, str], **kw: Any
+) -> httpx.Response:
+    path = f"/webhooks/twilio/tw/{kind}"
+    url = runtime.settings.public_base_url.rstrip("/") + path
+    token = kw.get("token", DEFAULT_AUTH_TOKEN)
+    headers = {
+        "content-type": "application/x-www-form-urlencoded",
+        "x-twilio-signature": RequestValidator(token).compute_signature(url, params),
+    }
+    return await client.post(path, content=urlencode(params).encode(), headers=headers)
+
+
+async def test_signed_sms_in_reply_out_status_and_stop(
+    twilio: tuple[Runtime, httpx.AsyncClient, FakeTwilioServer],
+) -> None:
+    runtime, client, server = twilio
+    # a wrong signature: 403, nothing stored
+    bad = await post(runtime, client, "sms", sms_params("hi", From="+14155550100"), token="x" * 32)
+    assert bad.status_code == 403 and await count(runtime, Message) == 0
+    ok = await post(runtime, client, "sms", sms_params("hi", From="+14155550100"))
+    assert ok.status_code == 200 and b"<Response" in ok.content
+    replay = await post(runtime, client, "sms", sms_params("hi", From="+14155550100"))
+    assert replay.status_code == 200
+    await settle(runtime)
+    assert await count(runtime, Message) == 1  # the replay was deduplicated by MessageSid
+    cid = await runtime.db.read(lambda c: c.execute(select(Conversation.id)).scalar_one())
+    anna, _ = await make_agent(runtime, "anna", "", "sms=2,total=2")
+    await runtime.assignment.set_status(anna, AgentPresence.ONLINE, "test")
+    offer = await runtime.db.read(lambda c: c.execute(select(Offer.id)).scalar_one())
+    await runtime.assignment.accept(anna, offer)
+    await runtime.db.write(agent_write, anna, cid, "Hello from Anna")
+    runtime.outbox.wake()
+
+    async def sent() -> Any:
+        rows = await runtime.db.read(
+            lambda c: c.execute(
+                select(Message.external_id, Message.delivery_status).where(
+                    Message.direction == "out"
+                )
+            ).all()
+        )
+        return rows if rows and rows[0].external_id else None
+
+    for _ in range(100):
+        rows = await sent()
+        if rows:
+            break
+        await asyncio.sleep(0.1)
+    ((sid, status),) = rows
+    form = server.fake.messages[0]["form"]
+    assert (form["To"], form["From"], form["Body"]) == (
+        "+14155550100",
+        OUR_NUMBER,
+        "Hello from Anna",
+    )
+    assert form["StatusCallback"].endswith("/webhooks/twilio/tw/sms-status")
+    # delivery status moves forward only
+    for reported in ("delivered", "sent"):
+        response = await post(
+            runtime, client, "sms-status", status_params(reported, MessageSid=sid)
+        )
+        assert response.status_code == 200
+    status = await runtime.db.read(
+        lambda c: c.execute(
+            select(Message.delivery_status).where(Message.external_id == sid)
+        ).scalar_one()
+    )
+    assert status == "delivered"
+    # STOP: the identity is opted out; an agent's reply is refused with the reason
+    await post(
+        runtime, client, "sms", sms_params("STOP", From="+14155550100", MessageSid="SM" + "b" * 32)
+    )
+    await settle(runtime)
+    data = await runtime.db.read(lambda c: c.execute(select(ContactIdentity.data)).scalar_one())
+    assert "opted_out_at" in data
+    with pytest.raises(Conflict, match="opted out"):
+        await runtime.db.write(agent_write, anna, cid, "Are you still there?")
+    # START opts back in
+    await post(
+        runtime, client, "sms", sms_params("START", From="+14155550100", MessageSid="SM" + "c" * 32)
+    )
+    await settle(runtime)
+    await runtime.db.write(agent_write, anna, cid, "Welcome back")
