@@ -39,6 +39,7 @@ from router.migrate import current_revision, head_revision
 from router.models import Inbox, Message, Process
 from router.outbox import OutboxSender, backlog
 from router.pipeline import InboxInfo, IngestOutcome, Pipeline, load_inbox
+from router.ratelimit import RateLimiter
 from router.routing import ROUTE_BATCH, route_batch
 from router.rules_service import RulesService
 from router.serialize import visitor_payload
@@ -117,6 +118,9 @@ class Runtime:
         self.clock = clock or SystemClock()
         self.process_id = f"{settings.process_id}:{os.getpid()}:{secrets.token_hex(3)}"
         self.metrics = Metrics()
+        # Per source address: 20 bad webhook signatures at once, refilling at 20 a minute;
+        # beyond that the source gets 429 without its requests even being checked.
+        self.bad_signatures = RateLimiter(20, 60)
         self.bus = bus or make_bus(settings.redis_url, settings.redis_prefix)
         self.db = Database(
             settings.database_url,

@@ -48,7 +48,12 @@ async def handle(
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
         return Response("payload too large", status_code=413)
     hook = await webhook_request(request, runtime.settings.public_base_url)
+    if runtime.bad_signatures.blocked(hook.remote):
+        # a source that keeps failing the signature check is not even checked for a while
+        runtime.metrics.webhook_rejected.labels(channel.provider, "rate").inc()
+        return Response("too many bad signatures", status_code=429)
     if not channel.verify(hook):
+        runtime.bad_signatures.allow(hook.remote)
         runtime.metrics.webhook_rejected.labels(channel.provider, "signature").inc()
         log.warning(
             "webhook for %s refused: bad or missing signature (from %s)", channel.slug, hook.remote

@@ -142,3 +142,19 @@ async def test_signed_sms_in_reply_out_status_and_stop(
     )
     await settle(runtime)
     await runtime.db.write(agent_write, anna, cid, "Welcome back")
+
+
+async def test_a_source_sending_bad_signatures_is_rate_limited(
+    twilio: tuple[Runtime, httpx.AsyncClient, FakeTwilioServer],
+) -> None:
+    runtime, client, _ = twilio
+    statuses = [
+        (await post(runtime, client, "sms", sms_params("x"), token="y" * 32)).status_code
+        for _ in range(25)
+    ]
+    assert statuses[:20] == [403] * 20 and set(statuses[20:]) == {429}
+    # while limited, even a valid request from that source is turned away unchecked
+    assert (await post(runtime, client, "sms", sms_params("x"))).status_code == 429
+    assert await count(runtime, Message) == 0
+    metrics = (await client.get("/metrics")).text
+    assert 'omniroute_webhook_rejected_total{provider="twilio",reason="signature"} 20.0' in metrics
