@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select
 from twilio.request_validator import RequestValidator
 
+from adapters.clock import FakeClock
 from router.exceptions import Conflict
 from router.messaging import agent_write
 from router.models import ContactIdentity, Conversation, Message, Offer
@@ -158,3 +159,61 @@ async def test_a_source_sending_bad_signatures_is_rate_limited(
     assert await count(runtime, Message) == 0
     metrics = (await client.get("/metrics")).text
     assert 'omniroute_webhook_rejected_total{provider="twilio",reason="signature"} 20.0' in metrics
+
+
+async def test_sends_survive_429_500_and_a_hang_without_duplicates(
+    tmp_path: Path, db_url: str
+) -> None:
+    clock = FakeClock()
+    with FakeTwilioServer() as server:
+        inbox = {
+            "channel": "sms",
+            "provider": "twilio",
+            "account_sid": DEFAULT_ACCOUNT_SID,
+            "auth_token": DEFAULT_AUTH_TOKEN,
+            "from_number": OUR_NUMBER,
+            "api_base_url": server.url,
+            "request_timeout": 1,
+        }
+        settings = make_settings(
+            tmp_path / "conf",
+            db_url,
+            rules=RULES,
+            channels=json.dumps({"version": 1, "inboxes": {"tw": inbox}}),
+            outbox_interval=0.05,
+            outbox_backoff_base=1,
+            outbox_backoff_max=4,
+        )
+        async with started_runtime(settings, clock, workers=True) as runtime:
+            async with client_for(runtime) as client:
+                await post(runtime, client, "sms", sms_params("hi", From="+14155550100"))
+            await settle(runtime)
+            cid = await runtime.db.read(lambda c: c.execute(select(Conversation.id)).scalar_one())
+            anna, _ = await make_agent(runtime, "anna", "", "sms=2,total=2")
+            await runtime.assignment.set_status(anna, AgentPresence.ONLINE, "test")
+            offer = await runtime.db.read(lambda c: c.execute(select(Offer.id)).scalar_one())
+            await runtime.assignment.accept(anna, offer)
+            server.fake.fail_next(2, 429, resource="Messages")
+            server.fake.fail_next(1, 500, resource="Messages")
+            server.fake.hang_next(1, 2.5, resource="Messages")  # created after we gave up
+            texts = [f"reply {i}" for i in range(5)]
+            for text in texts:
+                await runtime.db.write(agent_write, anna, cid, text)
+            runtime.outbox.wake()
+            for _ in range(400):  # the clock moves the retries' due times along
+                statuses = await runtime.db.read(
+                    lambda c: (
+                        c.execute(select(Message.delivery_status).where(Message.direction == "out"))
+                        .scalars()
+                        .all()
+                    )
+                )
+                if statuses and all(s == "sent" for s in statuses):
+                    break
+                clock.advance(1)
+                runtime.outbox.wake()
+                await asyncio.sleep(0.05)
+            assert statuses == ["sent"] * 5
+            bodies = sorted(m["form"]["Body"] for m in server.fake.messages)
+            assert bodies == sorted(texts)  # each exactly once: the hung one was found, not resent
+            assert server.fake.pending_faults == 0
