@@ -175,3 +175,58 @@ def test_a_second_serve_on_the_same_sqlite_file_is_refused(
         assert "SQLite allows one process per database" in second.log()
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "resends"),
+    [("before_outbox_send", 1), ("after_provider_send", 0)],
+)
+def test_twilio_send_killed_inside_is_checked_with_twilio_before_any_resend(
+    tmp_path: Path, sqlite_url: str, failpoint: str, resends: int
+) -> None:
+    from urllib.parse import urlencode
+
+    from twilio.request_validator import RequestValidator
+
+    from tests.channels.test_twilio_sms import sms_params
+    from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, FakeTwilioServer
+
+    with FakeTwilioServer() as twilio:
+        inbox = (
+            f"  tw: {{channel: sms, provider: twilio, account_sid: {DEFAULT_ACCOUNT_SID}, "
+            f"auth_token: {DEFAULT_AUTH_TOKEN}, from_number: '+15550000000', "
+            f"api_base_url: '{twilio.url}'}}\n"
+        )
+        settings = make_settings(
+            tmp_path / "conf", sqlite_url, channels="version: 1\ninboxes:\n" + inbox
+        )
+        server = ServerProcess(server_env(settings, peers.free_port()), tmp_path / "server.log")
+        engine = create_engine(sqlite_url.replace("sqlite+aiosqlite", "sqlite"))
+        server.start({"OMNIROUTE_FAILPOINTS": failpoint})
+        try:
+            params = sms_params("hello", From="+14155550100")
+            path = "/webhooks/twilio/tw/sms"
+            # signed over the public URL the server is configured with (server_env's)
+            signature = RequestValidator(DEFAULT_AUTH_TOKEN).compute_signature(
+                server.url.rstrip("/") + path, params
+            )
+            response = httpx.post(
+                server.url + path,
+                content=urlencode(params).encode(),
+                headers={
+                    "x-twilio-signature": signature,
+                    "content-type": "application/x-www-form-urlencoded",
+                },
+                timeout=10,
+            )
+            assert response.status_code == 200
+            assert server.wait_exit() == -9  # the auto-reply's send killed it
+            assert counts(engine)["outbox"] == {"sending": 1}
+            sent_before = len(twilio.fake.messages)
+            assert sent_before == (1 if failpoint == "after_provider_send" else 0)
+            server.start()
+            wait_until(lambda: counts(engine)["outbox"].get("sent") == 1)
+            assert counts(engine)["uncertain_resends"] == resends
+            assert len(twilio.fake.messages) == 1  # Twilio has it once either way
+        finally:
+            server.kill()
