@@ -21,6 +21,7 @@ from router.exceptions import Conflict
 from router.messaging import agent_write
 from router.models import ContactIdentity, Conversation, Message, Offer
 from router.runtime import Runtime
+from router.settings import Settings
 from router.types import AgentPresence
 from tests.channels.test_twilio_sms import sms_params, status_params
 from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, FakeTwilioServer
@@ -32,26 +33,32 @@ RULES = "version: 1\nqueues:\n  general: {}\ndefault: {queue: general}\n"
 OUR_NUMBER = "+15550000000"
 
 
+def twilio_settings(
+    tmp_path: Path,
+    db_url: str,
+    server: FakeTwilioServer,
+    extra: dict[str, Any] | None = None,
+    **settings: Any,
+) -> Settings:
+    inbox = {
+        "channel": "sms",
+        "provider": "twilio",
+        "account_sid": DEFAULT_ACCOUNT_SID,
+        "auth_token": DEFAULT_AUTH_TOKEN,
+        "from_number": OUR_NUMBER,
+        "api_base_url": server.url,  # test-only: the local fake instead of api.twilio.com
+        **(extra or {}),
+    }
+    channels = json.dumps({"version": 1, "inboxes": {"tw": inbox}})
+    return make_settings(tmp_path / "conf", db_url, rules=RULES, channels=channels, **settings)
+
+
 @pytest.fixture
 async def twilio(
     tmp_path: Path, db_url: str
 ) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient, FakeTwilioServer]]:
     with FakeTwilioServer() as server:
-        inbox = {
-            "channel": "sms",
-            "provider": "twilio",
-            "account_sid": DEFAULT_ACCOUNT_SID,
-            "auth_token": DEFAULT_AUTH_TOKEN,
-            "from_number": OUR_NUMBER,
-            "api_base_url": server.url,  # test-only: the local fake instead of api.twilio.com
-        }
-        settings = make_settings(
-            tmp_path / "conf",
-            db_url,
-            rules=RULES,
-            channels=json.dumps({"version": 1, "inboxes": {"tw": inbox}}),
-            outbox_interval=0.1,
-        )
+        settings = twilio_settings(tmp_path, db_url, server, outbox_interval=0.1)
         async with (
             started_runtime(settings, workers=True) as runtime,
             client_for(runtime) as client,
@@ -166,20 +173,11 @@ async def test_sends_survive_429_500_and_a_hang_without_duplicates(
 ) -> None:
     clock = FakeClock()
     with FakeTwilioServer() as server:
-        inbox = {
-            "channel": "sms",
-            "provider": "twilio",
-            "account_sid": DEFAULT_ACCOUNT_SID,
-            "auth_token": DEFAULT_AUTH_TOKEN,
-            "from_number": OUR_NUMBER,
-            "api_base_url": server.url,
-            "request_timeout": 1,
-        }
-        settings = make_settings(
-            tmp_path / "conf",
+        settings = twilio_settings(
+            tmp_path,
             db_url,
-            rules=RULES,
-            channels=json.dumps({"version": 1, "inboxes": {"tw": inbox}}),
+            server,
+            {"request_timeout": 1},
             outbox_interval=0.05,
             outbox_backoff_base=1,
             outbox_backoff_max=4,
