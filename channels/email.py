@@ -30,7 +30,7 @@ import socket
 import ssl
 from typing import Any, ClassVar, Literal
 
-from aioimaplib import IMAP4, IMAP4_SSL
+from aioimaplib import IMAP4
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from channels.base import (
@@ -93,6 +93,10 @@ class Server(BaseModel):
     auth: Literal["password", "xoauth2", "none"] = "password"
     password: SecretStr | None = None
     oauth: OAuth | None = None
+    ca_file: str | None = None  # a private CA to trust (the system's CAs otherwise)
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
 
     @model_validator(mode="after")
     def _credentials(self) -> Server:
@@ -238,16 +242,14 @@ class EmailChannel(Channel):
         def on_lost(_: Exception | None) -> None:
             lost.set()
 
-        if server.security == "tls":
-            imap: IMAP4 = IMAP4_SSL(
-                host=server.host,
-                port=port,
-                timeout=timeout,
-                ssl_context=ssl.create_default_context(),
-                conn_lost_cb=on_lost,
-            )
-        else:
-            imap = IMAP4(host=server.host, port=port, timeout=timeout, conn_lost_cb=on_lost)
+        # IMAP4 takes an ssl_context for implicit TLS (IMAP4_SSL has no conn_lost_cb)
+        imap = IMAP4(
+            host=server.host,
+            port=port,
+            timeout=timeout,
+            conn_lost_cb=on_lost,
+            ssl_context=server.tls_context() if server.security == "tls" else None,
+        )
         return imap
 
     async def _open(self, imap: IMAP4) -> None:
@@ -257,7 +259,7 @@ class EmailChannel(Channel):
         if sock is not None:  # a dead peer behind NAT is noticed by the kernel, not only by us
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if server.security == "starttls":
-            await self._starttls(imap, server.host)
+            await self._starttls(imap, server.host, server.tls_context())
         if server.auth == "xoauth2":
             assert self._imap_tokens is not None and server.user is not None
             response = await imap.xoauth2(server.user, await self._imap_tokens.token())
@@ -270,7 +272,7 @@ class EmailChannel(Channel):
             raise _Retry(f"login refused: {_text(response.lines)[:200]}")
 
     @staticmethod
-    async def _starttls(imap: IMAP4, host: str) -> None:
+    async def _starttls(imap: IMAP4, host: str, context: ssl.SSLContext) -> None:
         """aioimaplib has no STARTTLS of its own: send the command, then upgrade the
         transport in place (asyncio's start_tls) before anything else is said."""
         from aioimaplib import Command
@@ -281,7 +283,7 @@ class EmailChannel(Channel):
             raise _Retry("STARTTLS refused")
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(
-            protocol.transport, protocol, ssl.create_default_context(), server_hostname=host
+            protocol.transport, protocol, context, server_hostname=host
         )
         protocol.transport = transport
         await protocol.capability()
@@ -515,6 +517,7 @@ class EmailChannel(Channel):
             username=server.user,
             auth=server.auth,
             password=server.password.get_secret_value() if server.password else None,
+            tls_context=server.tls_context() if server.security != "plain" else None,
         )
 
     async def send(self, message: OutboundMessage) -> SendReceipt:

@@ -725,7 +725,7 @@ instance_name = {instance}
 log_path = {base}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:{base}/mail/%u
@@ -744,7 +744,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {imaps_port}
   }}
 }}
 """
@@ -800,6 +801,9 @@ class Dovecot(_ManagedServer):
         self.mail_gid = nobody.pw_gid
         self._instance = f"omniroute-test-{secrets.token_hex(4)}"
         self._deliveries = 0
+        self.imaps_port = 0  # with tls: implicit TLS here, STARTTLS on ``port``
+        self.tls_cert: Path | None = None
+        self.tls_key: Path | None = None
 
     @classmethod
     def start(
@@ -808,6 +812,7 @@ class Dovecot(_ManagedServer):
         users: Mapping[str, str] | None = None,
         *,
         timeout: float = 10.0,
+        tls: bool = False,
     ) -> Dovecot:
         """Write a standalone config under ``base_dir`` and start Dovecot on a free port.
 
@@ -831,6 +836,9 @@ class Dovecot(_ManagedServer):
         )
         server = cls(directory, owned, users, timeout)
         try:
+            if tls:  # a self-signed certificate: STARTTLS on the port, implicit TLS on imaps
+                server.tls_cert, server.tls_key = generate_self_signed_cert(directory / "tls")
+                server.imaps_port = free_port()
             server._setup_dirs()
             server._boot(new_port=True)
         except BaseException:
@@ -858,6 +866,12 @@ class Dovecot(_ManagedServer):
                 uid=self.mail_uid,
                 gid=self.mail_gid,
                 port=self.port,
+                imaps_port=self.imaps_port,
+                ssl=(
+                    f"ssl = yes\nssl_cert = <{self.tls_cert}\nssl_key = <{self.tls_key}"
+                    if self.tls_cert is not None
+                    else "ssl = no"
+                ),
             )
         )
 

@@ -380,3 +380,26 @@ async def test_a_bounce_fails_our_message_and_an_out_of_office_does_not_reopen(
 
     await eventually(failed)
     assert await count(runtime, Conversation) == 1
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+async def test_imap_over_implicit_tls_and_starttls(
+    tmp_path: Path, sqlite_url: str, sink: peers.SmtpSink, security: str
+) -> None:
+    user = "tls@example.com"
+    server = need(lambda: peers.Dovecot.start(tmp_path / "dovecot", {user: "secret"}, tls=True))
+    with server:
+        assert server.tls_cert is not None
+        port = server.imaps_port if security == "tls" else server.port
+        inbox = json.loads(channels_yaml(port, user, sink.port))
+        imap = inbox["inboxes"]["support"]["imap"]
+        imap.update(security=security, ca_file=str(server.tls_cert), host="localhost")
+        settings = make_settings(
+            tmp_path / "conf", sqlite_url, rules=RULES, channels=json.dumps(inbox)
+        )
+        async with started_runtime(settings, workers=True) as runtime:
+            channel = runtime.channels["support"]
+            assert isinstance(channel, EmailChannel)
+            await asyncio.wait_for(channel.connected.wait(), 10)
+            await server.append(user, "secret", mail("t@example.net", "over TLS", "<t1@x>"))
+            await eventually(lambda: conversation_of(runtime, "<t1@x>"))
