@@ -343,17 +343,12 @@ class EmailChannel(Channel):
                 validity = _uidvalidity(selected.lines)
 
     async def _idle(self, imap: IMAP4, wait: float) -> None:
-        """IDLE until the server pushes something, ``wait`` is over, or the connection is
-        lost (aioimaplib's push wait does not end on a lost connection by itself)."""
+        """IDLE until the server pushes something or ``wait`` is over (a lost connection
+        cancels this from :meth:`_session`)."""
         idle = await imap.idle_start(timeout=wait)
-        push = asyncio.ensure_future(imap.wait_server_push(timeout=wait + 5))
-        lost = asyncio.ensure_future(self._lost.wait())
         try:
-            done, _ = await asyncio.wait({push, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if lost in done:
-                raise _Retry("connection lost")
             with contextlib.suppress(TimeoutError):
-                pushed = push.result()
+                pushed = await imap.wait_server_push(timeout=wait + 5)
                 if isinstance(pushed, list) and any(
                     b"BYE" in line if isinstance(line, bytes) else "BYE" in str(line)
                     for line in pushed
@@ -362,9 +357,7 @@ class EmailChannel(Channel):
             imap.idle_done()
             await asyncio.wait_for(idle, 30)
         finally:
-            for task in (push, lost):
-                task.cancel()
-            if not idle.done():  # lost, cancelled or failed: no IDLE left dangling
+            if not idle.done():  # cancelled or failed: no IDLE left dangling
                 idle.cancel()
 
     # -- fetching ---------------------------------------------------------------------------

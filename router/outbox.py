@@ -49,7 +49,14 @@ from router.serialize import message_payload
 from router.tasks import periodic
 from router.types import Actor, ConversationState, DeliveryStatus, Direction, EventKind, OutboxState
 
-__all__ = ["ClaimedSend", "OutboxSender", "claim_due", "enqueue_message", "resend"]
+__all__ = [
+    "ClaimedSend",
+    "OutboxSender",
+    "claim_due",
+    "enqueue_message",
+    "resend",
+    "set_opt_out",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +119,12 @@ def enqueue_message(
         inbox_id, recipient = conversation.inbox_id, None
     else:
         inbox_id, recipient = _recipient(tx, conversation, identity_id)
-        opted_out = (
-            tx.execute(
-                select(ContactIdentity.data).where(ContactIdentity.id == recipient)
-            ).scalar_one()
-            or {}
-        ).get("opted_out_at")
-        if opted_out:
+        identity = tx.execute(
+            select(ContactIdentity.kind, ContactIdentity.address, ContactIdentity.data).where(
+                ContactIdentity.id == recipient
+            )
+        ).one()
+        if (identity.data or {}).get("opted_out_at"):
             if author == Actor.AGENT and not is_auto:
                 raise Conflict(
                     "the customer opted out of messages on this number (they sent STOP); "
@@ -158,11 +164,6 @@ def enqueue_message(
             message_id=message_id,
         )
     else:
-        identity = tx.execute(
-            select(ContactIdentity.kind, ContactIdentity.address).where(
-                ContactIdentity.id == recipient
-            )
-        ).one()
         tx.execute(
             insert(Outbox).values(
                 message_id=message_id,
@@ -376,9 +377,19 @@ def _notify(tx: Tx, message_id: int, status: str, error: str | None = None) -> N
         )
 
 
-def _opted_out(tx: Tx, recipient: Sender) -> None:
-    from router.pipeline import set_opt_out
+def set_opt_out(tx: Tx, identity_id: int, opted_out: bool, how: str) -> None:
+    """The customer opted out of (STOP) or back into (START) messages on this identity: no
+    reply, survey or automatic message goes to it while opted out."""
+    data = tx.execute(
+        select(ContactIdentity.data).where(ContactIdentity.id == identity_id)
+    ).scalar_one()
+    data = {k: v for k, v in (data or {}).items() if k not in ("opted_out_at", "opted_out_by")}
+    if opted_out:
+        data.update(opted_out_at=tx.now.isoformat(), opted_out_by=how)
+    tx.execute(update(ContactIdentity).where(ContactIdentity.id == identity_id).values(data=data))
 
+
+def _opted_out(tx: Tx, recipient: Sender) -> None:
     identity = tx.execute(
         select(ContactIdentity.id).where(
             ContactIdentity.kind == recipient.kind, ContactIdentity.address == recipient.address

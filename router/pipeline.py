@@ -34,8 +34,8 @@ from channels.base import InboundMessage, ParsedItem, Reject, Sender, StatusUpda
 from channels.threading import token_conversation
 from router.assignment import sla
 from router.assignment.capacity import claim, holds_while_waiting
-from router.assignment.flow import sticky_wait
-from router.assignment.timers import CLOSE, PREFERRED, clear_timers, current_ruleset, set_timer
+from router.assignment.flow import reserve, sticky_wait
+from router.assignment.timers import CLOSE, clear_timers, current_ruleset
 from router.db import Database, Tx, is_retryable
 from router.events import add_event, agent_stream
 from router.failpoints import failpoint
@@ -49,6 +49,7 @@ from router.models import (
     Quarantine,
     table,
 )
+from router.outbox import set_opt_out
 from router.serialize import message_payload
 from router.types import OPEN_STATES, Actor, ConversationState, DeliveryStatus, Direction, EventKind
 
@@ -60,7 +61,6 @@ __all__ = [
     "ingest_message",
     "quarantine",
     "resolve_contact",
-    "set_opt_out",
 ]
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def _customer_turn_over(tx: Tx, conversation: Any) -> dict[str, Any]:
     ):
         return {"state": S.ASSIGNED.value}
     spec = ruleset.queues.get(conversation.queue) if ruleset is not None else None
-    set_timer(tx, conversation.id, PREFERRED, tx.now + sticky_wait(spec), {"agent_id": agent_id})
+    reserve(tx, conversation.id, agent_id, sticky_wait(spec))
     add_event(
         tx,
         conversation.id,
@@ -373,18 +373,6 @@ def _same_content(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> Any:
         if (row.data or {}).get("sha256") == digest:
             return row
     return None
-
-
-def set_opt_out(tx: Tx, identity_id: int, opted_out: bool, how: str) -> None:
-    """The customer opted out of (STOP) or back into (START) messages on this identity: no
-    reply, survey or automatic message goes to it while opted out."""
-    data = tx.execute(
-        select(_identities.c.data).where(_identities.c.id == identity_id)
-    ).scalar_one()
-    data = {k: v for k, v in (data or {}).items() if k not in ("opted_out_at", "opted_out_by")}
-    if opted_out:
-        data.update(opted_out_at=tx.now.isoformat(), opted_out_by=how)
-    tx.execute(update(_identities).where(_identities.c.id == identity_id).values(data=data))
 
 
 def _clean(value: str | None, limit: int | None) -> str | None:

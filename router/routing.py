@@ -17,7 +17,6 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from router.assignment import flow, sla
-from router.assignment.timers import PREFERRED, set_timer
 from router.db import Tx
 from router.events import add_event
 from router.models import (
@@ -259,22 +258,18 @@ def _route_one(
     current = sla.view(row, data=data, **clocks)
     flow.enter_queue(tx, row.id, ruleset, decision.queue, row=current, facts=facts)
     if preferred is not None:  # reserved for them until the wait is over
-        wait = flow.sticky_wait(ruleset.queues[decision.queue])
-        set_timer(tx, row.id, PREFERRED, tx.now + wait, {"agent_id": preferred})
+        flow.reserve(tx, row.id, preferred, flow.sticky_wait(ruleset.queues[decision.queue]))
     reply_id = None
-    quiet = bool(data.get("no_auto_reply"))  # lists, bulk, noreply senders: never answered
-    if decision.reply and not quiet:  # at most one automatic reply per contact and interval
-        quiet = (
-            tx.execute(
-                _RECENT_AUTO, {"contact": row.contact_id, "since": tx.now - AUTO_REPLY_INTERVAL}
-            ).first()
-            is not None
-        )
     if (
         decision.reply
-        and not quiet
-        and not row.auto_reply_sent
         and decision.reply in ruleset.templates
+        and not row.auto_reply_sent
+        and not data.get("no_auto_reply")  # lists, bulk, noreply senders: never answered
+        # at most one automatic reply per contact and interval
+        and tx.execute(
+            _RECENT_AUTO, {"contact": row.contact_id, "since": tx.now - AUTO_REPLY_INTERVAL}
+        ).first()
+        is None
     ):
         text = ruleset.templates[decision.reply].render(facts)
         reply_id = enqueue_message(

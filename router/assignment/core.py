@@ -51,7 +51,7 @@ from router.models import (
 )
 from router.serialize import iso
 from router.types import Actor, AgentPresence, ConversationState, EventKind, OfferState
-from routing_rules import QueueSpec, Ruleset
+from routing_rules import QueueSpec
 
 __all__ = [
     "LostRace",
@@ -65,7 +65,6 @@ __all__ = [
     "reject_offer",
     "resolve_conversation",
     "set_presence",
-    "transfer_conversation",
     "try_offer",
     "withdraw_offers",
 ]
@@ -572,23 +571,6 @@ def resolve_conversation(tx: Tx, agent_id: int, conversation_id: int) -> dict[st
     }
     tx.emit(agent_stream(agent_id), "conversation_updated", payload)
     return payload
-
-
-def transfer_conversation(
-    tx: Tx,
-    agent_id: int,
-    conversation_id: int,
-    ruleset: Ruleset,
-    *,
-    to_queue: str | None,
-    to_agent: int | None,
-    note: str | None,
-) -> None:
-    """Hand over: to a queue (it enters with that queue's skills) or to a named agent (offered
-    to them only). A note travels with it."""
-    flow.transfer(
-        tx, agent_id, conversation_id, ruleset, queue=to_queue, to_agent=to_agent, note=note
-    )
 
 
 def assign_manually(

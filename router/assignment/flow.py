@@ -42,6 +42,7 @@ __all__ = [
     "holds_capacity",
     "owned",
     "prefer",
+    "reserve",
     "send_back_to_routing",
     "sticky_wait",
     "transfer",
@@ -74,7 +75,7 @@ def fire_timer(tx: Tx, timer_id: int, ruleset: Ruleset) -> bool:
     if kind == PREFERRED:
         return _preferred_wait_over(tx, conversation, data)
     if kind in SLA_TIMERS:
-        sla.fire(tx, conversation, kind, timer.due_at)
+        sla.fire(tx, conversation, kind)
         return False
     if kind == WRAP_UP:
         _wrap_up_over(tx, conversation, data, early=False)
@@ -236,7 +237,7 @@ def _move(tx: Tx, conversation: Any, ruleset: Ruleset, to: str, why: str) -> Non
 
 
 # -- preferred and sticky agents --------------------------------------------------------------
-def prefer(tx: Tx, conversation_id: int, agent_id: int | None, wait: timedelta) -> None:
+def prefer(tx: Tx, conversation_id: int, agent_id: int, wait: timedelta) -> None:
     """Reserve a queued conversation for ``agent_id`` for ``wait`` (then anyone eligible);
     an offer the agent rejects or misses ends the reservation at once."""
     tx.execute(
@@ -244,10 +245,13 @@ def prefer(tx: Tx, conversation_id: int, agent_id: int | None, wait: timedelta) 
         .where(Conversation.id == conversation_id)
         .values(preferred_agent_id=agent_id)
     )
-    if agent_id is None:
-        clear_timers(tx, conversation_id, PREFERRED)
-    else:
-        set_timer(tx, conversation_id, PREFERRED, tx.now + wait, {"agent_id": agent_id})
+    reserve(tx, conversation_id, agent_id, wait)
+
+
+def reserve(tx: Tx, conversation_id: int, agent_id: int, wait: timedelta) -> None:
+    """Arm the end of a reservation for ``agent_id`` (whose ``preferred_agent_id`` the caller
+    sets in its own update): after ``wait`` anyone eligible may take it."""
+    set_timer(tx, conversation_id, PREFERRED, tx.now + wait, {"agent_id": agent_id})
 
 
 def _preferred_wait_over(tx: Tx, conversation: Any, data: dict[str, Any]) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy import delete, exists, insert, select, update
 
 from router.assignment import core, flow
 from router.assignment.matcher import BATCH, dispatch_batch, plan_batch
-from router.assignment.timers import due_timers
+from router.assignment.timers import active_ruleset, due_timers
 from router.db import Database, Tx
 from router.exceptions import Unavailable
 from router.models import Agent, AgentConnection, Process
@@ -185,7 +185,7 @@ class Assignment:
         await self.dispatch()
 
     def ruleset(self) -> Ruleset:
-        ruleset = self.db.context.get("ruleset", lambda: None)()
+        ruleset = active_ruleset(self.db.context)
         if ruleset is None:
             raise Unavailable("no active ruleset")
         return ruleset
@@ -224,11 +224,11 @@ class Assignment:
         note: str | None,
     ) -> None:
         await self.db.write(
-            core.transfer_conversation,
+            flow.transfer,
             agent_id,
             conversation_id,
             self.ruleset(),
-            to_queue=to_queue,
+            queue=to_queue,
             to_agent=to_agent,
             note=note,
         )
@@ -257,7 +257,7 @@ class Assignment:
         alive_after = self.db.clock.now() - timedelta(seconds=self.dead_after)
         changed |= bool(await self.db.write(_presence_timeouts, self.presence_grace, alive_after))
         changed |= bool(await self.db.write(flow.unassign_absent, queues))
-        ruleset = self.db.context.get("ruleset", lambda: None)()
+        ruleset = active_ruleset(self.db.context)
         if ruleset is not None:
             fired = await asyncio.gather(
                 *(

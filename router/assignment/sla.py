@@ -151,7 +151,8 @@ def arm(tx: Tx, c: Any, ruleset: Ruleset, queue: str) -> None:
         tx.execute(update(Conversation).where(Conversation.id == c.id).values(**values))
 
 
-def fire(tx: Tx, conversation: Any, kind: str, due_at: datetime) -> None:
+def fire(tx: Tx, conversation: Any, kind: str) -> None:
+    """An SLA timer of ``kind`` fell due: the warning or breach, once, if its clock still runs."""
     clock = "first_response" if kind in (FRT_WARNING, FRT_BREACH) else "resolution"
     level = "warning" if kind in (FRT_WARNING, RES_WARNING) else "breach"
     running = (

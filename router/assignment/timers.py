@@ -6,6 +6,7 @@ was down. A handler re-checks the conversation before acting, so a stale timer d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "PREFERRED",
     "SLA_TIMERS",
     "WRAP_UP",
+    "active_ruleset",
     "clear_timers",
     "current_ruleset",
     "due_timers",
@@ -40,10 +42,15 @@ SLA_TIMERS = (FRT_WARNING, FRT_BREACH, RES_WARNING, RES_BREACH)
 _timers = table(Timer)
 
 
-def current_ruleset(tx: Tx) -> Ruleset | None:
-    """The active ruleset of this process, as the runtime provides it to transactions."""
-    provider = tx.context.get("ruleset")
+def active_ruleset(context: Mapping[str, Any]) -> Ruleset | None:
+    """The active ruleset of this process, as the runtime provides it in the database's
+    context (``Database.context``, handed to every transaction)."""
+    provider = context.get("ruleset")
     return provider() if provider is not None else None
+
+
+def current_ruleset(tx: Tx) -> Ruleset | None:
+    return active_ruleset(tx.context)
 
 
 # -- timers -----------------------------------------------------------------------------------
