@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _FETCH_BATCH = 20
+_EXISTS = re.compile(rb"^\* \d+ EXISTS\s*$")
+# Searches in a row before IDLE while mail keeps coming (IDLE itself brings the rest)
+_QUIET_SEARCHES = 20
 
 
 def _seconds(value: str) -> float:
@@ -183,9 +186,10 @@ class EmailChannel(Channel):
         self._imap_tokens = _tokens(config.imap.oauth)
         self._smtp_tokens = _tokens(config.smtp.oauth)
         self.domain = config.address.rpartition("@")[2] or "localhost"
-        self.polls = 0  # full polls done (for tests and metrics)
+        self.polls = 0  # full polls started (for tests and metrics)
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()
+        self._announced = False  # the server said EXISTS since the last search began
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -255,6 +259,7 @@ class EmailChannel(Channel):
     async def _open(self, imap: IMAP4) -> None:
         server = self.cfg.imap
         await imap.wait_hello_from_server()
+        self._hear_announcements(imap)
         sock = imap.protocol.transport.get_extra_info("socket")
         if sock is not None:  # a dead peer behind NAT is noticed by the kernel, not only by us
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -270,6 +275,20 @@ class EmailChannel(Channel):
             response = None
         if response is not None and response.result != "OK":
             raise _Retry(f"login refused: {_text(response.lines)[:200]}")
+
+    def _hear_announcements(self, imap: IMAP4) -> None:
+        """Note every ``* n EXISTS``: aioimaplib hands an untagged response only to a pending
+        command that asked for that kind of answer and drops the rest, so new mail announced
+        alongside our UID FETCH or STORE would otherwise go unnoticed until the full poll."""
+        protocol = imap.protocol
+        untagged = protocol._untagged_response
+
+        def hear(line: bytes) -> Any:
+            if _EXISTS.match(line):
+                self._announced = True
+            return untagged(line)
+
+        protocol._untagged_response = hear
 
     @staticmethod
     async def _starttls(imap: IMAP4, host: str, context: ssl.SSLContext) -> None:
@@ -324,10 +343,16 @@ class EmailChannel(Channel):
         loop = asyncio.get_running_loop()
         next_full = loop.time()
         while not self._stopping.is_set():
-            await self._fetch_new(imap, folder, validity)
             if loop.time() >= next_full:
                 self.polls += 1
                 next_full = loop.time() + full_poll
+            # Mail announced (``* n EXISTS``) in the answer to one of our own commands is not
+            # announced again in IDLE: search again until a search imports nothing and
+            # nothing was announced since it started.
+            for _ in range(_QUIET_SEARCHES):
+                self._announced = False
+                if not await self._fetch_new(imap, folder, validity) and not self._announced:
+                    break
             wait = max(0.05, min(refresh, next_full - loop.time()))
             if idle:
                 await self._idle(imap, wait)
@@ -361,7 +386,8 @@ class EmailChannel(Channel):
                 idle.cancel()
 
     # -- fetching ---------------------------------------------------------------------------
-    async def _fetch_new(self, imap: IMAP4, folder: str, validity: int) -> None:
+    async def _fetch_new(self, imap: IMAP4, folder: str, validity: int) -> bool:
+        """Import what is new after the cursor; True when something was."""
         state = self.context.state
         assert state is not None and self.context.deliver is not None
         cursor = await state.load(self.cursor_key) or {}
@@ -385,6 +411,7 @@ class EmailChannel(Channel):
             await self.context.deliver(items)  # returns after the commit
             await state.save(self.cursor_key, {"uidvalidity": validity, "last_uid": batch[-1]})
             await self._after_import(imap, batch)
+        return bool(uids)
 
     async def _fetch_one(self, imap: IMAP4, folder: str, validity: int, uid: int) -> ParsedItem:
         external_id = f"{folder}/{validity}/{uid}"
@@ -573,7 +600,12 @@ async def _close(imap: IMAP4) -> None:
     """Log out politely if the connection still works (bounded: aioimaplib may not end a
     command on a dead connection, and must not hold up a shutdown); close the socket."""
     transport = getattr(imap.protocol, "transport", None)
-    if transport is not None and not transport.is_closing():
+    # in an abandoned IDLE, the server would take LOGOUT for a broken DONE and never answer
+    if (
+        transport is not None
+        and not transport.is_closing()
+        and not imap.protocol.has_pending_idle_command()
+    ):
         logout = asyncio.ensure_future(imap.logout())
         done, _ = await asyncio.wait({logout}, timeout=5)
         if done and not logout.cancelled():

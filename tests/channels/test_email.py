@@ -34,7 +34,7 @@ queues:
   general: {}
 default: {queue: general}
 """
-USERS = {f"box{i}@example.com": "secret" for i in range(12)}
+USERS = {f"box{i}@example.com": "secret" for i in range(16)}
 _boxes = iter(sorted(USERS))
 
 
@@ -165,6 +165,37 @@ async def test_appended_and_dropped_mail_arrive_through_idle(
     assert [r.text for r in rows] == ["hello", "hello"]
     validity = rows[0].external_id.split("/")[1]
     assert [r.external_id for r in rows] == [f"INBOX/{validity}/1", f"INBOX/{validity}/2"]
+
+
+async def test_mail_announced_in_the_answer_to_our_own_command_is_fetched_at_once(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """Mail that arrives while the poller flags what it imported is announced (``* 2
+    EXISTS``) in the answer to that STORE, and never again in the IDLE that follows: the
+    poller must fetch again before idling, not wait for the full poll (an hour here)."""
+    user = next(_boxes)
+    channels = json.loads(channels_yaml(dovecot.port, user, sink.port))
+    channels["inboxes"]["support"]["imap"]["after_import"] = "flag"
+    settings = make_settings(tmp_path / "conf", db_url, rules=RULES, channels=json.dumps(channels))
+    async with started_runtime(settings, workers=True) as runtime:
+        channel = runtime.channels["support"]
+        assert isinstance(channel, EmailChannel)
+        await asyncio.wait_for(channel.connected.wait(), 10)
+        deliver = channel.context.deliver
+        assert deliver is not None
+        appended: list[bool] = []
+
+        async def deliver_and_receive_more(items: list[Any]) -> Any:
+            result = await deliver(items)
+            if not appended:  # the second mail lands before the poller's STORE
+                appended.append(True)
+                await dovecot.append(user, USERS[user], mail("m@example.net", "2", "<m2@x>"))
+            return result
+
+        channel.context.deliver = deliver_and_receive_more
+        await dovecot.append(user, USERS[user], mail("m@example.net", "1", "<m1@x>"))
+        await eventually(lambda: conversation_of(runtime, "<m2@x>"), timeout=20)
+        assert channel.polls == 1
 
 
 async def test_a_reply_is_threaded_and_only_the_customer_joins_it(
