@@ -10,6 +10,7 @@ from channels.base import Channel
 from channels.email import EmailChannel
 from channels.fake import FakeChannel
 from channels.twilio_sms import TwilioSmsChannel
+from channels.twilio_voice import TwilioVoiceChannel
 from channels.webchat import WebChatChannel
 
 __all__ = ["CHANNELS", "Channel", "channel_class"]
@@ -18,7 +19,7 @@ CHANNELS: dict[str, dict[str, type[Channel]]] = {
     "fake": {c: FakeChannel for c in FakeChannel.channel_ids},
     "omniroute": {"webchat": WebChatChannel},
     "imap": {"email": EmailChannel},
-    "twilio": {"sms": TwilioSmsChannel},
+    "twilio": {"sms": TwilioSmsChannel, "voice": TwilioVoiceChannel},
 }
 
 

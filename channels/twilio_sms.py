@@ -96,11 +96,15 @@ from channels.twilio_http import HttpxTwilioClient
 __all__ = [
     "EMPTY_TWIML",
     "OptOut",
+    "TwilioAccountConfig",
+    "TwilioChannel",
     "TwilioSmsChannel",
     "TwilioSmsConfig",
     "normalize_e164",
     "opt_out_keyword",
     "split_text",
+    "twilio_client",
+    "verify_twilio",
 ]
 
 log = logging.getLogger(__name__)
@@ -252,13 +256,57 @@ def _media_filename(url: str, content_type: str, index: int) -> str:
 
 
 # -- configuration ------------------------------------------------------------------
-class TwilioSmsConfig(InboxConfig):
+class TwilioAccountConfig(InboxConfig):
+    """What every Twilio inbox (SMS, voice) has: the account, its token, the API client
+    settings and where recordings and media may be fetched from."""
+
+    account_sid: str = Field(pattern=_ACCOUNT_SID)
+    auth_token: SecretStr  # "${TWILIO_AUTH_TOKEN}": signs webhooks and authenticates calls
+    request_timeout: float = Field(10.0, gt=0, le=120)  # seconds per Twilio API request
+    # -- test-only overrides: never set these in production ---------------------------
+    api_base_url: str | None = None  # send every REST call here (a local fake of Twilio)
+    media_hosts: list[str] = ["api.twilio.com", "mms.twiliocdn.com", "s3-external-1.amazonaws.com"]
+    # !!! TESTS ONLY !!! Admits http:// and loopback media URLs so a local fake can serve
+    # media. In production it would let a webhook point our fetcher at localhost.
+    allow_insecure_media_for_tests: bool = False
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("api_base_url must be an http(s) URL")
+        return value.rstrip("/") if value else value
+
+
+def verify_twilio(auth_token: SecretStr, request: WebhookRequest) -> bool:
+    """Twilio's ``X-Twilio-Signature`` over ``request.url`` and ``request.form``.
+
+    The validator compares in constant time and accepts the URL with or without the
+    default port (Twilio is inconsistent about it).
+    """
+    signature = request.headers.get("x-twilio-signature")
+    if not signature:
+        return False
+    validator = RequestValidator(auth_token.get_secret_value())
+    return bool(validator.validate(request.url, dict(request.form), signature))
+
+
+def twilio_client(
+    cfg: TwilioAccountConfig, http: httpx.AsyncClient
+) -> tuple[Client, HttpxTwilioClient]:
+    """A REST client for one call: its HttpxTwilioClient's ``last_response`` (for
+    Retry-After) is then ours, not a concurrent call's; ``http``'s pool is shared."""
+    adapter = HttpxTwilioClient(
+        client=http, timeout=cfg.request_timeout, rewrite_base=cfg.api_base_url
+    )
+    return Client(cfg.account_sid, cfg.auth_token.get_secret_value(), http_client=adapter), adapter
+
+
+class TwilioSmsConfig(TwilioAccountConfig):
     """The keys of a ``channel: sms, provider: twilio`` inbox in channels.yaml."""
 
     channel: Literal["sms"] = "sms"
     provider: Literal["twilio"] = "twilio"
-    account_sid: str = Field(pattern=_ACCOUNT_SID)
-    auth_token: SecretStr  # "${TWILIO_AUTH_TOKEN}": signs webhooks and authenticates sends
     from_number: str | None = None  # E.164; wins over messaging_service_sid when both are set
     messaging_service_sid: str | None = Field(None, pattern=_SERVICE_SID)
     long_messages: Literal["split", "refuse"] = "split"
@@ -277,13 +325,6 @@ class TwilioSmsConfig(InboxConfig):
         "text/x-vcard",
         "text/calendar",
     ]
-    request_timeout: float = Field(10.0, gt=0, le=120)  # seconds per Twilio API request
-    # -- test-only overrides: never set these in production ---------------------------
-    api_base_url: str | None = None  # send every REST call here (a local fake of Twilio)
-    media_hosts: list[str] = ["api.twilio.com", "mms.twiliocdn.com", "s3-external-1.amazonaws.com"]
-    # !!! TESTS ONLY !!! Admits http:// and loopback media URLs so a local fake can serve
-    # MMS media. In production it would let a webhook point our fetcher at localhost.
-    allow_insecure_media_for_tests: bool = False
 
     @field_validator("from_number")
     @classmethod
@@ -301,13 +342,6 @@ class TwilioSmsConfig(InboxConfig):
         if value is not None and _XML_INVALID.search(value):
             raise ValueError("help_text contains control characters")
         return value
-
-    @field_validator("api_base_url")
-    @classmethod
-    def _base_url(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("http", "https"):
-            raise ValueError("api_base_url must be an http(s) URL")
-        return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
     def _sender(self) -> TwilioSmsConfig:
@@ -336,7 +370,32 @@ class _Progress:
     uncertain_since: datetime | None = None
 
 
-class TwilioSmsChannel(Channel):
+class TwilioChannel(Channel):
+    """What the Twilio channels share: the media fetcher's test hooks and one HTTP pool for
+    the REST API."""
+
+    def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
+        super().__init__(slug, config, context)
+        if not isinstance(config, self.config_model):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_model.__name__}")
+        # Test hooks (context.options): a DNS stub and an httpx client for media fetches.
+        self.media_resolver: Resolver = context.options.get("media_resolver", system_resolver)
+        self.media_client: httpx.AsyncClient | None = context.options.get("media_client")
+        self._http: httpx.AsyncClient | None = None
+
+    def _pool(self, timeout: float) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=timeout)
+        return self._http
+
+    async def stop(self) -> None:
+        """Close the HTTP client used for the Twilio API."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+class TwilioSmsChannel(TwilioChannel):
     """SMS/MMS over Twilio; see the module docstring for what the core must wire."""
 
     channel_id = "sms"
@@ -350,21 +409,9 @@ class TwilioSmsChannel(Channel):
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         super().__init__(slug, config, context)
-        if not isinstance(config, TwilioSmsConfig):
-            raise TypeError("TwilioSmsChannel needs a TwilioSmsConfig")
+        assert isinstance(config, TwilioSmsConfig)
         self.sms_config = config
-        # Test hooks (context.options): a DNS stub and an httpx client for media fetches.
-        self.media_resolver: Resolver = context.options.get("media_resolver", system_resolver)
-        self.media_client: httpx.AsyncClient | None = context.options.get("media_client")
-        self._http: httpx.AsyncClient | None = None
         self._progress: OrderedDict[int, _Progress] = OrderedDict()
-
-    # -- lifecycle --------------------------------------------------------------------
-    async def stop(self) -> None:
-        """Close the HTTP client used for the Twilio API."""
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
     @property
     def status_callback_url(self) -> str:
@@ -374,16 +421,7 @@ class TwilioSmsChannel(Channel):
 
     # -- inbound ----------------------------------------------------------------------
     def verify(self, request: WebhookRequest) -> bool:
-        """Twilio's ``X-Twilio-Signature`` over ``request.url`` and ``request.form``.
-
-        The validator compares in constant time and accepts the URL with or without the
-        default port (Twilio is inconsistent about it).
-        """
-        signature = request.headers.get("x-twilio-signature")
-        if not signature:
-            return False
-        validator = RequestValidator(self.sms_config.auth_token.get_secret_value())
-        return bool(validator.validate(request.url, dict(request.form), signature))
+        return verify_twilio(self.sms_config.auth_token, request)
 
     def _kind(self, request: WebhookRequest) -> Literal["message", "status"] | None:
         path = urlsplit(request.url).path.rstrip("/")
@@ -604,17 +642,7 @@ class TwilioSmsChannel(Channel):
         return urls
 
     def _client(self) -> tuple[Client, HttpxTwilioClient]:
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self.sms_config.request_timeout)
-        # One HttpxTwilioClient per call: its last_response (for Retry-After) is then ours,
-        # not a concurrent send's; the connection pool is shared.
-        http = HttpxTwilioClient(
-            client=self._http,
-            timeout=self.sms_config.request_timeout,
-            rewrite_base=self.sms_config.api_base_url,
-        )
-        cfg = self.sms_config
-        return Client(cfg.account_sid, cfg.auth_token.get_secret_value(), http_client=http), http
+        return twilio_client(self.sms_config, self._pool(self.sms_config.request_timeout))
 
     async def send(self, message: OutboundMessage) -> SendReceipt:
         """Create the Twilio Message(s); the receipt has the first part's SID and status.

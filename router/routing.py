@@ -173,6 +173,7 @@ def _facts(
         "message.text": message.text if message is not None else None,
         "message.subject": (message.subject if message is not None else None) or row.subject,
         "message.language": (message.data or {}).get("language") if message is not None else None,
+        "ivr.choice": (message.data or {}).get("ivr_choice") if message is not None else None,
         "conversation.tags": list(row.tags or []),
         "conversation.reopened": bool((row.data or {}).get("reopened")),
         "time": now_iso,

@@ -45,6 +45,7 @@ from router.rules_service import RulesService
 from router.serialize import visitor_payload
 from router.settings import Settings
 from router.tasks import TaskGroup, periodic
+from router.voice import Voice
 from routing_rules import RulesError
 
 __all__ = ["Runtime"]
@@ -169,6 +170,8 @@ class Runtime:
         self.background = TaskGroup()
         self.rules.listeners.append(self._on_rules_activated)
         self.assignment.rerouted.append(self.route_pending)
+        self.voice = Voice(self)
+        self.assignment.connecting.append(self.voice.connect)
         self._lock_file: Any = None
         self.started = False
         self.ready_reasons: list[str] = ["starting"]

@@ -65,6 +65,7 @@ class OfferState(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     WITHDRAWN = "withdrawn"
+    CONNECTING = "connecting"  # accepted; the agent's phone is ringing (voice)
 
 
 class OutboxState(StrEnum):
@@ -154,3 +155,4 @@ class EventKind(StrEnum):
     ABANDONED = "abandoned"
     SURVEY_SENT = "survey_sent"
     WRAP_UP_ENDED = "wrap_up_ended"
+    CALL = "call"  # a phone call's course: agent ringing, answered, ended, voicemail

@@ -102,6 +102,7 @@ FACTS = FactRegistry(
         ),
         Fact("message.subject", _S, "the email subject"),
         Fact("message.language", _S, "the message's language as set by the channel or widget"),
+        Fact("ivr.choice", _S, "the key(s) a caller pressed in the phone inbox's IVR menu"),
         Fact("conversation.tags", FactType.LIST, "tags already on the conversation"),
         Fact("conversation.reopened", _B, "true when a resolved conversation is being reopened"),
         Fact("time", FactType.TIME, "when the conversation is routed (RFC 3339 with offset)"),

@@ -7,7 +7,13 @@ or fails it when ``OMNIROUTE_REQUIRE_PEERS=1`` (as ``.ci/run`` sets). The run en
 
 from __future__ import annotations
 
+import asyncio
+import faulthandler
+import gc
 import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,8 +47,37 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     peers.stop_private_fallbacks()
 
 
+# A test that hangs is first described (every thread, and every task of a running event
+# loop, which is where an asyncio hang hides), then failed by pytest-timeout (pyproject).
+HANG_REPORT_AFTER = float(os.environ.get("OMNIROUTE_HANG_REPORT_AFTER", "240"))
+
+
+def _describe_hang(name: str) -> None:
+    out = sys.__stderr__ or sys.stderr
+    print(f"\n=== {name} still running after {HANG_REPORT_AFTER:.0f}s ===", file=out)
+    faulthandler.dump_traceback(file=out, all_threads=True)
+    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]
+    for loop in loops:
+        if not loop.is_running():
+            continue
+        for task in list(asyncio.all_tasks(loop)):
+            print(f"--- {task!r}", file=out)
+            task.print_stack(file=out)
+    out.flush()
+
+
+@pytest.fixture(autouse=True)
+def _hang_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    timer = threading.Timer(HANG_REPORT_AFTER, _describe_hang, (request.node.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 # -- the server under test ---------------------------------------------------------------
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
 
 import httpx  # noqa: E402
 

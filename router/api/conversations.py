@@ -8,12 +8,13 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, select
 
+from channels.base import PermanentSendError, TemporarySendError
 from router.agents import agent_by_name
 from router.api.deps import get_runtime, my_agent_id, require
 from router.auth import Principal
-from router.exceptions import NotFound
+from router.exceptions import Conflict, NotFound, Unavailable
 from router.messaging import agent_write
-from router.models import Conversation, Message
+from router.models import Agent, Conversation, Message
 from router.runtime import Runtime
 from router.serialize import iso, message_payload
 from router.timeline import contact_timeline, conversation_detail
@@ -21,6 +22,7 @@ from router.types import Role
 
 router = APIRouter(tags=["conversations"])
 agent = require(Role.AGENT)
+supervisor = require(Role.SUPERVISOR)
 
 
 def list_conversations(
@@ -130,6 +132,50 @@ async def resolve(
 ) -> dict[str, Any]:
     result = await runtime.assignment.resolve(me, conversation_id)
     return {"resolved": True, "wrap_up_until": result["wrap_up_until"]}
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/call-back",
+    summary="Call the customer of my phone conversation back (my phone is rung in too)",
+)
+async def call_back(
+    conversation_id: int, runtime: Runtime = Depends(get_runtime), me: int = Depends(my_agent_id)
+) -> dict[str, str]:
+    try:
+        return await runtime.voice.call_back(me, conversation_id)
+    except (TemporarySendError, PermanentSendError) as exc:
+        raise Unavailable(f"Twilio: {exc.reason}") from exc
+
+
+class Monitor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str | None = Field(None, max_length=255, description="E.164 or sip:; default: mine")
+
+
+@router.post(
+    "/api/conversations/{conversation_id}/monitor",
+    summary="Listen in on a call, muted (supervisors)",
+)
+async def monitor(
+    conversation_id: int,
+    body: Monitor,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(supervisor),
+) -> dict[str, str]:
+    to = body.to
+    if to is None and user.agent_id is not None:
+        phone = await runtime.db.read(
+            lambda c: c.execute(
+                select(Agent.phone, Agent.sip).where(Agent.id == user.agent_id)
+            ).one()
+        )
+        to = phone.sip or phone.phone
+    if not to:
+        raise Conflict("say which phone to ring (to), or set one on your agent profile")
+    try:
+        return {"leg": await runtime.voice.monitor(conversation_id, to)}
+    except (TemporarySendError, PermanentSendError) as exc:
+        raise Unavailable(f"Twilio: {exc.reason}") from exc
 
 
 @router.post(

@@ -13,6 +13,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import Response
 
 from channels.base import Channel, WebhookRequest
+from channels.twilio_voice import MESSAGE_KINDS, VOICE_KINDS, TwilioVoiceChannel
 from router.api.deps import get_runtime
 from router.exceptions import NotFound
 from router.pipeline import quarantine
@@ -42,9 +43,10 @@ async def webhook_request(request: Request, public_base_url: str) -> WebhookRequ
     )
 
 
-async def handle(
-    runtime: Runtime, channel: Channel, request: Request, background: BackgroundTasks
-) -> Response:
+async def verified(
+    runtime: Runtime, channel: Channel, request: Request
+) -> WebhookRequest | Response:
+    """The request, if its signature checks out; else the refusal to answer with."""
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
         return Response("payload too large", status_code=413)
     hook = await webhook_request(request, runtime.settings.public_base_url)
@@ -59,6 +61,15 @@ async def handle(
             "webhook for %s refused: bad or missing signature (from %s)", channel.slug, hook.remote
         )
         return Response("forbidden", status_code=403)
+    return hook
+
+
+async def handle(
+    runtime: Runtime, channel: Channel, request: Request, background: BackgroundTasks
+) -> Response:
+    hook = await verified(runtime, channel, request)
+    if isinstance(hook, Response):
+        return hook
     inbox = runtime.inboxes[channel.slug]
     try:
         items = await channel.parse_async(hook)
@@ -94,9 +105,17 @@ async def fake_webhook(
     return await handle(runtime, inbox_channel(runtime, inbox, "fake"), request, background)
 
 
+_TWILIO_KINDS = {
+    "sms": ("sms", "sms-status"),
+    "voice": tuple(sorted(VOICE_KINDS | MESSAGE_KINDS)),
+}
+
+
 @router.post(
     "/twilio/{inbox}/{kind}",
-    summary="Twilio SMS webhooks (kind: sms | sms-status), signed with X-Twilio-Signature",
+    summary="Twilio webhooks, signed with X-Twilio-Signature. SMS inboxes: sms, sms-status. "
+    "Voice inboxes: voice, voice-status, voice-gather, hold, voicemail, participant-status, "
+    "recording, transcription",
 )
 async def twilio_webhook(
     inbox: str,
@@ -105,6 +124,12 @@ async def twilio_webhook(
     background: BackgroundTasks,
     runtime: Runtime = Depends(get_runtime),
 ) -> Response:
-    if kind not in ("sms", "sms-status"):
-        raise NotFound(f"no Twilio webhook {kind!r}")
-    return await handle(runtime, inbox_channel(runtime, inbox, "twilio"), request, background)
+    channel = inbox_channel(runtime, inbox, "twilio")
+    if kind not in _TWILIO_KINDS.get(channel.channel_id, ()):
+        raise NotFound(f"no Twilio {channel.channel_id} webhook {kind!r}")
+    if isinstance(channel, TwilioVoiceChannel) and kind in VOICE_KINDS:
+        hook = await verified(runtime, channel, request)
+        if isinstance(hook, Response):
+            return hook
+        return await runtime.voice.webhook(channel, kind, hook)
+    return await handle(runtime, channel, request, background)

@@ -14,6 +14,7 @@ offer per conversation; conversation moves are conditional on the state they lea
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -269,6 +270,10 @@ _MOVE_QUEUED = {
 _NEW_OFFER = insert(table(Offer)).returning(table(Offer).c.id)
 
 
+# offers that still hold the agent's capacity and end by a decision or their expiry
+_OPEN_OFFER = (OfferState.PENDING.value, OfferState.CONNECTING.value)
+
+
 class LostRace(Exception):
     """The conversation left ``queued``, or the agent filled up, under us: roll back."""
 
@@ -354,7 +359,97 @@ def try_offer(
         return None
 
 
+# An agent's phone leg rings for the offer timeout; its status callback may come a little later
+LEG_GRACE = timedelta(seconds=30)
+
+
+def _offer_gone(tx: Tx, agent_id: int, offer_id: int) -> Exception:
+    row = tx.execute(
+        select(Offer.state, Offer.agent_id, Offer.expires_at).where(Offer.id == offer_id)
+    ).first()
+    if row is None or row.agent_id != agent_id:
+        return NotFound(f"no offer {offer_id} for you")
+    state = "expired" if row.state == OfferState.PENDING and row.expires_at <= tx.now else row.state
+    return Conflict(f"the offer is {state}", offer_state=state)
+
+
+def _live_call(tx: Tx, offer_id: int) -> Any:
+    """The offer's conversation if it is a call in progress (holding for an agent, or
+    talking to one who transfers it): accepting it rings the agent's phone."""
+    row = tx.execute(
+        select(Conversation.id, Conversation.queue, Conversation.data)
+        .join(Offer, Offer.conversation_id == Conversation.id)
+        .where(Offer.id == offer_id)
+    ).first()
+    call = (row.data or {}).get("call") if row is not None else None
+    return row if call and call.get("stage") in ("queued", "connected") else None
+
+
+def _connect_offer(tx: Tx, agent_id: int, offer_id: int, conversation: Any) -> dict[str, Any]:
+    """Accepting a waiting call rings the agent's phone into the caller's conference: the
+    offer is ``connecting`` until that leg answers (then assigned) or does not (then the
+    caller waits for the next agent). Capacity stays taken meanwhile."""
+    phone = tx.execute(select(Agent.phone, Agent.sip).where(Agent.id == agent_id)).first()
+    to = (phone.sip or phone.phone) if phone is not None else None
+    if not to:
+        raise Conflict("to take calls, your agent profile needs a phone number or SIP address")
+    ruleset = current_ruleset(tx)
+    spec = ruleset.queues.get(conversation.queue) if ruleset is not None else None
+    ring = spec.offer_timeout if spec is not None else timedelta(seconds=30)
+    moved = tx.execute(
+        update(Offer)
+        .where(
+            Offer.id == offer_id,
+            Offer.agent_id == agent_id,
+            Offer.state == OfferState.PENDING.value,
+            Offer.expires_at > tx.now,
+        )
+        .values(state=OfferState.CONNECTING.value, expires_at=tx.now + ring + LEG_GRACE)
+        .returning(Offer.conversation_id)
+    ).scalar_one_or_none()
+    if moved is None:
+        raise _offer_gone(tx, agent_id, offer_id)
+    add_event(
+        tx,
+        conversation.id,
+        EventKind.CALL,
+        Actor.AGENT,
+        agent_id=agent_id,
+        what="ringing_agent",
+        offer_id=offer_id,
+    )
+    payload = {"offer_id": offer_id, "conversation_id": conversation.id, "to": to}
+    tx.emit(agent_stream(agent_id), "connecting", payload)
+    return {
+        "conversation_id": conversation.id,
+        "offer_id": offer_id,
+        "connect": {"agent_id": agent_id, "to": to, "timeout": int(ring.total_seconds())},
+    }
+
+
+def take_offered(tx: Tx, conversation_id: int, agent_id: int) -> bool:
+    """The offered conversation becomes the agent's (False if it is no longer offered)."""
+    moved = tx.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.state == S.OFFERED.value)
+        .values(
+            state=S.ASSIGNED.value,
+            assigned_agent_id=agent_id,
+            preferred_agent_id=None,
+            updated_at=tx.now,
+        )
+    ).rowcount
+    if not moved:
+        return False
+    tx.execute(update(Agent).where(Agent.id == agent_id).values(missed_offers=0))
+    clear_timers(tx, conversation_id, PREFERRED)
+    return True
+
+
 def accept_offer(tx: Tx, agent_id: int, offer_id: int) -> dict[str, Any]:
+    call = _live_call(tx, offer_id)
+    if call is not None:
+        return _connect_offer(tx, agent_id, offer_id, call)
     accepted = tx.execute(
         update(Offer)
         .where(
@@ -367,30 +462,10 @@ def accept_offer(tx: Tx, agent_id: int, offer_id: int) -> dict[str, Any]:
         .returning(Offer.conversation_id)
     ).scalar_one_or_none()
     if accepted is None:
-        row = tx.execute(
-            select(Offer.state, Offer.agent_id, Offer.expires_at).where(Offer.id == offer_id)
-        ).first()
-        if row is None or row.agent_id != agent_id:
-            raise NotFound(f"no offer {offer_id} for you")
-        state = (
-            "expired" if row.state == OfferState.PENDING and row.expires_at <= tx.now else row.state
-        )
-        raise Conflict(f"the offer is {state}", offer_state=state)
+        raise _offer_gone(tx, agent_id, offer_id)
     conversation_id = int(accepted)
-    moved = tx.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.state == S.OFFERED.value)
-        .values(
-            state=S.ASSIGNED.value,
-            assigned_agent_id=agent_id,
-            preferred_agent_id=None,
-            updated_at=tx.now,
-        )
-    ).rowcount
-    if not moved:
+    if not take_offered(tx, conversation_id, agent_id):
         raise Conflict("the conversation was withdrawn")
-    tx.execute(update(Agent).where(Agent.id == agent_id).values(missed_offers=0))
-    clear_timers(tx, conversation_id, PREFERRED)
     queue = tx.execute(
         select(Conversation.queue).where(Conversation.id == conversation_id)
     ).scalar_one()
@@ -453,7 +528,7 @@ def reject_offer(tx: Tx, agent_id: int, offer_id: int, reason: str | None) -> in
     return int(row.conversation_id)
 
 
-def _end_offer(tx: Tx, offer: Any, state: OfferState, kind: EventKind, reason: str) -> None:
+def end_offer(tx: Tx, offer: Any, state: OfferState, kind: EventKind, reason: str) -> None:
     release(tx, offer.agent_id, offer.channel, f"offer_{state.value}")
     _return_to_queue(tx, offer.conversation_id, offer.agent_id)
     add_event(
@@ -478,7 +553,7 @@ def due_offers(conn: Connection, now: Any, limit: int = 500) -> list[int]:
         int(i)
         for i in conn.execute(
             select(Offer.id)
-            .where(Offer.state == OfferState.PENDING.value, Offer.expires_at <= now)
+            .where(Offer.state.in_(_OPEN_OFFER), Offer.expires_at <= now)
             .order_by(Offer.id)
             .limit(limit)
         ).scalars()
@@ -493,7 +568,7 @@ def expire_offer(tx: Tx, offer_id: int, queues: dict[str, QueueSpec]) -> int | N
         update(Offer)
         .where(
             Offer.id == offer_id,
-            Offer.state == OfferState.PENDING.value,
+            Offer.state.in_(_OPEN_OFFER),
             Offer.expires_at <= tx.now,
         )
         .values(state=OfferState.EXPIRED.value, decided_at=tx.now)
@@ -501,7 +576,7 @@ def expire_offer(tx: Tx, offer_id: int, queues: dict[str, QueueSpec]) -> int | N
     ).first()
     if offer is None:
         return None
-    _end_offer(tx, offer, OfferState.EXPIRED, EventKind.OFFER_EXPIRED, "expired")
+    end_offer(tx, offer, OfferState.EXPIRED, EventKind.OFFER_EXPIRED, "expired")
     missed = tx.execute(
         update(Agent)
         .where(Agent.id == offer.agent_id)
@@ -527,7 +602,7 @@ def withdraw_offers(tx: Tx, agent_id: int, reason: str) -> list[int]:
         .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
     ).all()
     for offer in pending:
-        _end_offer(tx, offer, OfferState.WITHDRAWN, EventKind.OFFER_WITHDRAWN, reason)
+        end_offer(tx, offer, OfferState.WITHDRAWN, EventKind.OFFER_WITHDRAWN, reason)
     return [int(o.conversation_id) for o in pending]
 
 
@@ -604,7 +679,7 @@ def assign_manually(
             .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
         ).all()
         for offer in pending:
-            _end_offer(
+            end_offer(
                 tx,
                 offer,
                 OfferState.WITHDRAWN,

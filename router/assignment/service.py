@@ -126,6 +126,8 @@ class Assignment:
         self.dead_after = dead_after
         self.decisions = 0
         self.rerouted: list[Callable[[], Awaitable[Any]]] = []  # what routes conversations
+        # what rings an agent's phone when they accept a call (runtime.voice.connect)
+        self.connecting: list[Callable[[dict[str, Any]], Awaitable[Any]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
 
@@ -176,7 +178,11 @@ class Assignment:
             await self.dispatch()
 
     async def accept(self, agent_id: int, offer_id: int) -> dict[str, Any]:
-        return await self.db.write(core.accept_offer, agent_id, offer_id)
+        result = await self.db.write(core.accept_offer, agent_id, offer_id)
+        if "connect" in result:  # a call: assigned once the agent's phone answers
+            for connect in self.connecting:
+                await connect(result)
+        return result
 
     async def reject(self, agent_id: int, offer_id: int, reason: str | None) -> None:
         await self.db.write(core.reject_offer, agent_id, offer_id, reason)

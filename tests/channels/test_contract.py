@@ -36,7 +36,19 @@ SAMPLE_CONFIGS: dict[str, dict[str, Any]] = {
         "auth_token": "t" * 32,
         "from_number": "+15550000000",
     },
+    "twilio:voice": {
+        "account_sid": "AC" + "0" * 32,
+        "auth_token": "t" * 32,
+        "number": "+15550000000",
+    },
 }
+
+
+def sample(provider: str, channel_id: str) -> dict[str, Any]:
+    """A valid config for a channel (by provider, or provider:channel where they differ)."""
+    return SAMPLE_CONFIGS.get(f"{provider}:{channel_id}", SAMPLE_CONFIGS[provider])
+
+
 WRONG_KIND = {"email": "phone", "sms": "email", "whatsapp": "email", "webchat": "email"}
 CASES = [
     (provider, channel_id, cls)
@@ -46,7 +58,7 @@ CASES = [
 
 
 def make(provider: str, channel_id: str, cls: type[Channel]) -> Channel:
-    config = cls.config_model(channel=channel_id, provider=provider, **SAMPLE_CONFIGS[provider])
+    config = cls.config_model(channel=channel_id, provider=provider, **sample(provider, channel_id))
     context = ChannelContext(
         slug="contract",
         public_base_url="https://support.example.com",
@@ -70,7 +82,7 @@ def test_the_registry_matches_what_each_class_declares(
 def test_configs_reject_unknown_keys(provider: str, channel_id: str, cls: type[Channel]) -> None:
     with pytest.raises(ValidationError, match="surprise"):
         cls.config_model(
-            channel=channel_id, provider=provider, surprise=1, **SAMPLE_CONFIGS[provider]
+            channel=channel_id, provider=provider, surprise=1, **sample(provider, channel_id)
         )
 
 
