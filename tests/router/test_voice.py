@@ -470,3 +470,32 @@ async def test_a_transfer_rings_the_new_agent_before_the_old_one_leaves(phone: C
     assert row.data["call"]["legs"] == {str(bob): bob_leg["call_sid"]}
     with server.fake.lock:
         assert anna_leg["status"] == "complete"  # taken out of the conference
+
+
+async def test_a_leg_whose_callback_never_comes_expires_and_a_late_answer_is_hung_up(
+    phone: Call,
+) -> None:
+    runtime, client, server, clock = phone
+    cid, _ = await incoming(runtime, client, new_sid())
+    anna = await agent_with_phone(runtime, "anna", "+15557770001")
+    await runtime.assignment.accept(anna, await pending_offer(runtime, anna))
+    (leg,) = participants(server, f"conv-{cid}")
+    # no status callback: the offer ends after the ring time plus a grace, never before
+    clock.advance(timedelta(seconds=40))
+    await runtime.assignment.tick()
+    assert (await conversation(runtime, cid)).state == "offered"
+    clock.advance(timedelta(seconds=15))
+    await runtime.assignment.tick()
+    states = await runtime.db.read(
+        lambda c: c.execute(select(Offer.state).order_by(Offer.id)).scalars().all()
+    )
+    assert states[0] == "expired"
+    # the caller is still waiting (offered again: Anna is the only agent)
+    assert (await conversation(runtime, cid)).data["call"]["stage"] == "queued"
+    # the phone answers after all: too late, it is hung up, nothing is assigned by it
+    late = call_form(leg["call_sid"], "in-progress", Direction="outbound-api")
+    await signed_get_url(runtime, client, leg["form"]["StatusCallback"], late)
+    with server.fake.lock:
+        (call,) = [c for c in server.fake.calls if c["sid"] == leg["call_sid"]]
+        assert any(u.get("Status") == "completed" for u in call["updates"])
+    assert (await conversation(runtime, cid)).assigned_agent_id is None
