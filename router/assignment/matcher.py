@@ -294,6 +294,7 @@ def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: 
     longest_idle_only = all(queues[r.queue].strategy == "longest_idle" for r in waiting)
     per_conversation = len(waiting) <= SMALL and not longest_idle_only
     pool: list[_Candidate] | None = None
+    complete = False
 
     def by_query(rows: list[Any], allow_declined: bool, skip: set[int]) -> None:
         nonlocal made
@@ -321,7 +322,10 @@ def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: 
         # A slice of the longest idle agents, or every free agent so that any strategy's
         # order is exact. The second pass reuses it (its loads are kept up to date).
         if pool is None:
-            pool = _pool(conn, limit=4 * len(waiting) + 100 if longest_idle_only else None)
+            slice_size = 4 * len(waiting) + 100 if longest_idle_only else None
+            pool = _pool(conn, limit=slice_size)
+            # a slice shorter than asked for holds every agent who could take anything
+            complete = slice_size is None or len(pool) < slice_size
         if not pool:
             break
         unmatched = []
@@ -341,7 +345,7 @@ def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: 
                 # the slice is used up: the rest may still have agents beyond it
                 unmatched.extend(waiting[index + 1 :])
                 break
-        if longest_idle_only:
+        if longest_idle_only and not complete:
             # Eligible agents beyond the slice (skills, members) are found per conversation.
             by_query(unmatched[:SMALL], allow_declined, {a.id for a in pool})
     return made
