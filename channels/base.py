@@ -293,6 +293,16 @@ class Channel:
         """Parse a quarantined item again (after a fix); None if this channel cannot."""
         return None
 
+    def window(self, last_inbound_at: datetime | None, now: datetime | None = None) -> str:
+        """What may be sent now to a customer who last wrote at ``last_inbound_at``:
+        ``open`` (anything), ``human_agent`` (only what an agent typed), ``template_only``
+        (only one of the inbox's ``templates``) or ``closed`` (nothing). No window: open."""
+        return "open"
+
+    def templates(self) -> list[str]:
+        """The names of the pre-approved templates an agent may send outside the window."""
+        return []
+
     async def find_sent(self, message: OutboundMessage, since: datetime) -> SendReceipt | None:
         """For ``check``: the provider's record of this message if it was sent, else None."""
         return None

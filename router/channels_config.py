@@ -208,6 +208,16 @@ def load_channels(
         app = _validate(MetaApp, node, where, errors)
         if app is not None:
             config.meta_apps[key.text] = app
+    for key, node in inboxes.items if isinstance(inboxes, MapNode) else []:
+        app_node = node.get("app") if isinstance(node, MapNode) else None
+        app_name = getattr(app_node, "value", None)
+        if app_node is not None and isinstance(app_name, str) and app_name not in config.meta_apps:
+            errors.add(
+                app_node,
+                f"inboxes.{key.text}.app",
+                f'unknown Meta app "{app_name}" (define it under meta_apps)'
+                f"{did_you_mean(app_name, sorted(config.meta_apps))}",
+            )
     if errors.items:
         raise RulesError(errors.items, source)
     return config

@@ -31,7 +31,11 @@ def agent_write(
     client_id: str | None = None,
     identity_id: int | None = None,
     supervisor: bool = False,
+    template: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """An agent's reply (or note). ``template`` sends a provider's pre-approved template
+    (``{name, language, params}``: WhatsApp outside its 24-hour window); ``text`` is then
+    the agent's preview of it."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidInput("the text is empty")
     if len(text) > MAX_REPLY_CHARS:
@@ -73,5 +77,6 @@ def agent_write(
         is_note=note,
         client_id=client_id,
         identity_id=identity_id,
+        provider_template=template,
     )
     return {"message_id": message_id, "duplicate": False}

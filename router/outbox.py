@@ -92,6 +92,47 @@ def _recipient(tx: Tx, conversation: Conversation, identity_id: int | None) -> t
     return int(last.inbox_id), int(last.identity_id)
 
 
+def _window(tx: Tx, inbox_id: int, identity_id: int) -> str:
+    """The messaging window of (inbox, identity), from the provider's time of the identity's
+    last inbound message there (the channel knows its rules; most have no window)."""
+    channel = tx.context.get("channels", {}).get(inbox_id)
+    if channel is None or channel.messaging_window is None:
+        return "open"
+    last = tx.execute(
+        select(func.max(func.coalesce(Message.provider_ts, Message.created_at))).where(
+            Message.inbox_id == inbox_id,
+            Message.identity_id == identity_id,
+            Message.direction == Direction.IN.value,
+        )
+    ).scalar_one_or_none()
+    return str(channel.window(last, tx.now))
+
+
+def _check_window(
+    tx: Tx, inbox_id: int, window: str, provider_template: dict[str, Any] | None
+) -> None:
+    """An agent's message outside the window: a clear refusal, or the template choice."""
+    channel = tx.context["channels"][inbox_id]
+    if window == "closed":
+        raise Conflict(
+            "the customer last wrote more than 24 hours ago: this channel allows no reply "
+            "until they write again",
+            window=window,
+        )
+    if window == "template_only" and not provider_template:
+        names = channel.templates()
+        raise Conflict(
+            "the customer last wrote more than 24 hours ago: only an approved template can "
+            + (
+                f"be sent (one of {', '.join(names)})"
+                if names
+                else "be sent, and this inbox lists none"
+            ),
+            window=window,
+            templates=names,
+        )
+
+
 def enqueue_message(
     tx: Tx,
     conversation_id: int,
@@ -106,6 +147,7 @@ def enqueue_message(
     identity_id: int | None = None,
     client_id: str | None = None,
     template: str | None = None,
+    provider_template: dict[str, Any] | None = None,
 ) -> int | None:
     """Store an outbound message (and its outbox row, unless it is an internal note) in the
     caller's transaction. Returns the message id."""
@@ -131,7 +173,21 @@ def enqueue_message(
                     "nothing can be sent to it until they send START"
                 )
             return None  # no automatic message goes to an opted-out identity
-    data = {k: v for k, v in {"client_id": client_id, "template": template}.items() if v}
+    data: dict[str, Any] = {
+        k: v for k, v in {"client_id": client_id, "template": template}.items() if v
+    }
+    if recipient is not None:
+        window = _window(tx, inbox_id, recipient)
+        if window != "open":
+            if is_auto or author != Actor.AGENT:  # never outside the window, and said so
+                reason = f"automatic message not sent: the messaging window is {window}"
+                log.info("conversation %s: %s", conversation_id, reason)
+                add_event(tx, conversation_id, EventKind.AUTO_SKIPPED, reason=reason)
+                return None
+            _check_window(tx, inbox_id, window, provider_template)
+            data["window"] = window
+        if provider_template:
+            data["provider_template"] = provider_template
     message_id = int(
         tx.execute(
             insert(Message)

@@ -343,12 +343,23 @@ class Runtime:
                 blobs=self.blobs,
                 state=InboxState(self.db, info.id),
                 secret=self.channel_secret,
+                options=self._channel_options(config, inbox_config),
             )
             channel = cls(slug, inbox_config, context)
             self.channels[slug] = channel
+            # what the outbox consults inside a transaction (messaging windows)
+            self.db.context.setdefault("channels", {})[info.id] = channel
             self.inboxes[slug] = info
             self._inbox_by_id[info.id] = slug
             await channel.start()
+
+    @staticmethod
+    def _channel_options(config: Any, inbox_config: Any) -> dict[str, Any]:
+        """A Meta inbox gets its app's secrets (the webhook belongs to the app)."""
+        app = config.meta_apps.get(getattr(inbox_config, "app", None) or "")
+        if app is None:
+            return {}
+        return {"app_secret": app.app_secret, "verify_token": app.verify_token}
 
     @property
     def channel_secret(self) -> bytes:

@@ -155,4 +155,5 @@ class EventKind(StrEnum):
     ABANDONED = "abandoned"
     SURVEY_SENT = "survey_sent"
     WRAP_UP_ENDED = "wrap_up_ended"
+    AUTO_SKIPPED = "auto_skipped"  # an automatic message not sent (window closed, opted out)
     CALL = "call"  # a phone call's course: agent ringing, answered, ended, voicemail

@@ -159,6 +159,7 @@ class AgentConnection:
                 note=kind == "note",
                 client_id=client_id,
                 identity_id=identity if isinstance(identity, int) else None,
+                template=_template(cmd.get("template")),
             )
             rt.outbox.wake()
             return result
@@ -377,3 +378,20 @@ async def _command_loop(ws: WebSocket, conn: AgentConnection) -> None:
                 # The client left while its command ran: the command took effect and the
                 # client sees its outcome in the events it gets when it resumes.
                 return
+
+
+def _template(value: Any) -> dict[str, Any] | None:
+    """A reply's provider template: ``{name, language, params?}`` (strings), else refused."""
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, dict)
+        and set(value) <= {"name", "language", "params"}
+        and isinstance(value.get("name"), str)
+        and isinstance(value.get("language"), str)
+        and isinstance(value.get("params", []), list)
+        and all(isinstance(p, str) for p in value.get("params", []))
+    )
+    if not ok:
+        raise InvalidInput("template: expected {name, language, params: [strings]}")
+    return dict(value)

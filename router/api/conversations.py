@@ -92,12 +92,22 @@ async def get_conversation(
     return detail
 
 
+class Template(BaseModel):
+    """A pre-approved provider template (WhatsApp, outside the 24-hour window)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=512)
+    language: str = Field(min_length=2, max_length=16)
+    params: list[str] = Field(default_factory=list, max_length=100)
+
+
 class Write(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, max_length=20_000)
     note: bool = False
     client_id: str | None = Field(None, max_length=64)
     identity_id: int | None = None
+    template: Template | None = None
 
 
 @router.post(
@@ -121,6 +131,7 @@ async def post_message(
         client_id=body.client_id,
         identity_id=body.identity_id,
         supervisor=user.allows(Role.SUPERVISOR),
+        template=body.template.model_dump() if body.template else None,
     )
     runtime.outbox.wake()
     return result

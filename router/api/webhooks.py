@@ -7,14 +7,17 @@ header, which a proxy may change), so signatures verify behind load balancers.""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import Response
 
 from channels.base import Channel, WebhookRequest
+from channels.meta import MetaChannel, entries, handshake, route, verify_signature
 from channels.twilio_voice import MESSAGE_KINDS, VOICE_KINDS, TwilioVoiceChannel
 from router.api.deps import get_runtime
+from router.channels_config import MetaApp
 from router.exceptions import NotFound
 from router.pipeline import quarantine
 from router.runtime import Runtime
@@ -47,18 +50,28 @@ async def verified(
     runtime: Runtime, channel: Channel, request: Request
 ) -> WebhookRequest | Response:
     """The request, if its signature checks out; else the refusal to answer with."""
+    return await checked(runtime, request, channel.provider, channel.slug, channel.verify)
+
+
+async def checked(
+    runtime: Runtime,
+    request: Request,
+    provider: str,
+    target: str,
+    verify: Callable[[WebhookRequest], bool],
+) -> WebhookRequest | Response:
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
         return Response("payload too large", status_code=413)
     hook = await webhook_request(request, runtime.settings.public_base_url)
     if runtime.bad_signatures.blocked(hook.remote):
         # a source that keeps failing the signature check is not even checked for a while
-        runtime.metrics.webhook_rejected.labels(channel.provider, "rate").inc()
+        runtime.metrics.webhook_rejected.labels(provider, "rate").inc()
         return Response("too many bad signatures", status_code=429)
-    if not channel.verify(hook):
+    if not verify(hook):
         runtime.bad_signatures.allow(hook.remote)
-        runtime.metrics.webhook_rejected.labels(channel.provider, "signature").inc()
+        runtime.metrics.webhook_rejected.labels(provider, "signature").inc()
         log.warning(
-            "webhook for %s refused: bad or missing signature (from %s)", channel.slug, hook.remote
+            "webhook for %s refused: bad or missing signature (from %s)", target, hook.remote
         )
         return Response("forbidden", status_code=403)
     return hook
@@ -133,3 +146,78 @@ async def twilio_webhook(
             return hook
         return await runtime.voice.webhook(channel, kind, hook)
     return await handle(runtime, channel, request, background)
+
+
+def _meta_app(runtime: Runtime, app: str) -> MetaApp:
+    found = runtime.channels_config.meta_apps.get(app)
+    if found is None:
+        raise NotFound(f"no Meta app {app!r}")
+    return found
+
+
+@router.get("/meta/{app}", summary="Meta's subscription handshake (hub.mode, hub.verify_token)")
+async def meta_handshake(
+    app: str, request: Request, runtime: Runtime = Depends(get_runtime)
+) -> Response:
+    secrets = _meta_app(runtime, app)
+    challenge = handshake(dict(request.query_params), secrets.verify_token.get_secret_value())
+    if challenge is None:
+        runtime.metrics.webhook_rejected.labels("meta", "handshake").inc()
+        return Response("forbidden", status_code=403)
+    return Response(challenge, media_type="text/plain")
+
+
+@router.post(
+    "/meta/{app}",
+    summary="Messenger and WhatsApp webhooks of a Meta app, signed with X-Hub-Signature-256",
+)
+async def meta_webhook(
+    app: str,
+    request: Request,
+    background: BackgroundTasks,
+    runtime: Runtime = Depends(get_runtime),
+) -> Response:
+    """Verify the app's signature on the raw bytes, split the delivery into events, hand
+    each inbox its own (by page id or phone number id), persist, answer 200, then route.
+    Events no inbox claims are counted and dropped; what cannot be parsed is quarantined."""
+    secret = _meta_app(runtime, app).app_secret.get_secret_value()
+    hook = await checked(
+        runtime,
+        request,
+        "meta",
+        f"meta app {app}",
+        lambda h: verify_signature(secret, h.body, h.headers.get("x-hub-signature-256")),
+    )
+    if isinstance(hook, Response):
+        return hook
+    try:
+        units = entries(hook.body)
+    except ValueError as exc:
+        await runtime.db.write(quarantine, None, "webhook", f"meta app {app}: {exc}", hook.body)
+        runtime.metrics.quarantined.labels("webhook").inc()
+        return Response("", status_code=200)
+    channels = [
+        channel
+        for slug, channel in runtime.channels.items()
+        if isinstance(channel, MetaChannel)
+        and channel.meta_config.app == app
+        and runtime.inboxes[slug].enabled
+    ]
+    groups, unclaimed = route(units, channels)
+    if unclaimed:
+        runtime.metrics.webhook_rejected.labels("meta", "no_inbox").inc(len(unclaimed))
+    outcomes = []
+    for channel, its_units in groups.items():
+        inbox = runtime.inboxes[channel.slug]
+        try:
+            items = await channel.parse_items_async(its_units)
+        except Exception as exc:  # a parser bug must not lose the events: keep them raw
+            log.exception("parsing Meta events for %s failed; quarantined", channel.slug)
+            for unit in its_units:
+                await runtime.db.write(
+                    quarantine, inbox.id, "webhook", f"parse failed: {exc}", unit.raw()
+                )
+            continue
+        outcomes.extend(await runtime.ingest(channel.slug, items))
+    background.add_task(runtime.after_ingest, outcomes)
+    return Response("", status_code=200)

@@ -36,6 +36,8 @@ SAMPLE_CONFIGS: dict[str, dict[str, Any]] = {
         "auth_token": "t" * 32,
         "from_number": "+15550000000",
     },
+    "meta": {"app": "main", "page_id": "106000000000001", "access_token": "t" * 20},
+    "meta:whatsapp": {"app": "main", "phone_number_id": "106540352242922", "access_token": "t"},
     "twilio:voice": {
         "account_sid": "AC" + "0" * 32,
         "auth_token": "t" * 32,
