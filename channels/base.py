@@ -134,6 +134,9 @@ class StatusUpdate:
     status: str  # queued | sent | delivered | read | failed | undelivered
     error: str | None = None
     at: datetime | None = None
+    # A watermark (Messenger's read receipts): every message of this inbox to this
+    # recipient's address sent at or before ``at`` has reached ``status``.
+    recipient: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

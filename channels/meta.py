@@ -148,6 +148,7 @@ key, so an interrupted send is left to the agent (``uncertain_policy = ASK``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import hashlib
 import hmac
@@ -206,6 +207,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_NAMES_CACHED = 10_000
 
 WindowState = Literal["open", "human_agent", "template_only", "closed"]
 
@@ -640,8 +642,6 @@ class WatermarkStatus(StatusUpdate):
     PSID) at or before ``at`` is ``status`` (``delivered`` or ``read``). ``provider_id`` is
     ``watermark:<psid>``, which matches no message (a core unaware of it ignores it)."""
 
-    recipient: str = ""
-
 
 class _Bad(Exception):
     """The item cannot be handled: becomes a Reject with this reason."""
@@ -679,6 +679,7 @@ class MetaChannel(Channel):
         super().__init__(slug, config, context)
         if not isinstance(config, MetaConfig):
             raise TypeError("MetaChannel needs a MetaConfig")
+        self._names: dict[str, str | None] = {}  # PSID -> profile name (or None)
         self.meta_config = config
         self.channel_id = config.channel  # type: ignore[misc]  # one class, two channels
         self.max_text_length = (  # type: ignore[misc]
@@ -819,10 +820,42 @@ class MetaChannel(Channel):
     async def parse_items_async(
         self, units: Iterable[Unit | tuple[str, Mapping[str, Any]]]
     ) -> list[ParsedItem]:
-        """:meth:`parse_items`, then the media fetched into the blob store."""
+        """:meth:`parse_items`, then the media fetched into the blob store and, on
+        Messenger, the sender's profile name looked up (once per person)."""
         items = self.parse_items(units)
         await self.fetch_media(items)
+        if self.channel_id == "messenger":
+            for index, item in enumerate(items):
+                if isinstance(item, InboundMessage) and item.sender.name is None:
+                    name = await self._profile_name(item.sender.address)
+                    if name:
+                        items[index] = dataclasses.replace(
+                            item, sender=dataclasses.replace(item.sender, name=name)
+                        )
         return items
+
+    async def _profile_name(self, psid: str) -> str | None:
+        """The person's name from the User Profile API, asked once per PSID (a token
+        without the permission, or any failure, just leaves the name unknown)."""
+        if psid in self._names:
+            return self._names[psid]
+        name: str | None = None
+        try:
+            response = await self._api().get(
+                f"{self.graph_url}/{psid}",
+                params={"fields": "first_name,last_name", **self._proof()},
+                headers=self._auth_headers(),
+            )
+            if response.status_code == 200:
+                body = response.json()
+                full = f"{body.get('first_name', '')} {body.get('last_name', '')}".strip()
+                name = full[:200] or None
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("no profile name for a Messenger user: %s", type(exc).__name__)
+        if len(self._names) >= _NAMES_CACHED:
+            self._names.pop(next(iter(self._names)))
+        self._names[psid] = name
+        return name
 
     # -- Messenger --------------------------------------------------------------------
     def _messenger_unit(self, unit: Unit) -> list[ParsedItem]:

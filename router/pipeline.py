@@ -545,8 +545,27 @@ def _attachment(a: Any) -> dict[str, Any]:
     }
 
 
+_WATERMARK_LIMIT = 200  # the newest messages a watermark moves (older ones moved before)
+
+
 def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool:
-    """Move an outbound message's delivery status forward only (failed is terminal)."""
+    """Move an outbound message's delivery status forward only (failed is terminal); a
+    watermark moves every earlier message to that recipient."""
+    if status.recipient is not None:
+        rows = tx.execute(
+            select(Message.id, Message.delivery_status, Message.conversation_id, Message.agent_id)
+            .join(ContactIdentity, ContactIdentity.id == Message.identity_id)
+            .where(
+                Message.inbox_id == inbox.id,
+                Message.direction == Direction.OUT.value,
+                ContactIdentity.address == status.recipient,
+                Message.created_at <= (status.at or tx.now),
+                Message.external_id.is_not(None),
+            )
+            .order_by(Message.id.desc())
+            .limit(_WATERMARK_LIMIT)
+        ).all()
+        return any([_move_status(tx, row, status) for row in rows])
     row = tx.execute(
         select(
             Message.id, Message.delivery_status, Message.conversation_id, Message.agent_id
@@ -558,6 +577,10 @@ def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool:
     ).first()
     if row is None:
         return False
+    return _move_status(tx, row, status)
+
+
+def _move_status(tx: Tx, row: Any, status: StatusUpdate) -> bool:
     current, new = row.delivery_status, status.status
     if current in _TERMINAL or current == DeliveryStatus.FAILED:
         return False

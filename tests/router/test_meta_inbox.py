@@ -19,15 +19,17 @@ from sqlalchemy import select, update
 from adapters.clock import FakeClock
 from router.exceptions import Conflict
 from router.messaging import agent_write
-from router.models import Conversation, ConversationEvent, Message
+from router.models import Contact, Conversation, ConversationEvent, Message
 from router.outbox import enqueue_message
 from router.runtime import Runtime
 from router.types import Actor, AgentPresence
 from tests.fakes.meta import (
     PAGE_ID,
     PHONE_NUMBER_ID,
+    PSID,
     WA_ID,
     FakeGraphServer,
+    messenger_read,
     messenger_text,
     meta_json_bytes,
     sign_meta,
@@ -222,3 +224,43 @@ async def test_the_windows_refuse_clearly_offer_templates_and_skip_automatic_mes
         )
     )
     assert kinds and "window is closed" in kinds[0]["reason"]
+
+
+async def test_a_messenger_read_watermark_marks_every_earlier_reply_read(meta: Meta) -> None:
+    runtime, client, server, clock = meta
+    await deliver(client, messenger_text("hello", timestamp=ms(clock)))
+    await settle(runtime)
+    cid, anna = await reply_setup(runtime, "messenger")
+    for text in ("One moment", "Found it"):
+        await runtime.db.write(agent_write, anna, cid, text)
+    await runtime.outbox.process_due()
+    await server.graph.wait_for_sent(2)
+    clock.advance(timedelta(seconds=5))
+    later = await runtime.db.write(agent_write, anna, cid, "Anything else?")
+    await runtime.outbox.process_due()
+    # read up to before the third reply: the first two are read, the third is not
+    watermark = ms(clock) - 1000
+    await deliver(client, messenger_read(watermark, timestamp=ms(clock)))
+    rows = await runtime.db.read(
+        lambda c: c.execute(
+            select(Message.id, Message.delivery_status)
+            .where(Message.direction == "out")
+            .order_by(Message.id)
+        ).all()
+    )
+    assert [r.delivery_status for r in rows] == ["read", "read", "sent"]
+    assert rows[-1].id == later["message_id"]
+
+
+async def test_a_messenger_sender_gets_their_profile_name_once(meta: Meta) -> None:
+    runtime, client, server, clock = meta
+    with server.graph.lock:
+        server.graph.profiles[PSID] = {"first_name": "Ada", "last_name": "Lovelace"}
+    await deliver(client, messenger_text("hello", timestamp=ms(clock)))
+    await deliver(client, messenger_text("hello again", timestamp=ms(clock)))
+    await settle(runtime)
+    name = await runtime.db.read(lambda c: c.execute(select(Contact.name)).scalar_one())
+    assert name == "Ada Lovelace"
+    with server.graph.lock:
+        lookups = [r for r in server.graph.requests if r.get("path", "").endswith(f"/{PSID}")]
+    assert len(lookups) == 1
