@@ -30,11 +30,11 @@ from channels.base import PermanentSendError, TemporarySendError, WebhookRequest
 from channels.twilio_sms import EMPTY_TWIML
 from channels.twilio_voice import TwilioVoiceChannel
 from router.assignment import flow
-from router.assignment.core import conversation_summary, end_offer, take_offered
+from router.assignment.core import end_offer, take_offered
 from router.assignment.sla import queue_hours
 from router.assignment.timers import clear_timers
 from router.db import Connection, Tx
-from router.events import SUPERVISORS, add_event, agent_stream
+from router.events import SUPERVISORS, add_event
 from router.exceptions import Conflict
 from router.models import Agent, Conversation, ConversationEvent, Message, Offer
 from router.serialize import iso
@@ -111,7 +111,7 @@ def leg_answered(tx: Tx, offer_id: int, leg_sid: str) -> dict[str, Any]:
     if offer is None:
         return {"hangup": True}
     conversation_id, agent_id = int(offer.conversation_id), int(offer.agent_id)
-    if not take_offered(tx, conversation_id, agent_id):
+    if not take_offered(tx, conversation_id, agent_id, offer_id, leg=leg_sid):
         raise RuntimeError(f"call conversation {conversation_id} left 'offered' while ringing")
     row = _locked(tx, conversation_id)
     call = dict((row.data or {}).get("call") or {})
@@ -126,18 +126,6 @@ def leg_answered(tx: Tx, offer_id: int, leg_sid: str) -> dict[str, Any]:
         answered_by=agent_id,
     )
     _save_call(tx, row, call)
-    add_event(
-        tx,
-        conversation_id,
-        EventKind.ASSIGNED,
-        Actor.AGENT,
-        agent_id=agent_id,
-        queue=row.queue,
-        offer_id=offer_id,
-        leg=leg_sid,
-    )
-    summary = conversation_summary(tx.conn, conversation_id)
-    tx.emit(agent_stream(agent_id), "assigned", {"offer_id": offer_id, "conversation": summary})
     return {"conversation_id": conversation_id, "remove": others}
 
 

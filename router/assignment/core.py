@@ -427,8 +427,9 @@ def _connect_offer(tx: Tx, agent_id: int, offer_id: int, conversation: Any) -> d
     }
 
 
-def take_offered(tx: Tx, conversation_id: int, agent_id: int) -> bool:
-    """The offered conversation becomes the agent's (False if it is no longer offered)."""
+def take_offered(tx: Tx, conversation_id: int, agent_id: int, offer_id: int, **data: Any) -> bool:
+    """The offered conversation becomes the agent's, with its ``assigned`` event (``data``
+    added to it) and the agent told; False if it is no longer offered."""
     moved = tx.execute(
         update(Conversation)
         .where(Conversation.id == conversation_id, Conversation.state == S.OFFERED.value)
@@ -438,11 +439,24 @@ def take_offered(tx: Tx, conversation_id: int, agent_id: int) -> bool:
             preferred_agent_id=None,
             updated_at=tx.now,
         )
-    ).rowcount
-    if not moved:
+        .returning(Conversation.queue)
+    ).first()
+    if moved is None:
         return False
     tx.execute(update(Agent).where(Agent.id == agent_id).values(missed_offers=0))
     clear_timers(tx, conversation_id, PREFERRED)
+    add_event(
+        tx,
+        conversation_id,
+        EventKind.ASSIGNED,
+        Actor.AGENT,
+        agent_id=agent_id,
+        queue=moved.queue,
+        offer_id=offer_id,
+        **data,
+    )
+    summary = conversation_summary(tx.conn, conversation_id)
+    tx.emit(agent_stream(agent_id), "assigned", {"offer_id": offer_id, "conversation": summary})
     return True
 
 
@@ -464,22 +478,8 @@ def accept_offer(tx: Tx, agent_id: int, offer_id: int) -> dict[str, Any]:
     if accepted is None:
         raise _offer_gone(tx, agent_id, offer_id)
     conversation_id = int(accepted)
-    if not take_offered(tx, conversation_id, agent_id):
+    if not take_offered(tx, conversation_id, agent_id, offer_id):
         raise Conflict("the conversation was withdrawn")
-    queue = tx.execute(
-        select(Conversation.queue).where(Conversation.id == conversation_id)
-    ).scalar_one()
-    add_event(
-        tx,
-        conversation_id,
-        EventKind.ASSIGNED,
-        Actor.AGENT,
-        agent_id=agent_id,
-        queue=queue,
-        offer_id=offer_id,
-    )
-    summary = conversation_summary(tx.conn, conversation_id)
-    tx.emit(agent_stream(agent_id), "assigned", {"offer_id": offer_id, "conversation": summary})
     return {"conversation_id": conversation_id, "offer_id": offer_id}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from channels.meta import (
     verify_signature,
     window_state,
 )
-from channels.safe_fetch import MediaRefused
+from tests.channels.test_twilio_sms import MemoryBlobs, StubResolver
 from tests.fakes.meta import (
     PAGE_ID,
     PHONE_NUMBER_ID,
@@ -94,31 +94,6 @@ def sec(value: int) -> datetime:
 
 
 # -- plumbing -----------------------------------------------------------------------
-class MemoryBlobs:
-    def __init__(self) -> None:
-        self.items: dict[str, tuple[bytes, str, str | None]] = {}
-
-    async def put(self, data: bytes, content_type: str, filename: str | None = None) -> str:
-        key = f"mem:{len(self.items)}"
-        self.items[key] = (data, content_type, filename)
-        return key
-
-    async def get(self, key: str) -> bytes:
-        return self.items[key][0]
-
-
-class StubResolver:
-    """DNS as the test says; counts lookups."""
-
-    def __init__(self, table: dict[str, Sequence[str]]) -> None:
-        self.table = table
-        self.calls: list[str] = []
-
-    async def __call__(self, host: str, port: int) -> Sequence[str]:
-        self.calls.append(host)
-        if host not in self.table:
-            raise MediaRefused(f"cannot resolve {host}")
-        return self.table[host]
 
 
 def config(channel: str = "messenger", **overrides: Any) -> MetaConfig:
