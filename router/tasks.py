@@ -45,8 +45,12 @@ async def periodic(
         if wake is None:
             await asyncio.sleep(interval)
         else:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives as the wake-up completes, and the worker would run on after a
+            # shutdown cancelled it (seen as a rare hang in stop()).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await wake.wait()
 
 
 def spawn(
@@ -89,9 +93,19 @@ class TaskGroup:
         await self.cancel()
 
     async def cancel(self) -> None:
+        """Cancel every task and wait for each to end; a task that swallowed its
+        cancellation (a library's race) is cancelled again until it ends."""
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if not task.done():
+                    log.warning(
+                        "task %s still running after cancel: cancelling again", task.get_name()
+                    )
+                    task.cancel()
+            if not task.cancelled():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    task.result()
