@@ -244,6 +244,16 @@ class ChannelContext:
     secret: bytes = b""  # per-deployment key for channel-level tokens (thread tokens)
 
 
+# The identity kind each channel sends messages to (a phone inbox sends none: it calls).
+SENDS_TO = {
+    "email": "email",
+    "sms": "phone",
+    "whatsapp": "whatsapp",
+    "messenger": "messenger",
+    "webchat": "webchat",
+}
+
+
 class Channel:
     """Base class of every channel. Subclasses set the class attributes they differ in."""
 
@@ -272,6 +282,10 @@ class Channel:
 
     async def stop(self) -> None:
         """Stop pollers, close clients; in-flight work is finished or left recoverable."""
+
+    def sends_to(self, kind: str) -> bool:
+        """Whether this channel can send a message to an identity of ``kind``."""
+        return SENDS_TO.get(self.channel_id) == kind
 
     def verify(self, request: WebhookRequest) -> bool:
         """Check the request's signature over the raw bytes. Deny by default."""

@@ -492,6 +492,7 @@ class EmailChannel(Channel):
             attachments.append(
                 Attachment(a.filename, a.content_type, len(a.data), key, inline=a.inline)
             )
+        proof = sender_proof(parsed.auth, parsed.sender or "")
         auth = parsed.auth or {}
         spoofed = bool(auth.get("trusted")) and auth.get("dmarc") == "fail"
         return InboundMessage(
@@ -499,11 +500,9 @@ class EmailChannel(Channel):
             sender=Sender(
                 "email",
                 parsed.sender or "",
-                verified=not spoofed,
+                verified=proof is not None,
                 name=parsed.sender_name,
-                verified_by="dmarc"
-                if auth.get("trusted") and auth.get("dmarc") == "pass"
-                else None,
+                verified_by=proof,
             ),
             text=parsed.text,
             subject=parsed.subject,
@@ -593,6 +592,25 @@ class EmailChannel(Channel):
             auto=message.is_auto,
             date=self.context.now(),
         )
+
+
+def sender_proof(auth: dict[str, Any] | None, sender: str) -> str | None:
+    """How the sender's address is proven, or None: only our own MX's Authentication-Results
+    count (``trusted``), with DMARC pass, or a DKIM pass whose signing domain is aligned with
+    the From domain (the same domain or a parent of it, DMARC's relaxed alignment)."""
+    if not auth or not auth.get("trusted"):
+        return None
+    if auth.get("dmarc") == "pass":
+        return "dmarc"
+    domain = sender.rpartition("@")[2].lower()
+    signer = str(auth.get("dkim_domain") or "").lower()
+    if (
+        auth.get("dkim") == "pass"
+        and signer
+        and (domain == signer or domain.endswith("." + signer))
+    ):
+        return "dkim"
+    return None
 
 
 # -- IMAP helpers ---------------------------------------------------------------------------

@@ -172,12 +172,21 @@ class TwilioVoiceChannel(TwilioChannel):
     @staticmethod
     def caller(form: dict[str, str] | Any, fallback: str | None = None) -> Sender:
         """The caller as an identity: E.164 (one number is one customer across SMS, voice
-        and WhatsApp); a withheld number is an unverified identity of this call only."""
+        and WhatsApp). Caller ID is easy to spoof: it is verified only when the carrier
+        attested it fully (STIR/SHAKEN ``StirVerstat`` ``TN-Validation-Passed-A``); else it
+        is an unverified claim, kept apart from the number's verified owner. A withheld
+        number is an unverified identity of this call only."""
         raw = (form.get("From") or fallback or "").strip()
         if raw.lower() in _ANONYMOUS or not raw:
             return Sender("phone", f"anonymous:{form.get('CallSid', '')}", verified=False)
         try:
-            return Sender("phone", normalize_e164(raw), verified=True)
+            attested = form.get("StirVerstat") == "TN-Validation-Passed-A"
+            return Sender(
+                "phone",
+                normalize_e164(raw),
+                verified=attested,
+                verified_by="stir_shaken_a" if attested else None,
+            )
         except ValueError:
             return Sender("phone", f"anonymous:{form.get('CallSid', '')}", verified=False)
 

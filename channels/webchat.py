@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from channels.base import (
     Channel,
@@ -45,6 +45,13 @@ class WebChatConfig(InboxConfig):
     messages_per_minute_per_ip: int = Field(120, ge=1)
     title: str = Field("Chat with us", max_length=80)
     greeting: str = Field("Hi! How can we help?", max_length=500)
+    # Identity (docs/identity.md): the site may pass its customer id signed with this
+    # secret (hex HMAC-SHA256); visitors may prove an email or a phone number with a
+    # one-time code sent through these inboxes.
+    identity_secret: SecretStr | None = None
+    identity_namespace: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    verify_email_inbox: str | None = None
+    verify_sms_inbox: str | None = None
 
 
 def new_visitor_token() -> str:

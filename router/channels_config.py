@@ -218,6 +218,20 @@ def load_channels(
                 f'unknown Meta app "{app_name}" (define it under meta_apps)'
                 f"{did_you_mean(app_name, sorted(config.meta_apps))}",
             )
+    for key, node in inboxes.items if isinstance(inboxes, MapNode) else []:
+        for name, wanted in (("verify_email_inbox", "email"), ("verify_sms_inbox", "sms")):
+            ref = node.get(name) if isinstance(node, MapNode) else None
+            slug = getattr(ref, "value", None)
+            if ref is None or not isinstance(slug, str):
+                continue
+            target = config.inboxes.get(slug)
+            if target is None or target.channel != wanted:
+                errors.add(
+                    ref,
+                    f"inboxes.{key.text}.{name}",
+                    f'"{slug}" is not an {wanted} inbox here'
+                    f"{did_you_mean(slug, sorted(config.inboxes))}",
+                )
     if errors.items:
         raise RulesError(errors.items, source)
     return config

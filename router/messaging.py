@@ -30,6 +30,7 @@ def agent_write(
     note: bool = False,
     client_id: str | None = None,
     identity_id: int | None = None,
+    inbox_id: int | None = None,
     supervisor: bool = False,
     template: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -77,6 +78,7 @@ def agent_write(
         is_note=note,
         client_id=client_id,
         identity_id=identity_id,
+        inbox_id=inbox_id,
         provider_template=template,
     )
     return {"message_id": message_id, "duplicate": False}

@@ -124,11 +124,12 @@ class Contact(Base):
 
 
 class ContactIdentity(Base):
-    """A way to reach a contact. ``(kind, address)`` is unique; only verified identities
-    link contacts automatically."""
+    """A way to reach a contact. ``(kind, address, verified)`` is unique: at most one contact
+    owns an address as verified (only verified identities link contacts) and at most one
+    holds it as an unverified claim, kept apart from the verified owner."""
 
     __tablename__ = "contact_identities"
-    __table_args__ = (UniqueConstraint("kind", "address"),)
+    __table_args__ = (UniqueConstraint("kind", "address", "verified"),)
     id: Mapped[int] = _id()
     contact_id: Mapped[int] = mapped_column(Id, ForeignKey("contacts.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
@@ -148,6 +149,40 @@ class ContactHint(Base):
     kind: Mapped[str] = mapped_column(String(16))
     value: Mapped[str] = mapped_column(String(320))
     source: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class ContactLink(Base):
+    """The audit of identity changes: a merge, a split, a verified identity linked, an
+    erasure. ``detail`` holds what moved, so a merge can be explained and split back."""
+
+    __tablename__ = "contact_links"
+    __table_args__ = (Index("ix_contact_links_contact", "contact_id", "id"),)
+    id: Mapped[int] = _id()
+    action: Mapped[str] = mapped_column(String(16))  # merge | split | link | erase
+    contact_id: Mapped[int] = mapped_column(Id)  # the surviving (or affected) contact
+    other_contact_id: Mapped[int | None] = mapped_column(Id)  # merged away / split out
+    identity_id: Mapped[int | None] = mapped_column(Id)
+    actor: Mapped[str] = mapped_column(String(64))  # user:<id> | visitor | system
+    reason: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+
+
+class VerificationCode(Base):
+    """A one-time code sent to an email address or phone number a web-chat visitor claims.
+    Only the code's keyed hash is stored; it expires and allows a few attempts."""
+
+    __tablename__ = "verification_codes"
+    __table_args__ = (Index("ix_verification_codes_identity", "identity_id", "id"),)
+    id: Mapped[int] = _id()
+    identity_id: Mapped[int] = mapped_column(Id, ForeignKey("contact_identities.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # email | phone
+    address: Mapped[str] = mapped_column(String(320))
+    code_hash: Mapped[str] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
 
 

@@ -61,22 +61,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _recipient(tx: Tx, conversation: Conversation, identity_id: int | None) -> tuple[int, int]:
+def _recipient(
+    tx: Tx, conversation: Conversation, identity_id: int | None, inbox_id: int | None = None
+) -> tuple[int, int]:
     """``(inbox_id, identity_id)`` to reply through: by default the channel and identity of
-    the customer's latest inbound message."""
-    if identity_id is not None:
-        owner = tx.execute(
-            select(ContactIdentity.contact_id).where(ContactIdentity.id == identity_id)
-        ).scalar_one_or_none()
-        if owner != conversation.contact_id:
-            raise InvalidInput("that identity does not belong to this conversation's contact")
-        inbox_id = tx.execute(
-            select(Message.inbox_id)
-            .where(Message.identity_id == identity_id, Message.direction == "in")
-            .order_by(Message.id.desc())
-            .limit(1)
-        ).scalar_one_or_none()
-        return int(inbox_id or conversation.inbox_id), identity_id
+    the customer's latest inbound message. An agent may choose another identity of the
+    contact (answer a missed call by SMS) and the inbox to send through; replies go only to
+    verified identities, apart from the one who wrote last."""
     last = tx.execute(
         select(Message.inbox_id, Message.identity_id)
         .where(
@@ -87,9 +78,48 @@ def _recipient(tx: Tx, conversation: Conversation, identity_id: int | None) -> t
         .order_by(Message.id.desc())
         .limit(1)
     ).first()
-    if last is None:
-        raise InvalidInput("no customer identity to reply to in this conversation")
-    return int(last.inbox_id), int(last.identity_id)
+    if identity_id is None and inbox_id is None:
+        if last is None:
+            raise InvalidInput("no customer identity to reply to in this conversation")
+        return int(last.inbox_id), int(last.identity_id)
+    if identity_id is None:
+        if last is None:
+            raise InvalidInput("no customer identity to reply to in this conversation")
+        identity_id = int(last.identity_id)
+    identity = tx.execute(
+        select(ContactIdentity.contact_id, ContactIdentity.kind, ContactIdentity.verified).where(
+            ContactIdentity.id == identity_id
+        )
+    ).first()
+    if identity is None or identity.contact_id != conversation.contact_id:
+        raise InvalidInput("that identity does not belong to this conversation's contact")
+    if not identity.verified and (last is None or identity_id != last.identity_id):
+        raise InvalidInput(
+            "replies go only to verified identities (or to whoever wrote last): this one is "
+            "an unverified claim"
+        )
+    channels = tx.context.get("channels", {})
+
+    def can_send(inbox: int | None) -> bool:
+        channel = channels.get(inbox)
+        return channel is not None and channel.sends_to(identity.kind)
+
+    if inbox_id is not None:
+        if channels and not can_send(inbox_id):
+            raise InvalidInput(f"that inbox cannot send to a {identity.kind} identity")
+        return inbox_id, identity_id
+    wrote_in = tx.execute(
+        select(Message.inbox_id)
+        .where(Message.identity_id == identity_id, Message.direction == "in")
+        .order_by(Message.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if not channels or can_send(wrote_in):
+        return int(wrote_in or conversation.inbox_id), identity_id
+    inbox_id = next((i for i in sorted(channels) if can_send(i)), None)
+    if inbox_id is None:
+        raise InvalidInput(f"no inbox here can send to a {identity.kind} identity")
+    return int(inbox_id), identity_id
 
 
 def _window(tx: Tx, inbox_id: int, identity_id: int) -> str:
@@ -145,6 +175,7 @@ def enqueue_message(
     subject: str | None = None,
     attachments: list[dict[str, Any]] | None = None,
     identity_id: int | None = None,
+    inbox_id: int | None = None,
     client_id: str | None = None,
     template: str | None = None,
     provider_template: dict[str, Any] | None = None,
@@ -160,7 +191,7 @@ def enqueue_message(
     if is_note:
         inbox_id, recipient = conversation.inbox_id, None
     else:
-        inbox_id, recipient = _recipient(tx, conversation, identity_id)
+        inbox_id, recipient = _recipient(tx, conversation, identity_id, inbox_id)
         identity = tx.execute(
             select(ContactIdentity.kind, ContactIdentity.address, ContactIdentity.data).where(
                 ContactIdentity.id == recipient
@@ -446,12 +477,12 @@ def set_opt_out(tx: Tx, identity_id: int, opted_out: bool, how: str) -> None:
 
 
 def _opted_out(tx: Tx, recipient: Sender) -> None:
-    identity = tx.execute(
+    """The provider says the number opted out: every identity holding it (verified or not)."""
+    for identity in tx.execute(
         select(ContactIdentity.id).where(
             ContactIdentity.kind == recipient.kind, ContactIdentity.address == recipient.address
         )
-    ).scalar_one_or_none()
-    if identity is not None:
+    ).scalars():
         set_opt_out(tx, int(identity), True, "provider")
 
 

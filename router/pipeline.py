@@ -113,13 +113,10 @@ _messages, _conversations, _contacts, _identities, _hints = (
 _SEEN = select(_messages.c.id, _messages.c.conversation_id).where(
     _messages.c.inbox_id == bindparam("inbox"), _messages.c.external_id == bindparam("external")
 )
-_IDENTITY = select(_identities.c.id, _identities.c.contact_id, _identities.c.verified).where(
-    _identities.c.kind == bindparam("kind"), _identities.c.address == bindparam("address")
-)
-_VERIFY_IDENTITY = (
-    update(_identities)
-    .where(_identities.c.id == bindparam("p_id"))
-    .values(verified=True, verified_by=bindparam("p_by"))
+_IDENTITY = select(_identities.c.id, _identities.c.contact_id).where(
+    _identities.c.kind == bindparam("kind"),
+    _identities.c.address == bindparam("address"),
+    _identities.c.verified == bindparam("verified"),
 )
 _NEW_CONTACT = insert(_contacts).returning(_contacts.c.id)
 _DROP_CONTACT = delete(_contacts).where(_contacts.c.id == bindparam("p_id"))
@@ -128,7 +125,7 @@ _NEW_IDENTITY = {
     "postgresql": pg_insert(_identities).on_conflict_do_nothing(),
 }
 _LOCK_CONTACT = (
-    select(_contacts.c.id)
+    select(_contacts.c.merged_into_id)
     .where(_contacts.c.id == bindparam("p_id"))
     .with_for_update(key_share=True)
 )
@@ -156,25 +153,33 @@ _HINT_KNOWN = select(_hints.c.id).where(
 _NEW_HINT = insert(_hints)
 
 
-def _lock_contact(tx: Tx, contact_id: int) -> None:
-    """Serialize writers per contact. FOR NO KEY UPDATE, not FOR UPDATE: the latter would
-    also block the KEY SHARE locks of foreign-key checks on rows referencing the contact,
-    and deadlock with a transaction that updates one of its conversations twice."""
-    if tx.dialect == "postgresql":
-        tx.execute(_LOCK_CONTACT, {"p_id": contact_id})
+def _lock_contact(tx: Tx, contact_id: int) -> int:
+    """Serialize writers per contact; returns the contact to write to. FOR NO KEY UPDATE, not
+    FOR UPDATE: the latter would also block the KEY SHARE locks of foreign-key checks on rows
+    referencing the contact, and deadlock with a transaction that updates one of its
+    conversations twice. A merge that committed while we waited moved the contact on: follow
+    it to the survivor (SQLite has one writer, so there nothing moves under us)."""
+    if tx.dialect != "postgresql":
+        return contact_id
+    for _ in range(16):
+        merged_into = tx.execute(_LOCK_CONTACT, {"p_id": contact_id}).scalar_one_or_none()
+        if merged_into is None:
+            return contact_id
+        contact_id = int(merged_into)
+    raise AssertionError(f"contact {contact_id}: a chain of more than 16 merges")
 
 
-def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None) -> tuple[int, int]:
+def resolve_contact(tx: Tx, sender: Sender) -> tuple[int, int]:
     """The contact owning ``sender``'s identity, created if new. Returns ``(contact_id, identity_id)``.
 
     An identity belongs to exactly one contact; a new identity never joins an existing
-    contact here (linking is only ever through verified proofs, in the identity module).
+    contact here (linking is only ever through verified proofs, in router.identity). An
+    unverified sender is looked up among unverified claims only: claiming an address never
+    reaches the contact that proved it.
     """
-    key = {"kind": sender.kind, "address": sender.address}
+    key = {"kind": sender.kind, "address": sender.address, "verified": bool(sender.verified)}
     found = tx.execute(_IDENTITY, key).first()
     if found is not None:
-        if sender.verified and not found.verified:
-            tx.execute(_VERIFY_IDENTITY, {"p_id": found.id, "p_by": sender.verified_by})
         contact_id, identity_id = int(found.contact_id), int(found.id)
     else:
         contact_id = int(
@@ -207,7 +212,12 @@ def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None)
             tx.execute(_DROP_CONTACT, {"p_id": contact_id})
         row = tx.execute(_IDENTITY, key).one()
         contact_id, identity_id = int(row.contact_id), int(row.id)
-    for kind, value in (hints or {}).items():
+    return contact_id, identity_id
+
+
+def _add_hints(tx: Tx, contact_id: int, hints: dict[str, str]) -> None:
+    """Unverified claims (a typed email): stored once, shown to agents, never used to link."""
+    for kind, value in hints.items():
         hint = {"contact": contact_id, "kind": kind, "value": value[:320]}
         if tx.execute(_HINT_KNOWN, hint).first() is None:
             tx.execute(
@@ -220,7 +230,6 @@ def resolve_contact(tx: Tx, sender: Sender, hints: dict[str, str] | None = None)
                     "created_at": tx.now,
                 },
             )
-    return contact_id, identity_id
 
 
 _BY_THREAD_ID = (
@@ -390,8 +399,9 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
     seen = tx.execute(_SEEN, seen_key).first() or _same_content(tx, inbox, msg)
     if seen is not None:
         return IngestOutcome(int(seen.id), int(seen.conversation_id), duplicate=True)
-    contact_id, identity_id = resolve_contact(tx, msg.sender, msg.hints)
-    _lock_contact(tx, contact_id)
+    contact_id, identity_id = resolve_contact(tx, msg.sender)
+    contact_id = _lock_contact(tx, contact_id)
+    _add_hints(tx, contact_id, msg.hints)
     if msg.data.get("opt_out") in ("stop", "start"):
         set_opt_out(tx, identity_id, msg.data["opt_out"] == "stop", "keyword")
     if tx.dialect == "postgresql":  # a concurrent delivery may have committed while we waited

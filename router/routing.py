@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, case, func, insert, select, update
 
 from router.assignment import flow, sla
 from router.db import Tx
@@ -31,7 +31,7 @@ from router.models import (
     table,
 )
 from router.outbox import enqueue_message
-from router.types import Actor, ConversationState, EventKind, Priority
+from router.types import OPEN_STATES, Actor, ConversationState, EventKind, Priority
 from routing_rules import Decision, Ruleset, evaluate
 
 __all__ = ["ROUTE_BATCH", "RouteResult", "conversation_facts", "route_batch"]
@@ -157,8 +157,70 @@ class RouteResult:
     created_at: datetime
 
 
+_HISTORY = select(
+    func.count(),
+    func.sum(
+        case(
+            (
+                and_(
+                    Conversation.state.in_([s.value for s in OPEN_STATES]),
+                    Conversation.channel != bindparam("channel"),
+                ),
+                1,
+            ),
+            else_=0,
+        )
+    ),
+).where(Conversation.contact_id == bindparam("contact"), Conversation.id != bindparam("cid"))
+_LAST_EARLIER = (
+    select(Conversation.queue, User.name)
+    .select_from(Conversation)
+    .outerjoin(Agent, Agent.id == Conversation.assigned_agent_id)
+    .outerjoin(User, User.id == Agent.user_id)
+    .where(
+        Conversation.contact_id == bindparam("contact"),
+        Conversation.id < bindparam("cid"),
+        Conversation.queue.is_not(None),
+    )
+    .order_by(Conversation.id.desc())
+    .limit(1)
+)
+_LAST_EARLIER_AGENT = (
+    select(User.name)
+    .select_from(Conversation)
+    .join(Agent, Agent.id == Conversation.assigned_agent_id)
+    .join(User, User.id == Agent.user_id)
+    .where(Conversation.contact_id == bindparam("contact"), Conversation.id < bindparam("cid"))
+    .order_by(Conversation.id.desc())
+    .limit(1)
+)
+
+
+def history_facts(conn: Connection | Tx, row: Any) -> dict[str, Any]:
+    """The ``history.*`` facts: the contact's other conversations on every channel."""
+    key = {"contact": row.contact_id, "cid": row.id, "channel": row.channel}
+    total, open_elsewhere = conn.execute(_HISTORY, key).one()
+    facts: dict[str, Any] = {
+        "history.conversations": int(total or 0),
+        "history.open_elsewhere": int(open_elsewhere or 0),
+    }
+    if total:
+        last = conn.execute(_LAST_EARLIER, key).first()
+        if last is not None:
+            facts["history.last_queue"] = last.queue
+        agent = conn.execute(_LAST_EARLIER_AGENT, key).scalar_one_or_none()
+        if agent is not None:
+            facts["history.last_agent"] = agent
+    return facts
+
+
 def _facts(
-    row: Any, message: Any, email: str | None, ruleset: Ruleset, now_iso: str
+    row: Any,
+    message: Any,
+    email: str | None,
+    ruleset: Ruleset,
+    now_iso: str,
+    history: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The facts registry's values for one conversation (JSON-safe: stored with the decision)."""
     facts: dict[str, Any] = {
@@ -180,6 +242,7 @@ def _facts(
     }
     for name in ruleset.attributes:
         facts[f"contact.{name}"] = (row.attributes or {}).get(name)
+    facts.update(history or {})
     return {k: v for k, v in facts.items() if v is not None}
 
 
@@ -207,7 +270,7 @@ def _decision_for_inbox(
 def _route_one(
     tx: Tx, row: Any, message: Any, email: str | None, ruleset: Ruleset
 ) -> RouteResult | None:
-    facts = _facts(row, message, email, ruleset, tx.now.isoformat())
+    facts = _facts(row, message, email, ruleset, tx.now.isoformat(), history_facts(tx, row))
     decision = _decision_for_inbox(evaluate(facts, ruleset), ruleset, row.default_queue)
     decision_id = int(
         tx.execute(
@@ -322,7 +385,14 @@ def conversation_facts(
     row = conn.execute(_ONE, {"cid": conversation_id}).one()
     message = conn.execute(_FIRST_IN, {"ids": [conversation_id]}).first()
     email = None if row.email else conn.execute(_EMAILS, {"ids": [row.contact_id]}).first()
-    return _facts(row, message, email[1] if email else None, ruleset, now.isoformat())
+    return _facts(
+        row,
+        message,
+        email[1] if email else None,
+        ruleset,
+        now.isoformat(),
+        history_facts(conn, row),
+    )
 
 
 class _Gone(Exception):

@@ -31,7 +31,7 @@ from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
 from router.events import visitor_stream
-from router.exceptions import AlreadyRunning, ConfigError
+from router.exceptions import AlreadyRunning, ConfigError, InvalidInput
 from router.failpoints import configure as configure_failpoints
 from router.failpoints import failpoint
 from router.metrics import Metrics
@@ -230,6 +230,15 @@ class Runtime:
         await self.db.close()
         self._release_sqlite_lock()
         self.started = False
+
+    def inbox_id_of(self, slug: str | None) -> int | None:
+        """The id of a configured inbox (None for None); an unknown slug is a clear error."""
+        if slug is None:
+            return None
+        info = self.inboxes.get(slug)
+        if info is None:
+            raise InvalidInput(f'no inbox "{slug}"', field="inbox")
+        return int(info.id)
 
     @staticmethod
     async def _check_schema(db: Database) -> None:

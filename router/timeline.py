@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, or_, select
 
-from router.models import Contact, Conversation, Message, RoutingDecision
+from router.models import Contact, Conversation, ConversationEvent, Message, RoutingDecision
 from router.serialize import iso, message_payload, visitor_payload
 
 __all__ = ["contact_timeline", "conversation_detail", "visitor_history"]
@@ -19,7 +19,16 @@ def contact_timeline(
     conn: Connection, contact_id: int, *, limit: int = 100, before: int | None = None
 ) -> dict[str, Any]:
     """The newest ``limit`` messages of the contact (before message id ``before``), oldest
-    first, with the conversations they belong to and how each was routed."""
+    first, with the conversations they belong to, how each was routed and their events
+    (routing, assignment, merges...) over the same span. A merged contact's timeline is
+    its survivor's."""
+    for _ in range(16):
+        merged_into = conn.execute(
+            select(Contact.merged_into_id).where(Contact.id == contact_id)
+        ).scalar_one_or_none()
+        if merged_into is None:
+            break
+        contact_id = int(merged_into)
     query = (
         select(Message, Conversation.channel.label("conversation_channel"))
         .join(Conversation, Conversation.id == Message.conversation_id)
@@ -55,9 +64,28 @@ def contact_timeline(
                 "at": iso(d.created_at),
             }
         )
+    events = select(ConversationEvent).where(
+        ConversationEvent.conversation_id.in_(conversation_ids)
+    )
+    if rows and more:  # the events of this page's span of time; the older page has the rest
+        events = events.where(ConversationEvent.at >= rows[0].created_at)
+    if rows and before is not None:
+        events = events.where(ConversationEvent.at <= rows[-1].created_at)
     return {
         "contact_id": contact_id,
         "messages": [message_payload(r, r.conversation_channel) for r in rows],
+        "events": [
+            {
+                "conversation_id": e.conversation_id,
+                "kind": e.kind,
+                "at": iso(e.at),
+                "actor": e.actor,
+                "agent_id": e.agent_id,
+                "queue": e.queue,
+                "data": e.data or {},
+            }
+            for e in conn.execute(events.order_by(ConversationEvent.id).limit(1000))
+        ],
         "conversations": [conversations[i] for i in conversation_ids],
         "next_before": rows[0].id if more and rows else None,
     }

@@ -25,6 +25,7 @@ from router.auth import Principal, authenticate_token
 from router.events import SUPERVISORS, agent_stream
 from router.exceptions import Forbidden, InvalidInput, NotFound, OmnirouteError, Unauthorized
 from router.hub import Session
+from router.identity import merge_as
 from router.messaging import agent_write
 from router.models import ContactIdentity, Conversation, Message, Offer
 from router.outbox import resend
@@ -159,6 +160,7 @@ class AgentConnection:
                 note=kind == "note",
                 client_id=client_id,
                 identity_id=identity if isinstance(identity, int) else None,
+                inbox_id=rt.inbox_id_of(_text(cmd, "inbox", required=False)),
                 template=_template(cmd.get("template")),
             )
             rt.outbox.wake()
@@ -189,6 +191,15 @@ class AgentConnection:
                 a, _int(cmd, "conversation_id"), _text(cmd, "reason") or ""
             )
             return {"queue": queue}
+        if kind == "merge_contacts":
+            return await rt.db.write(
+                merge_as,
+                _int(cmd, "contact_id"),
+                _int(cmd, "from_contact_id"),
+                actor=f"user:{self.principal.user_id}",
+                any_pair=self.principal.allows(Role.SUPERVISOR),
+                reason=_text(cmd, "reason", required=False),
+            )
         if kind == "send_to_routing":
             await rt.assignment.send_to_routing(
                 a, _int(cmd, "conversation_id"), _text(cmd, "note", required=False)

@@ -30,6 +30,7 @@ from router.ratelimit import RateLimiter
 from router.runtime import Runtime
 from router.timeline import visitor_history
 from router.types import OPEN_STATES
+from router.visitor_identity import finish_proof, sign_in, start_proof
 
 __all__ = ["router"]
 
@@ -147,6 +148,11 @@ async def chat_socket(ws: WebSocket) -> None:
             {stream: resume if isinstance(resume, int) and not isinstance(resume, bool) else None},
             [f"ephemeral:{stream}"],
         )
+        identity_problem = (
+            await sign_in(runtime, channel, address, name, hello["identity"])
+            if hello.get("identity") is not None
+            else None
+        )
         identity_id = await runtime.db.read(_identity, address)
         history = (
             await runtime.db.read(visitor_history, identity_id) if identity_id is not None else []
@@ -163,6 +169,8 @@ async def chat_socket(ws: WebSocket) -> None:
                 "max_chars": channel.web_config.max_message_chars,
             }
         )
+        if identity_problem is not None:
+            await send({"type": "error", "code": "identity_rejected", "message": identity_problem})
         for frame in opened.replay:
             await send(frame)
         session.start()
@@ -233,6 +241,13 @@ async def chat_socket(ws: WebSocket) -> None:
                         f"ephemeral:{agent_stream(agent_id)}",
                         {"type": "typing", "from": "visitor", "visitor": address},
                     )
+            elif kind == "verify_start":
+                if not limits.visitor_messages.allow(address):
+                    await ws.close(1008, "rate limit: too many messages")
+                    return
+                await send(await start_proof(runtime, channel, address, name, frame))
+            elif kind == "verify_code":
+                await send(await finish_proof(runtime, address, name, frame))
             elif kind == "ping":
                 await send({"type": "pong"})
             else:

@@ -106,6 +106,22 @@ FACTS = FactRegistry(
         Fact("conversation.tags", FactType.LIST, "tags already on the conversation"),
         Fact("conversation.reopened", _B, "true when a resolved conversation is being reopened"),
         Fact("time", FactType.TIME, "when the conversation is routed (RFC 3339 with offset)"),
+        Fact(
+            "history.conversations",
+            _N,
+            "how many earlier conversations the contact had, on any channel",
+        ),
+        Fact("history.last_queue", _S, "the queue of the contact's latest earlier conversation"),
+        Fact(
+            "history.last_agent",
+            _S,
+            "the agent (user name) of the contact's latest earlier conversation that had one",
+        ),
+        Fact(
+            "history.open_elsewhere",
+            _N,
+            "how many of the contact's conversations are open on other channels",
+        ),
     ]
 )
 

@@ -56,3 +56,16 @@ class LocalBlobs:
 
     async def get(self, key: str) -> bytes:
         return await asyncio.to_thread(self._path(key).read_bytes)
+
+    async def delete(self, key: str) -> bool:
+        """Remove a blob (a data-protection erasure); False when it was not there."""
+        path = self._path(key)
+
+        def remove() -> bool:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            return True
+
+        return await asyncio.to_thread(remove)

@@ -7,13 +7,22 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, String, cast, select, update
 
 from router.api.deps import get_runtime, require
 from router.auth import Principal
 from router.db import Tx
 from router.exceptions import InvalidInput, NotFound
-from router.models import Contact, ContactHint, ContactIdentity
+from router.identity import (
+    contact_links,
+    erase_contact,
+    export_contact,
+    identity_payload,
+    merge_as,
+    split_identity,
+    suggestions,
+)
+from router.models import Contact, ContactHint, ContactIdentity, Message
 from router.runtime import Runtime
 from router.serialize import iso
 from router.types import Role
@@ -47,16 +56,7 @@ def contact_view(conn: Connection, contact_id: int) -> dict[str, Any]:
         "attributes": contact.attributes or {},
         "merged_into_id": contact.merged_into_id,
         "created_at": iso(contact.created_at),
-        "identities": [
-            {
-                "id": i.id,
-                "kind": i.kind,
-                "address": i.address,
-                "verified": i.verified,
-                "verified_by": i.verified_by,
-            }
-            for i in identities
-        ],
+        "identities": [identity_payload(i) for i in identities],
         "unverified_hints": [{"kind": h.kind, "value": h.value, "source": h.source} for h in hints],
     }
 
@@ -123,3 +123,120 @@ async def patch_contact(
         _check_attributes(patch.attributes, runtime.rules.ruleset.attributes)
     await runtime.db.write(_patch, contact_id, patch)
     return await runtime.db.read(contact_view, contact_id)
+
+
+# -- one customer across channels (docs/identity.md) ---------------------------------------
+class Merge(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    from_contact: int = Field(description="the contact merged away into this one")
+    reason: str | None = Field(None, max_length=500)
+
+
+class Reason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(None, max_length=500)
+
+
+@router.get("/{contact_id}/suggestions", summary="Contacts that may be the same person, and why")
+async def get_suggestions(
+    contact_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+) -> list[dict[str, Any]]:
+    return await runtime.db.read(suggestions, contact_id)
+
+
+@router.get("/{contact_id}/links", summary="The merges, splits, links and erasure of a contact")
+async def get_links(
+    contact_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+) -> list[dict[str, Any]]:
+    return await runtime.db.read(contact_links, contact_id)
+
+
+@router.post(
+    "/{contact_id}/merge",
+    summary="Merge another contact into this one (agents: suggested matches only)",
+)
+async def post_merge(
+    contact_id: int,
+    body: Merge,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(agent),
+) -> dict[str, Any]:
+    return await runtime.db.write(
+        merge_as,
+        contact_id,
+        body.from_contact,
+        actor=f"user:{user.user_id}",
+        any_pair=user.allows(Role.SUPERVISOR),
+        reason=body.reason,
+    )
+
+
+@router.post(
+    "/{contact_id}/identities/{identity_id}/split",
+    summary="Split an identity (and the conversations it started) out to a contact of its own",
+)
+async def post_split(
+    contact_id: int,
+    identity_id: int,
+    body: Reason | None = None,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(require(Role.SUPERVISOR)),
+) -> dict[str, Any]:
+    def split(tx: Tx) -> dict[str, Any]:
+        owner = tx.execute(
+            select(ContactIdentity.contact_id).where(ContactIdentity.id == identity_id)
+        ).scalar_one_or_none()
+        if owner != contact_id:
+            raise NotFound(f"contact {contact_id} has no identity {identity_id}")
+        return split_identity(
+            tx, identity_id, actor=f"user:{user.user_id}", reason=body.reason if body else None
+        )
+
+    return await runtime.db.write(split)
+
+
+@router.get("/{contact_id}/export", summary="Everything stored about a contact (data requests)")
+async def get_export(
+    contact_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    _: Principal = Depends(require(Role.ADMIN)),
+) -> dict[str, Any]:
+    return await runtime.db.read(export_contact, contact_id)
+
+
+@router.post(
+    "/{contact_id}/erase",
+    summary="Erase a contact: messages redacted, identities removed, an audit entry kept",
+)
+async def post_erase(
+    contact_id: int,
+    body: Reason | None = None,
+    runtime: Runtime = Depends(get_runtime),
+    user: Principal = Depends(require(Role.ADMIN)),
+) -> dict[str, Any]:
+    result = await runtime.db.write(
+        erase_contact,
+        contact_id,
+        actor=f"user:{user.user_id}",
+        reason=body.reason if body else None,
+    )
+    blobs = result.pop("blobs")
+    still_used = await runtime.db.read(_blobs_in_use, blobs)
+    removed = 0
+    delete = getattr(runtime.blobs, "delete", None)
+    for key in blobs:
+        if key not in still_used and delete is not None:
+            removed += bool(await delete(key))
+    return {**result, "attachments_deleted": removed}
+
+
+def _blobs_in_use(conn: Connection, keys: list[str]) -> set[str]:
+    """Blobs are stored by content: one erased here may still belong to someone else."""
+    used: set[str] = set()
+    for key in set(keys):
+        hit = conn.execute(
+            select(Message.id).where(cast(Message.attachments, String).contains(key)).limit(1)
+        ).first()
+        if hit is not None:
+            used.add(key)
+    return used

@@ -107,6 +107,9 @@ class Write(BaseModel):
     note: bool = False
     client_id: str | None = Field(None, max_length=64)
     identity_id: int | None = None
+    inbox: str | None = Field(
+        None, max_length=64
+    )  # send through this inbox (default: where they wrote)
     template: Template | None = None
 
 
@@ -130,6 +133,7 @@ async def post_message(
         note=body.note,
         client_id=body.client_id,
         identity_id=body.identity_id,
+        inbox_id=runtime.inbox_id_of(body.inbox),
         supervisor=user.allows(Role.SUPERVISOR),
         template=body.template.model_dump() if body.template else None,
     )
