@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from pydantic import SecretStr
 
 from channels.base import (
+    Attachment,
     Channel,
     ChannelContext,
     InboundMessage,
@@ -144,6 +145,11 @@ class FakeChannel(Channel):
             provider_ts=datetime.fromisoformat(sent_at) if isinstance(sent_at, str) else None,
             auto=bool(raw.get("auto", False)),
             hints={k: v for k, v in (raw.get("hints") or {}).items() if isinstance(v, str)},
+            attachments=[
+                Attachment(str(a.get("filename", "file")), str(a.get("content_type", "")), 0)
+                for a in raw.get("attachments") or []
+                if isinstance(a, dict)
+            ],
         )
 
     def ack(self, request: WebhookRequest) -> WebhookResponse:

@@ -13,10 +13,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from adapters.clock import Clock
-from router import pages, ws_agent, ws_chat
-from router.api import admin, agents, contacts, conversations, health, me, queues, users, webhooks
+from router import console, pages, ws_agent, ws_chat
+from router.api import (
+    admin,
+    agents,
+    compose,
+    contacts,
+    conversations,
+    health,
+    me,
+    queues,
+    users,
+    webhooks,
+)
 from router.exceptions import OmnirouteError
 from router.runtime import Runtime
+from router.sessions import Sessions
 from router.settings import Settings, load_settings
 
 __all__ = ["create_app"]
@@ -55,6 +67,9 @@ def create_app(
         docs_url="/docs",
     )
     app.state.runtime = runtime
+    app.state.sessions = Sessions(
+        runtime.db, runtime.channel_secret, settings.public_base_url, settings.session_hours
+    )
 
     @app.exception_handler(OmnirouteError)
     async def _omniroute_error(_: Request, exc: OmnirouteError) -> JSONResponse:
@@ -84,6 +99,7 @@ def create_app(
         agents,
         queues,
         conversations,
+        compose,
         contacts,
         users,
         me,
@@ -91,6 +107,7 @@ def create_app(
         ws_agent,
         ws_chat,
         pages,
+        console,
     ):
         app.include_router(module.router)
     return app

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from router.db import Tx
 from router.exceptions import Conflict, InvalidInput, NotFound
-from router.models import Agent, User
+from router.models import Agent, User, UserSession
 from router.types import Role
 
 __all__ = [
@@ -100,9 +100,19 @@ def rotate_token(tx: Tx, name: str) -> str:
     return token
 
 
+def _end_sessions(tx: Tx, user_id: int) -> None:
+    tx.execute(
+        update(UserSession)
+        .where(UserSession.user_id == user_id, UserSession.revoked_at.is_(None))
+        .values(revoked_at=tx.now)
+    )
+
+
 def revoke_user(tx: Tx, name: str) -> None:
+    """The token stops working and every signed-in browser of the user is signed out."""
     user = _user(tx.conn, name)
     tx.execute(update(User).where(User.id == user.id).values(token_hash=None, revoked_at=tx.now))
+    _end_sessions(tx, user.id)
 
 
 def set_password(tx: Tx, name: str, password: str) -> None:
@@ -114,6 +124,7 @@ def set_password(tx: Tx, name: str, password: str) -> None:
         .where(User.id == user.id)
         .values(password_hash=_hasher.hash(password), password_changed_at=tx.now)
     )
+    _end_sessions(tx, user.id)  # a changed password signs every browser out
 
 
 def _principal(conn: Connection, user: Any) -> Principal:

@@ -509,7 +509,8 @@ def demo(
     base = settings.public_base_url
     typer.echo("\nomniroute demo")
     typer.echo(f"  customer chat: {base}/demo")
-    typer.echo(f"  agent page:    {base}/demo/agent   (paste an agent token)")
+    typer.echo(f"  agent console: {base}/console   (sign in with an agent token below)")
+    typer.echo(f"  minimal page:  {base}/demo/agent")
     typer.echo(f"  API docs:      {base}/docs")
     for name, role, token in accounts:
         typer.echo(f"  {role:<6} {name:<6} token: {token}")

@@ -199,6 +199,19 @@ class User(Base):
     created_at: Mapped[datetime]
 
 
+class UserSession(Base):
+    """A signed-in browser (the console): the cookie holds a random token, only its SHA-256
+    is stored. Ended by logout, expiry, a password change or revoking the user."""
+
+    __tablename__ = "user_sessions"
+    id: Mapped[int] = _id()
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
 class Agent(Base):
     __tablename__ = "agents"
     __table_args__ = (

@@ -56,6 +56,7 @@ __all__ = [
     "enqueue_message",
     "resend",
     "set_opt_out",
+    "window_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,19 +124,25 @@ def _recipient(
 
 
 def _window(tx: Tx, inbox_id: int, identity_id: int) -> str:
+    return window_of(tx, tx.context.get("channels", {}), inbox_id, identity_id, tx.now)
+
+
+def window_of(
+    conn: Connection | Tx, channels: dict[int, Any], inbox_id: int, identity_id: int, now: datetime
+) -> str:
     """The messaging window of (inbox, identity), from the provider's time of the identity's
     last inbound message there (the channel knows its rules; most have no window)."""
-    channel = tx.context.get("channels", {}).get(inbox_id)
+    channel = channels.get(inbox_id)
     if channel is None or channel.messaging_window is None:
         return "open"
-    last = tx.execute(
+    last = conn.execute(
         select(func.max(func.coalesce(Message.provider_ts, Message.created_at))).where(
             Message.inbox_id == inbox_id,
             Message.identity_id == identity_id,
             Message.direction == Direction.IN.value,
         )
     ).scalar_one_or_none()
-    return str(channel.window(last, tx.now))
+    return str(channel.window(last, now))
 
 
 def _check_window(

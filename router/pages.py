@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, Response
 
 from router.exceptions import NotFound
 
-__all__ = ["CSP", "router"]
+__all__ = ["CSP", "page", "router"]
 
 router = APIRouter(include_in_schema=False)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -21,10 +21,13 @@ CSP = (
 _ASSETS = {
     "demo.css": "text/css",
     "demo-agent.js": "application/javascript",
+    "console.css": "text/css",
+    "console.js": "application/javascript",
+    "console-login.js": "application/javascript",
 }
 
 
-def _page(name: str) -> Response:
+def page(name: str) -> Response:
     return FileResponse(
         STATIC / name,
         media_type="text/html; charset=utf-8",
@@ -54,14 +57,21 @@ async def widget_css() -> Response:
 async def static_asset(name: str) -> Response:
     if name not in _ASSETS:
         raise NotFound("no such asset")
-    return FileResponse(STATIC / name, media_type=_ASSETS[name])
+    return FileResponse(
+        STATIC / name, media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.get("/favicon.ico")
+async def favicon() -> Response:
+    return Response(status_code=204, headers={"Cache-Control": "public, max-age=86400"})
 
 
 @router.get("/demo")
 async def demo_chat() -> Response:
-    return _page("demo-chat.html")
+    return page("demo-chat.html")
 
 
 @router.get("/demo/agent")
 async def demo_agent() -> Response:
-    return _page("demo-agent.html")
+    return page("demo-agent.html")

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = Field(
         None, description="32+ random characters; signs threading tokens and sessions"
     )
+    session_hours: float = Field(
+        12.0, gt=0, le=24 * 30, description="how long a console sign-in lasts"
+    )
     process_id: str = Field(default_factory=lambda: f"{socket.gethostname()}")
     failpoints: str = ""
     demo: bool = False

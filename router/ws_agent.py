@@ -258,15 +258,25 @@ async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, 
         hello = json.loads(raw)
     except ValueError:
         raise Unauthorized("the first frame must be a JSON hello") from None
-    if (
-        not isinstance(hello, dict)
-        or hello.get("type") != "hello"
-        or not isinstance(hello.get("token"), str)
-    ):
+    if not isinstance(hello, dict) or hello.get("type") != "hello":
         raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
-    principal = await runtime.db.read(authenticate_token, hello["token"])
-    if principal is None:
-        raise Unauthorized("invalid token")
+    token = hello.get("token")
+    if token is None:
+        # the console: its session cookie, taken only from our own pages (a page of another
+        # site must not ride on the agent's cookie: cross-site websocket hijacking)
+        sessions = ws.app.state.sessions
+        if not sessions.same_origin(ws, required=True):
+            raise Forbidden("the session cookie is accepted only from this site's own pages")
+        found = await sessions.from_cookie(ws)
+        if found is None:
+            raise Unauthorized("not signed in: send a token or sign in to the console")
+        principal = found[0]
+    elif isinstance(token, str):
+        principal = await runtime.db.read(authenticate_token, token)
+        if principal is None:
+            raise Unauthorized("invalid token")
+    else:
+        raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
     if principal.agent_id is None:
         raise Forbidden("this user is not an agent")
     return principal, hello

@@ -209,6 +209,11 @@ async def chat_socket(ws: WebSocket) -> None:
                 if not limits.visitor_messages.allow(address) or not limits.ip_messages.allow(ip):
                     await ws.close(1008, "rate limit: too many messages")
                     return
+                # pre-chat answers may come with the first message instead of the hello
+                if name is None and isinstance(frame.get("name"), str):
+                    name = frame["name"]
+                if email is None and isinstance(frame.get("email"), str):
+                    email = frame["email"]
                 item = channel.inbound(
                     address,
                     frame["client_id"],

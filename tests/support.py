@@ -238,12 +238,13 @@ from websockets.asyncio.client import ClientConnection  # noqa: E402
 
 
 @contextlib.asynccontextmanager
-async def live_server(runtime: Runtime) -> AsyncIterator[str]:
-    """Serve a started runtime over real sockets on a free port; yields the base URL."""
+async def live_server(runtime: Runtime, port: int = 0) -> AsyncIterator[str]:
+    """Serve a started runtime over real sockets on ``port`` (0: a free one); yields the
+    base URL."""
     app = create_app(runtime.settings, runtime=runtime)
     sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, _socket.IPPROTO_TCP)
     sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, lifespan="off", log_level="warning", ws_max_size=1 << 20, ws_ping_interval=None
@@ -260,6 +261,12 @@ async def live_server(runtime: Runtime) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+def free_port() -> int:
+    with _socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def ws_url(base: str, path: str) -> str:

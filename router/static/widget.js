@@ -111,7 +111,7 @@
         if (frame.max_chars) { input.maxLength = frame.max_chars; }
         if (!frame.history.length && !list.children.length && frame.greeting) { render({id: "greeting", direction: "out", text: frame.greeting}); }
         frame.history.forEach(render);
-        state.pending.forEach(function (p) { ws.send(JSON.stringify({type: "message", client_id: p.client_id, text: p.text})); });
+        state.pending.forEach(function (p) { ws.send(JSON.stringify(messageFrame(p))); });
       } else if (frame.type === "ack") {
         state.pending = state.pending.filter(function (p) { return p.client_id !== frame.client_id; });
         save();
@@ -136,17 +136,27 @@
     });
   }
 
+  function messageFrame(p) {
+    var frame = {type: "message", client_id: p.client_id, text: p.text};
+    if (p.name) { frame.name = p.name; }
+    if (p.email) { frame.email = p.email; }
+    return frame;
+  }
   form.addEventListener("submit", function (event) {
     event.preventDefault();
     var text = input.value.trim();
     if (!text) { return; }
     showError("");
     var pending = {client_id: uuid(), text: text};
+    if (!prechat.hidden) {  // the pre-chat answers travel with the first message
+      if (nameInput.value.trim()) { pending.name = nameInput.value.trim(); }
+      if (emailInput.value.trim()) { pending.email = emailInput.value.trim(); }
+    }
     state.pending.push(pending); save();
     render({client_id: pending.client_id, direction: "in", text: text, pending: true});
     input.value = "";
     prechat.hidden = true;
-    if (connected) { ws.send(JSON.stringify({type: "message", client_id: pending.client_id, text: text})); }
+    if (connected) { ws.send(JSON.stringify(messageFrame(pending))); }
   });
   input.addEventListener("keydown", function (event) {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); form.requestSubmit(); }

@@ -252,7 +252,9 @@ async def test_bad_agent_input_gets_clear_errors(live: tuple[Runtime, str]) -> N
     _, token = await make_agent(runtime, "anna")
     for hello, message in [
         ({"type": "hello", "token": "wrong"}, "invalid token"),
-        ({"type": "hello"}, 'the first frame must be {"type": "hello", "token": ...}'),
+        # no token: only the console's session cookie, from our own pages
+        ({"type": "hello"}, "the session cookie is accepted only from this site's own pages"),
+        ({"type": "hello", "token": 5}, 'the first frame must be {"type": "hello", "token": ...}'),
         (
             {"type": "accept", "offer_id": 1},
             'the first frame must be {"type": "hello", "token": ...}',

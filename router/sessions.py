@@ -1,0 +1,144 @@
+"""Console sign-in: a session cookie for browsers (docs/console.md).
+
+The cookie holds a random 256-bit token (only its SHA-256 is stored); it is HttpOnly,
+SameSite=Strict, Secure when we are served over https, and expires. A session ends on
+logout, at expiry, when the password changes or when the user is revoked. Requests that
+change state and authenticate by cookie must carry ``X-CSRF-Token`` (an HMAC of the session
+token, handed to the page by ``GET /console/session``) and, when the browser sends one, our
+own ``Origin``. The agent websocket takes the cookie only from our own origin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import Connection, insert, select, update
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from router.auth import Principal, _principal, hash_token, new_token
+from router.db import Database, Tx
+from router.exceptions import Forbidden
+from router.models import User, UserSession
+from router.ratelimit import RateLimiter
+
+__all__ = ["COOKIE", "CSRF_HEADER", "Sessions", "origin_of"]
+
+COOKIE = "omniroute_session"
+CSRF_HEADER = "x-csrf-token"
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+@dataclass(frozen=True, slots=True)
+class SignedIn:
+    principal: Principal
+    token: str
+    expires_at: Any
+
+
+def _open(tx: Tx, user_id: int, token_hash: str, hours: float) -> Any:
+    expires = tx.now + timedelta(hours=hours)
+    tx.execute(
+        insert(UserSession).values(
+            token_hash=token_hash, user_id=user_id, created_at=tx.now, expires_at=expires
+        )
+    )
+    return expires
+
+
+def _lookup(conn: Connection, token_hash: str, now: Any) -> Principal | None:
+    row = conn.execute(
+        select(User)
+        .join(UserSession, UserSession.user_id == User.id)
+        .where(
+            UserSession.token_hash == token_hash,
+            UserSession.revoked_at.is_(None),
+            UserSession.expires_at > now,
+            User.revoked_at.is_(None),
+        )
+    ).first()
+    return _principal(conn, row) if row is not None else None
+
+
+def _close(tx: Tx, token_hash: str) -> None:
+    tx.execute(
+        update(UserSession)
+        .where(UserSession.token_hash == token_hash, UserSession.revoked_at.is_(None))
+        .values(revoked_at=tx.now)
+    )
+
+
+class Sessions:
+    def __init__(self, db: Database, secret: bytes, public_base_url: str, hours: float) -> None:
+        self.db = db
+        self.secret = secret
+        self.origin = origin_of(public_base_url)
+        self.secure = self.origin.startswith("https://")
+        self.hours = hours
+        self.attempts = RateLimiter(10, 60)  # sign-in attempts per IP per minute
+
+    def csrf(self, token: str) -> str:
+        return hmac.new(self.secret, b"csrf:" + token.encode(), hashlib.sha256).hexdigest()
+
+    async def sign_in(self, principal: Principal) -> SignedIn:
+        token = new_token()
+        expires = await self.db.write(_open, principal.user_id, hash_token(token), self.hours)
+        return SignedIn(principal, token, expires)
+
+    def set_cookie(self, response: Response, signed: SignedIn) -> None:
+        response.set_cookie(
+            COOKIE,
+            signed.token,
+            max_age=int(self.hours * 3600),
+            httponly=True,
+            secure=self.secure,
+            samesite="strict",
+            path="/",
+        )
+
+    def clear_cookie(self, response: Response) -> None:
+        response.delete_cookie(
+            COOKIE, path="/", httponly=True, secure=self.secure, samesite="strict"
+        )
+
+    async def sign_out(self, token: str) -> None:
+        await self.db.write(_close, hash_token(token))
+
+    async def from_cookie(self, connection: HTTPConnection) -> tuple[Principal, str] | None:
+        token = connection.cookies.get(COOKIE)
+        if not token or len(token) > 256:
+            return None
+        principal = await self.db.read(_lookup, hash_token(token), self.db.clock.now())
+        return (principal, token) if principal is not None else None
+
+    def same_origin(self, connection: HTTPConnection, *, required: bool) -> bool:
+        origin = connection.headers.get("origin")
+        if origin is None:
+            return not required
+        return origin.lower() == self.origin
+
+    async def principal(self, connection: HTTPConnection) -> Principal | None:
+        """The cookie's user for an API request; state-changing requests must prove they
+        come from our page (CSRF token and Origin), or they are refused."""
+        found = await self.from_cookie(connection)
+        if found is None:
+            return None
+        principal, token = found
+        method = connection.scope.get("method", "GET")
+        if method not in _SAFE:
+            sent = connection.headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent, self.csrf(token)) or not self.same_origin(
+                connection, required=False
+            ):
+                raise Forbidden("a signed-in request that changes something needs the CSRF token")
+        return principal
