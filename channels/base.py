@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "Attachment",
@@ -71,6 +71,9 @@ class InboxConfig(BaseModel):
     reopen_window: str = "7d"
     allowed_origins: list[str] = []
     uncertain_policy: UncertainPolicy | None = None
+    # after an agent resolves, ask the customer one question on this channel (docs/kpis.md)
+    survey: Literal["off", "csat", "nps"] = "off"
+    survey_question: str | None = Field(None, max_length=300)
 
     @field_validator("reopen_window")
     @classmethod
@@ -242,6 +245,11 @@ class ChannelContext:
     options: Mapping[str, Any] = field(default_factory=dict)  # test-only overrides and the like
     state: StateStore | None = None
     secret: bytes = b""  # per-deployment key for channel-level tokens (thread tokens)
+    # A named lease held by one process at a time (a mailbox poller): ``await lease(name,
+    # True)`` takes or renews it (False: another process holds it), ``lease(name, False)``
+    # gives it up. None: one process, nothing to share.
+    lease: Callable[[str, bool], Awaitable[bool]] | None = None
+    lease_ttl: float = 30.0
 
 
 # The identity kind each channel sends messages to (a phone inbox sends none: it calls).

@@ -187,6 +187,7 @@ class EmailChannel(Channel):
         self._smtp_tokens = _tokens(config.smtp.oauth)
         self.domain = config.address.rpartition("@")[2] or "localhost"
         self.polls = 0  # full polls started (for tests and metrics)
+        self.standby = False  # another process holds this mailbox's lease
         self.connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._announced = False  # the server said EXISTS since the last search began
@@ -206,10 +207,41 @@ class EmailChannel(Channel):
                 await self._task
             self._task = None
 
+    @property
+    def _lease_name(self) -> str:
+        return f"imap:{self.slug}"
+
+    async def _hold_lease(self) -> bool:
+        """One process polls a mailbox (the others stand by and take over when its lease
+        expires); a brief overlap is harmless, the UID cursor and message ids dedupe."""
+        lease = self.context.lease
+        return lease is None or await lease(self._lease_name, True)
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self.context.lease_ttl / 3)
+            if not await self._hold_lease():
+                raise _Retry("another process took the mailbox's lease")
+
     async def _run(self) -> None:
+        try:
+            await self._poll_while_leased()
+        finally:
+            if self.context.lease is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.context.lease(self._lease_name, False))
+
+    async def _poll_while_leased(self) -> None:
         delay = 1.0
         while not self._stopping.is_set():
             try:
+                if not await self._hold_lease():
+                    self.standby = True
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.context.lease_ttl / 3):
+                            await self._stopping.wait()
+                    continue
+                self.standby = False
                 await self._session()
                 delay = 1.0
             except asyncio.CancelledError:
@@ -314,14 +346,17 @@ class EmailChannel(Channel):
         imap = await self._connect()
         work = asyncio.ensure_future(self._serve(imap))
         lost = asyncio.ensure_future(self._lost.wait())
+        keep = asyncio.ensure_future(self._keep_lease())
         try:
-            done, _ = await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({work, lost, keep}, return_when=asyncio.FIRST_COMPLETED)
             if work in done:
                 work.result()
+            elif keep in done:
+                keep.result()
             else:
                 raise _Retry("connection lost")
         finally:
-            for task in (work, lost):
+            for task in (work, lost, keep):
                 task.cancel()
             # wait for the work to wind down without swallowing our own cancellation
             await asyncio.wait({work}, timeout=5)

@@ -92,6 +92,7 @@ class FakeChannel(Channel):
         self.sent: list[OutboundMessage] = []
         self.failures_left = config.fail_first
         self.permanent_failure: str | None = None  # tests set this to fail every send
+        self.send_delay = 0.0  # tests set this: each send takes this long (seconds)
         self._counter = 0
 
     def verify(self, request: WebhookRequest) -> bool:
@@ -156,6 +157,8 @@ class FakeChannel(Channel):
         return WebhookResponse(200, b'{"ok":true}', "application/json")
 
     async def send(self, message: OutboundMessage) -> SendReceipt:
+        if self.send_delay:
+            await asyncio.sleep(self.send_delay)
         if self.permanent_failure:
             raise PermanentSendError(self.permanent_failure, "fake")
         if self.failures_left > 0:

@@ -44,6 +44,8 @@ class WebChatConfig(InboxConfig):
     messages_per_minute_per_visitor: int = Field(30, ge=1)
     messages_per_minute_per_ip: int = Field(120, ge=1)
     title: str = Field("Chat with us", max_length=80)
+    # a visitor who left before an agent joined and stays away this long abandoned the chat
+    abandon_after: str = Field("5m", pattern=r"^\d+[smh]$")
     greeting: str = Field("Hi! How can we help?", max_length=500)
     # Identity (docs/identity.md): the site may pass its customer id signed with this
     # secret (hex HMAC-SHA256); visitors may prove an email or a phone number with a
@@ -79,6 +81,10 @@ class WebChatChannel(Channel):
         assert isinstance(config, WebChatConfig)
         self.web_config = config
         self.max_text_length = config.max_message_chars  # type: ignore[misc]
+        units = {"s": 1, "m": 60, "h": 3600}
+        self.abandon_after_seconds = (
+            int(config.abandon_after[:-1]) * units[config.abandon_after[-1]]
+        )
 
     def inbound(
         self,

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from adapters.clock import Clock
-from router import console, pages, ws_agent, ws_chat
+from router import console, pages, ws_agent, ws_chat, ws_supervisor
 from router.api import (
     admin,
     agents,
@@ -23,6 +23,7 @@ from router.api import (
     health,
     me,
     queues,
+    reports,
     users,
     webhooks,
 )
@@ -57,7 +58,7 @@ def create_app(
         try:
             yield
         finally:
-            await runtime.stop()
+            await runtime.stop(drain=settings.shutdown_drain)
 
     app = FastAPI(
         title="omniroute",
@@ -101,11 +102,13 @@ def create_app(
         conversations,
         compose,
         contacts,
+        reports,
         users,
         me,
         webhooks,
         ws_agent,
         ws_chat,
+        ws_supervisor,
         pages,
         console,
     ):

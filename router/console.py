@@ -4,6 +4,7 @@ HTML and one script, and talks only the documented agent websocket and REST API.
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,10 +12,12 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.auth import authenticate_token, verify_password
+from router.csat import link_answer, link_signature
 from router.exceptions import Forbidden, Unauthorized
-from router.pages import page
+from router.pages import CSP, page
 from router.runtime import Runtime
 from router.sessions import CSRF_HEADER, Sessions
+from router.types import Role
 
 __all__ = ["router"]
 
@@ -94,8 +97,67 @@ async def logout(request: Request) -> Response:
     return response
 
 
+@router.get("/console/supervisor")
+async def supervisor_console(request: Request) -> Response:
+    found = await _sessions(request).from_cookie(request)
+    if found is None:
+        return RedirectResponse("/console/login", status_code=303)
+    if not found[0].allows(Role.SUPERVISOR):
+        raise Forbidden("the dashboard needs the supervisor role")
+    return page("supervisor.html")
+
+
 @router.get("/console")
 async def console(request: Request) -> Response:
     if await _sessions(request).from_cookie(request) is None:
         return RedirectResponse("/console/login", status_code=303)
     return page("console.html")
+
+
+# -- the survey links of an email (docs/kpis.md) ------------------------------------------
+_SURVEY_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Your rating</title>
+<link rel="stylesheet" href="/static/console.css"></head><body class="login">
+<main class="login-box"><h1>{title}</h1><p>{text}</p>{form}</main></body></html>"""
+
+
+def _survey_page(title: str, text: str, form: str = "", status: int = 200) -> Response:
+    return Response(
+        _SURVEY_PAGE.format(title=title, text=text, form=form),
+        status_code=status,
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+    )
+
+
+def _survey_ok(request: Request, conversation_id: int, signature: str, score: int) -> bool:
+    runtime: Runtime = request.app.state.runtime
+    expected = link_signature(runtime.channel_secret, conversation_id)
+    return hmac.compare_digest(expected, signature) and 0 <= score <= 10
+
+
+@router.get("/survey/{conversation_id}/{signature}/{score}")
+async def survey_confirm(
+    conversation_id: int, signature: str, score: int, request: Request
+) -> Response:
+    """A link in the survey email: a page with one button (mail scanners that follow links
+    must not answer for the customer)."""
+    if not _survey_ok(request, conversation_id, signature, score):
+        return _survey_page("Link not valid", "This survey link is not valid.", status=404)
+    form = (
+        f'<form method="post" action="/survey/{conversation_id}/{signature}/{score}">'
+        f'<button type="submit">Send my rating: {score}</button></form>'
+    )
+    return _survey_page("Your rating", f"You chose {score}.", form)
+
+
+@router.post("/survey/{conversation_id}/{signature}/{score}")
+async def survey_answer(
+    conversation_id: int, signature: str, score: int, request: Request
+) -> Response:
+    if not _survey_ok(request, conversation_id, signature, score):
+        return _survey_page("Link not valid", "This survey link is not valid.", status=404)
+    runtime: Runtime = request.app.state.runtime
+    if not await runtime.db.write(link_answer, conversation_id, score):
+        return _survey_page("Thank you", "This survey was already answered or has expired.")
+    return _survey_page("Thank you", "Thank you for your feedback!")

@@ -186,6 +186,7 @@ def enqueue_message(
     client_id: str | None = None,
     template: str | None = None,
     provider_template: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> int | None:
     """Store an outbound message (and its outbox row, unless it is an internal note) in the
     caller's transaction. Returns the message id."""
@@ -214,6 +215,7 @@ def enqueue_message(
     data: dict[str, Any] = {
         k: v for k, v in {"client_id": client_id, "template": template}.items() if v
     }
+    data.update(extra or {})
     if recipient is not None:
         window = _window(tx, inbox_id, recipient)
         if window != "open":
@@ -682,6 +684,22 @@ class OutboxSender:
         self._wake = asyncio.Event()
         self._limit = asyncio.Semaphore(concurrency)
         self.on_sent = on_sent
+        self._draining = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """A graceful stop: claim nothing more and let the sends in flight finish (up to
+        ``timeout``), so a shutdown leaves no send uncertain. True when none was left."""
+        self._draining = True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("%d sends still in flight at shutdown: left for recovery", self._inflight)
+            return False
+        return True
 
     def wake(self) -> None:
         self._wake.set()
@@ -695,10 +713,19 @@ class OutboxSender:
             pass
 
     async def process_due(self, limit: int = 64) -> int:
-        claimed = await self.db.write(claim_due, self.holder, limit)
-        if claimed:
-            await asyncio.gather(*(self._send(job) for job in claimed))
-        return len(claimed)
+        if self._draining:
+            return 0
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            claimed = await self.db.write(claim_due, self.holder, limit)
+            if claimed:
+                await asyncio.gather(*(self._send(job) for job in claimed))
+            return len(claimed)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

@@ -24,6 +24,7 @@ _ASSETS = {
     "console.css": "text/css",
     "console.js": "application/javascript",
     "console-login.js": "application/javascript",
+    "supervisor.js": "application/javascript",
 }
 
 

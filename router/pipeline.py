@@ -36,6 +36,7 @@ from router.assignment import sla
 from router.assignment.capacity import claim, holds_while_waiting
 from router.assignment.flow import reserve, sticky_wait
 from router.assignment.timers import CLOSE, clear_timers, current_ruleset
+from router.csat import answer_of, record_score
 from router.db import Database, Tx, is_retryable
 from router.events import add_event, agent_stream
 from router.failpoints import failpoint
@@ -408,7 +409,12 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         seen = tx.execute(_SEEN, seen_key).first()
         if seen is not None:
             raise DuplicateMessage(int(seen.id), int(seen.conversation_id))
-    conversation, how, related = _pick_conversation(tx, inbox, contact_id, msg)
+    # a survey answer ("4") is stored with the surveyed conversation and never reopens it
+    answer = answer_of(tx, contact_id, msg.text) if not msg.attachments else None
+    if answer is not None:
+        conversation, how, related = answer[0], "attach", None
+    else:
+        conversation, how, related = _pick_conversation(tx, inbox, contact_id, msg)
     now = tx.now
     created = reopened = requeued = False
     agent_id: int | None = None
@@ -526,6 +532,8 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         channel=inbox.channel,
         auto=msg.auto,
     )
+    if answer is not None:
+        record_score(tx, answer[0], answer[1], inbox.channel)
     if agent_id is not None:
         row = SimpleNamespace(id=message_id, **values)
         tx.emit(

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, bindparam, case, func, insert, select, update
 
 from router.assignment import flow, sla
+from router.csat import last_score
 from router.db import Tx
 from router.events import add_event
 from router.models import (
@@ -211,6 +212,10 @@ def history_facts(conn: Connection | Tx, row: Any) -> dict[str, Any]:
         agent = conn.execute(_LAST_EARLIER_AGENT, key).scalar_one_or_none()
         if agent is not None:
             facts["history.last_agent"] = agent
+
+    score = last_score(conn, row.contact_id)  # this conversation's own, when reopened
+    if score is not None:
+        facts["history.last_csat"] = score
     return facts
 
 

@@ -8,9 +8,11 @@ routing sweep, outbox sender, rules watch (lease holder) and poll, heartbeat.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -26,6 +28,8 @@ from adapters.bus import Bus, make_bus
 from adapters.clock import Clock, SystemClock
 from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
+from channels.webchat import WebChatChannel
+from router.abandon import abandon_gone_visitors
 from router.assignment.service import Assignment
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
@@ -34,6 +38,8 @@ from router.events import visitor_stream
 from router.exceptions import AlreadyRunning, ConfigError, InvalidInput
 from router.failpoints import configure as configure_failpoints
 from router.failpoints import failpoint
+from router.leases import release as release_lease
+from router.leases import try_acquire
 from router.metrics import Metrics
 from router.migrate import current_revision, head_revision
 from router.models import Inbox, Message, Process
@@ -119,6 +125,8 @@ class Runtime:
         self.clock = clock or SystemClock()
         self.process_id = f"{settings.process_id}:{os.getpid()}:{secrets.token_hex(3)}"
         self.metrics = Metrics()
+        self.sockets: set[Any] = set()  # open websockets, told to reconnect on a graceful stop
+        self._stopped = False
         # Per source address: 20 bad webhook signatures at once, refilling at 20 a minute;
         # beyond that the source gets 429 without its requests even being checked.
         self.bad_signatures = RateLimiter(20, 60)
@@ -156,6 +164,8 @@ class Runtime:
         )
         self.db.context["ruleset"] = lambda: self.rules.active
         self.db.context["thread_secret"] = self.channel_secret
+        self.db.context["public_base_url"] = self.settings.public_base_url
+        self.db.context["assignment_latency"] = self.metrics.assignment_latency.observe
         self.blobs = LocalBlobs(Path(self.settings.data_dir) / "blobs")
         self.assignment = Assignment(
             self.db,
@@ -178,6 +188,7 @@ class Runtime:
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self, *, workers: bool = True) -> None:
+        self._stopped = False
         configure_failpoints(self.settings.failpoints or os.environ.get("OMNIROUTE_FAILPOINTS", ""))
         self.take_sqlite_lock()
         await self.db.start()
@@ -211,8 +222,40 @@ class Runtime:
         self.workers.spawn(self.rules.watch(s.rules_watch_interval), "rules-watch")
         self.workers.spawn(self.rules.poll(s.rules_poll_interval), "rules-poll")
         self.workers.spawn(self.assignment.run(s.worker_interval), "assignment")
+        self.workers.spawn(
+            periodic(self.abandon_sweep, s.worker_interval, "abandon sweep"), "abandon-sweep"
+        )
 
-    async def stop(self) -> None:
+    async def drain_sockets(self) -> None:
+        """Tell every socket of this process to reconnect elsewhere (close 1012, "service
+        restart"; clients reconnect and resume from their sequence numbers)."""
+        for ws in list(self.sockets):
+            with contextlib.suppress(Exception):
+                await ws.send_text(
+                    json.dumps({"type": "reconnect", "reason": "server shutting down"})
+                )
+                await ws.close(1012, "server shutting down: reconnect")
+
+    async def abandon_sweep(self) -> list[int]:
+        """Web chats whose visitor left before an agent joined, for too long: abandoned."""
+        after = {
+            int(self.inboxes[slug].id): channel.abandon_after_seconds
+            for slug, channel in self.channels.items()
+            if isinstance(channel, WebChatChannel)
+        }
+        if not after:
+            return []
+        return await self.db.write(abandon_gone_visitors, after)
+
+    async def stop(self, *, drain: float = 0.0) -> None:
+        """Stop; with ``drain`` (seconds), gracefully: connected agents and visitors are told
+        to reconnect (to another process) and the sends in flight finish first."""
+        if self._stopped:
+            return
+        if drain > 0 and self.started:
+            await self.drain_sockets()
+            await self.outbox.drain(drain)
+        self._stopped = True
         await self.workers.cancel()
         await self.background.drain(timeout=5)
         for channel in self.channels.values():
@@ -230,6 +273,18 @@ class Runtime:
         await self.db.close()
         self._release_sqlite_lock()
         self.started = False
+
+    async def _channel_lease(self, name: str, hold: bool) -> bool:
+        """A channel's lease (one mailbox poller among the processes): take or renew it
+        (``hold``), or give it up."""
+        if hold:
+            return bool(
+                await self.db.write(
+                    try_acquire, f"channel:{name}", self.process_id, self.settings.lease_ttl
+                )
+            )
+        await self.db.write(release_lease, f"channel:{name}", self.process_id)
+        return False
 
     def inbox_id_of(self, slug: str | None) -> int | None:
         """The id of a configured inbox (None for None); an unknown slug is a clear error."""
@@ -353,6 +408,8 @@ class Runtime:
                 state=InboxState(self.db, info.id),
                 secret=self.channel_secret,
                 options=self._channel_options(config, inbox_config),
+                lease=self._channel_lease,
+                lease_ttl=self.settings.lease_ttl,
             )
             channel = cls(slug, inbox_config, context)
             self.channels[slug] = channel

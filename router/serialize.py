@@ -51,4 +51,5 @@ def visitor_payload(row: Any) -> dict[str, Any]:
         "is_auto": row.is_auto,
         "client_id": (row.data or {}).get("client_id"),
         "created_at": iso(row.created_at),
+        **({"survey": row.data["survey"]} if (row.data or {}).get("survey") else {}),
     }

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = Field(
         None, description="32+ random characters; signs threading tokens and sessions"
     )
+    supervisor_snapshot_interval: float = Field(
+        1.0, gt=0, description="how often the dashboard's socket checks for a changed snapshot"
+    )
+    shutdown_drain: float = Field(
+        10.0, ge=0, description="on SIGTERM, seconds for sends in flight to finish"
+    )
     session_hours: float = Field(
         12.0, gt=0, le=24 * 30, description="how long a console sign-in lasts"
     )

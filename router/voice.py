@@ -30,11 +30,10 @@ from channels.base import PermanentSendError, TemporarySendError, WebhookRequest
 from channels.twilio_sms import EMPTY_TWIML
 from channels.twilio_voice import TwilioVoiceChannel
 from router.assignment import flow
-from router.assignment.core import end_offer, take_offered
+from router.assignment.core import abandon, end_offer, take_offered
 from router.assignment.sla import queue_hours
-from router.assignment.timers import clear_timers
 from router.db import Connection, Tx
-from router.events import SUPERVISORS, add_event
+from router.events import add_event
 from router.exceptions import Conflict
 from router.models import Agent, Conversation, ConversationEvent, Message, Offer
 from router.serialize import iso
@@ -180,31 +179,9 @@ def call_ended(tx: Tx, conversation_id: int, status: str, seconds: str | None) -
     abandoned = row.state in _WAITING and call.get("stage") != "voicemail"
     call.update(stage="ended", status=status, seconds=seconds, ended_at=iso(tx.now))
     if abandoned:
-        offers = tx.execute(
-            update(Offer)
-            .where(Offer.conversation_id == conversation_id, Offer.state.in_(_OPEN))
-            .values(state=OfferState.WITHDRAWN.value, decided_at=tx.now, reason="caller hung up")
-            .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
-        ).all()
-        for offer in offers:
-            end_offer(tx, offer, OfferState.WITHDRAWN, EventKind.OFFER_WITHDRAWN, "caller hung up")
         call["abandoned"] = True
         call["ringing"] = {}
-        row = _locked(tx, conversation_id)
-        data = dict(row.data or {})
-        data["call"] = call
-        tx.execute(
-            update(Conversation)
-            .where(Conversation.id == conversation_id)
-            .values(state=S.CLOSED.value, closed_at=tx.now, updated_at=tx.now, data=data)
-        )
-        clear_timers(tx, conversation_id)
-        add_event(tx, conversation_id, EventKind.ABANDONED, queue=row.queue, wait_seconds=waited)
-        tx.emit(
-            SUPERVISORS,
-            "call_abandoned",
-            {"conversation_id": conversation_id, "queue": row.queue, "wait_seconds": waited},
-        )
+        abandon(tx, conversation_id, waited, "caller hung up", call=call)
         return ringing
     _save_call(tx, row, call)
     add_event(

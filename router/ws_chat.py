@@ -22,6 +22,8 @@ from sqlalchemy import Connection, select
 from starlette.websockets import WebSocketDisconnected
 
 from channels.webchat import WebChatChannel, new_visitor_token, visitor_address
+from router.abandon import visitor_back, visitor_left
+from router.csat import visitor_answer
 from router.events import agent_stream, visitor_stream
 from router.failpoints import failpoint
 from router.hub import Session
@@ -37,6 +39,7 @@ __all__ = ["router"]
 router = APIRouter()
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
+_sockets: dict[str, int] = {}  # open visitor sockets in this process, by visitor
 MAX_FRAME = 64 * 1024
 
 
@@ -91,6 +94,16 @@ def _assigned_agent(conn: Connection, identity_id: int) -> int | None:
 
 @router.websocket("/ws/chat")
 async def chat_socket(ws: WebSocket) -> None:
+    runtime: Runtime = ws.app.state.runtime
+    runtime.sockets.add(ws)
+    try:
+        with runtime.metrics.websockets.labels("visitor").track_inprogress():
+            await _chat_socket(ws)
+    finally:
+        runtime.sockets.discard(ws)
+
+
+async def _chat_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
     slug = ws.query_params.get("inbox", "")
     channel = runtime.channels.get(slug)
@@ -148,6 +161,8 @@ async def chat_socket(ws: WebSocket) -> None:
             {stream: resume if isinstance(resume, int) and not isinstance(resume, bool) else None},
             [f"ephemeral:{stream}"],
         )
+        _sockets[address] = _sockets.get(address, 0) + 1
+        await runtime.db.write(visitor_back, address)  # back in time: not abandoned
         identity_problem = (
             await sign_in(runtime, channel, address, name, hello["identity"])
             if hello.get("identity") is not None
@@ -246,6 +261,16 @@ async def chat_socket(ws: WebSocket) -> None:
                         f"ephemeral:{agent_stream(agent_id)}",
                         {"type": "typing", "from": "visitor", "visitor": address},
                     )
+            elif kind == "survey_answer":
+                identity_id = identity_id or await runtime.db.read(_identity, address)
+                recorded = identity_id is not None and await runtime.db.write(
+                    visitor_answer, identity_id, frame.get("score")
+                )
+                await send(
+                    {"type": "survey_thanks"}
+                    if recorded
+                    else {"type": "error", "code": "invalid", "message": "no survey is waiting"}
+                )
             elif kind == "verify_start":
                 if not limits.visitor_messages.allow(address):
                     await ws.close(1008, "rate limit: too many messages")
@@ -263,3 +288,11 @@ async def chat_socket(ws: WebSocket) -> None:
         pass  # the client left (or a send found it gone)
     finally:
         await session.close()
+        # the visitor's last socket here closed: their waiting chats start counting
+        # towards the inbox's abandon_after (another socket of theirs keeps them present)
+        if address in _sockets:
+            _sockets[address] -= 1
+            if _sockets[address] <= 0:
+                del _sockets[address]
+                with contextlib.suppress(Exception):
+                    await runtime.db.write(visitor_left, address)

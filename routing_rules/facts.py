@@ -118,6 +118,11 @@ FACTS = FactRegistry(
             "the agent (user name) of the contact's latest earlier conversation that had one",
         ),
         Fact(
+            "history.last_csat",
+            _N,
+            "the contact's latest CSAT answer (1-5), missing when they never answered",
+        ),
+        Fact(
             "history.open_elsewhere",
             _N,
             "how many of the contact's conversations are open on other channels",

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from router.api.deps import get_runtime
+from router.metrics import service_snapshot
 from router.runtime import Runtime
 
 router = APIRouter(tags=["operations"])
@@ -28,4 +29,5 @@ async def readyz(runtime: Runtime = Depends(get_runtime)) -> JSONResponse:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
+    runtime.metrics.update(await runtime.db.read(service_snapshot, runtime.clock.now()))
     return Response(runtime.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -36,6 +36,7 @@ from router.agents import record_status
 from router.assignment import flow
 from router.assignment.capacity import CapacityFull, claim, release, take
 from router.assignment.timers import PREFERRED, clear_timers, current_ruleset
+from router.csat import send_survey
 from router.db import Tx
 from router.events import SUPERVISORS, add_event, agent_stream
 from router.exceptions import CapacityExceeded, Conflict, NotFound
@@ -439,10 +440,14 @@ def take_offered(tx: Tx, conversation_id: int, agent_id: int, offer_id: int, **d
             preferred_agent_id=None,
             updated_at=tx.now,
         )
-        .returning(Conversation.queue)
+        .returning(Conversation.queue, Conversation.queued_at)
     ).first()
     if moved is None:
         return False
+    observe = tx.context.get("assignment_latency")
+    if observe is not None and moved.queued_at is not None:
+        waited = (tx.now - moved.queued_at).total_seconds()
+        tx.on_commit(lambda: observe(max(0.0, waited)))
     tx.execute(update(Agent).where(Agent.id == agent_id).values(missed_offers=0))
     clear_timers(tx, conversation_id, PREFERRED)
     add_event(
@@ -639,6 +644,7 @@ def resolve_conversation(tx: Tx, agent_id: int, conversation_id: int) -> dict[st
         tx, conversation_id, EventKind.RESOLVED, Actor.AGENT, agent_id=agent_id, queue=row.queue
     )
     until = flow.after_resolve(tx, row, current_ruleset(tx))
+    send_survey(tx, conversation_id)
     payload = {
         "conversation_id": conversation_id,
         "state": S.RESOLVED.value,
@@ -733,3 +739,57 @@ def assign_manually(
         "assigned",
         {"conversation": conversation_summary(tx.conn, conversation_id)},
     )
+
+
+_WAITING_STATES = (S.NEW.value, S.QUEUED.value, S.OFFERED.value)
+_OPEN_OFFERS = (OfferState.PENDING.value, OfferState.CONNECTING.value)
+
+
+def abandon(tx: Tx, conversation_id: int, waited: float | None, reason: str, **data: Any) -> bool:
+    """The customer left before an agent joined (a caller hung up, a web-chat visitor went
+    away): offers withdrawn, capacity freed, the conversation closed, an ``abandoned`` event
+    with the wait. ``data`` is merged into the conversation's data. False if an agent had
+    already taken it."""
+    row = tx.execute(
+        select(Conversation).where(Conversation.id == conversation_id).with_for_update()
+    ).first()
+    if row is None or row.state not in _WAITING_STATES:
+        return False
+    offers = tx.execute(
+        update(Offer)
+        .where(Offer.conversation_id == conversation_id, Offer.state.in_(_OPEN_OFFERS))
+        .values(state=OfferState.WITHDRAWN.value, decided_at=tx.now, reason=reason)
+        .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
+    ).all()
+    for offer in offers:
+        end_offer(tx, offer, OfferState.WITHDRAWN, EventKind.OFFER_WITHDRAWN, reason)
+    tx.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(
+            state=S.CLOSED.value,
+            closed_at=tx.now,
+            updated_at=tx.now,
+            data={**(row.data or {}), **data},
+        )
+    )
+    clear_timers(tx, conversation_id)
+    add_event(
+        tx,
+        conversation_id,
+        EventKind.ABANDONED,
+        queue=row.queue,
+        wait_seconds=waited,
+        reason=reason,
+    )
+    tx.emit(
+        SUPERVISORS,
+        "abandoned",
+        {
+            "conversation_id": conversation_id,
+            "queue": row.queue,
+            "wait_seconds": waited,
+            "reason": reason,
+        },
+    )
+    return True

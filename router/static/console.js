@@ -357,6 +357,7 @@
   }).then(function (data) {
     if (!data) { return; }
     session = data;
+    if (data.user.agent_id === null && data.user.role !== "agent") { location.assign("/console/supervisor"); return; }
     $("me").textContent = data.user.name + " (" + data.user.role + ")";
     connect();
   });

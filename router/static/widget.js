@@ -81,6 +81,21 @@
     if (message.client_id) { item.setAttribute("data-client", message.client_id); }
     if (message.pending) { item.classList.add("omr-pending"); }
     item.appendChild(el("span", "omr-text", message.text));
+    if (message.survey && typeof message.survey.min === "number" && typeof message.survey.max === "number") {
+      var scores = el("div", "omr-survey");
+      for (var n = message.survey.min; n <= message.survey.max; n++) {
+        var choice = el("button", "omr-score", String(n));
+        choice.type = "button"; choice.dataset.score = String(n);
+        choice.addEventListener("click", function (event) {
+          if (!connected) { return; }
+          ws.send(JSON.stringify({type: "survey_answer", score: Number(event.target.dataset.score)}));
+          scores.querySelectorAll("button").forEach(function (b) { b.disabled = true; });
+          event.target.classList.add("omr-chosen");
+        });
+        scores.appendChild(choice);
+      }
+      item.appendChild(scores);
+    }
     list.appendChild(item);
     list.scrollTop = list.scrollHeight;
   }
@@ -120,6 +135,8 @@
         if (typeof frame.seq === "number") { state.lastSeq = Math.max(state.lastSeq || 0, frame.seq); save(); }
         typing.hidden = true;
         render(frame);
+      } else if (frame.type === "survey_thanks") {
+        render({id: "thanks-" + Date.now(), direction: "out", text: "Thank you for your feedback!"});
       } else if (frame.type === "typing") {
         typing.textContent = "An agent is typing…"; typing.hidden = false;
         clearTimeout(typingTimer); typingTimer = setTimeout(function () { typing.hidden = true; }, 4000);

@@ -434,3 +434,45 @@ async def test_imap_over_implicit_tls_and_starttls(
             await asyncio.wait_for(channel.connected.wait(), 10)
             await server.append(user, "secret", mail("t@example.net", "over TLS", "<t1@x>"))
             await eventually(lambda: conversation_of(runtime, "<t1@x>"))
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_one_process_polls_a_mailbox_and_another_takes_over(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """Two processes share a mailbox: one holds its lease and polls, the other stands by;
+    when the first stops, the second takes the lease and goes on from the same cursor."""
+    user = next(_boxes)
+
+    def settings_for(process: str) -> Any:
+        return make_settings(
+            tmp_path / process,
+            db_url,
+            rules=RULES,
+            channels=channels_yaml(dovecot.port, user, sink.port),
+            worker_interval=0.2,
+            lease_ttl=1.5,
+            process_id=process,
+        )
+
+    first = Runtime(settings_for("p1"))
+    await first.start(workers=True)
+    second = Runtime(settings_for("p2"))
+    await second.start(workers=True)
+    try:
+        a, b = first.channels["support"], second.channels["support"]
+        assert isinstance(a, EmailChannel) and isinstance(b, EmailChannel)
+        await asyncio.wait_for(a.connected.wait(), 10)
+        await dovecot.append(user, USERS[user], mail("x@example.net", "one", "<lease-1@x>"))
+        await eventually(lambda: conversation_of(first, "<lease-1@x>"))
+        await asyncio.sleep(1.5)  # the standby keeps checking, and keeps standing by
+        assert (b.standby, b.polls, b.connected.is_set()) == (True, 0, False)
+        await first.stop()
+        await asyncio.wait_for(b.connected.wait(), 10)  # released at stop: taken at once
+        await dovecot.append(user, USERS[user], mail("y@example.net", "two", "<lease-2@x>"))
+        await eventually(lambda: conversation_of(second, "<lease-2@x>"))
+        assert await count(second, Message) == 2  # the first message was not imported again
+    finally:
+        if first.started:
+            await first.stop()
+        await second.stop()

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import httpx
 import websockets
 from sqlalchemy import create_engine, func, select
 
@@ -15,14 +16,17 @@ from tests import peers
 from tests.router.test_live import make_agent
 from tests.support import (
     AGENT_RULES,
+    FAKE_SECRET,
     WEB_CHANNELS,
     Client,
     ServerProcess,
     connect_agent,
     connect_visitor,
+    fake_message,
     live_server,
     make_settings,
     server_env,
+    signed,
     started_runtime,
     ws_url,
 )
@@ -166,3 +170,37 @@ class started_agent_token:
 
     async def __aexit__(self, *exc: object) -> None:
         return None
+
+
+async def test_the_same_webhook_to_two_processes_at_once_is_stored_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A provider's retry can land on another process while the first delivery is still in
+    flight: each of 30 messages is delivered to both processes at the same moment."""
+    base_settings = make_settings(
+        tmp_path / "conf", pg_url, channels=WEB_CHANNELS, rules=AGENT_RULES
+    )
+    settings_b = base_settings.model_copy(update={"process_id": "b"})
+    async with (
+        started_runtime(base_settings) as a,
+        started_runtime(settings_b) as b,
+        live_server(a) as url_a,
+        live_server(b) as url_b,
+        httpx.AsyncClient() as client,
+    ):
+        for i in range(30):
+            body, headers = signed(
+                {"messages": [fake_message(f"dup-{i}", f"+49170555{i:04d}")]}, FAKE_SECRET
+            )
+            first, second = await asyncio.gather(
+                client.post(f"{url_a}/webhooks/fake/sms", content=body, headers=headers),
+                client.post(f"{url_b}/webhooks/fake/sms", content=body, headers=headers),
+            )
+            assert (first.status_code, second.status_code) == (200, 200)
+        stored, distinct = await a.db.read(
+            lambda c: (
+                c.execute(select(func.count()).select_from(Message)).scalar_one(),
+                c.execute(select(func.count(func.distinct(Message.external_id)))).scalar_one(),
+            )
+        )
+        assert stored == distinct == 30

@@ -1,0 +1,288 @@
+"""B3, fan-out: one supervisor event delivered to 100 and 1,000 sockets.
+
+omniroute (`omniroute serve` on SQLite): N supervisor sockets on /ws/supervisor; an agent's
+status change through the REST API (committed, then published on the supervisors' stream)
+must reach every socket. The raw baseline in the same run is a bare Starlette app in its own
+process that keeps the same number of websockets and sends one JSON frame to each when an
+HTTP request asks it to. Each round is timed from the request to the last socket receiving
+the frame; the median of the rounds is reported with deliveries per second and the ratio
+(target >= 0.5x the raw broadcast's deliveries per second). Every socket must receive every
+event exactly once.
+
+    python bench/fanout.py            # 100 and 1,000 sockets
+    python bench/fanout.py --smoke    # 20 sockets; run by `make test`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import websockets  # noqa: E402
+from e2e import free_port, wait_http, wait_port  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
+
+RULES = "version: 1\nqueues:\n  general: {}\ndefault: {queue: general}\n"
+
+
+def baseline_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.routing import Route, WebSocketRoute
+
+    sockets: set[WebSocket] = set()
+
+    async def feed(ws: WebSocket) -> None:
+        await ws.accept()
+        json.loads(await ws.receive_text())
+        await ws.send_text(json.dumps({"type": "welcome"}))
+        sockets.add(ws)
+        try:
+            while True:
+                await ws.receive_text()
+        except WebSocketDisconnect:
+            sockets.discard(ws)
+
+    async def broadcast(request: Request) -> JSONResponse:
+        body = await request.json()
+        frame = json.dumps({"type": "agent_presence", **body})
+        for ws in list(sockets):
+            await ws.send_text(frame)
+        return JSONResponse({"sent": len(sockets)})
+
+    async def ready(request: Request) -> JSONResponse:
+        return JSONResponse({"ready": True})
+
+    return Starlette(
+        routes=[
+            WebSocketRoute("/ws/supervisor", feed),
+            Route("/broadcast", broadcast, methods=["POST"]),
+            Route("/readyz", ready),
+        ]
+    )
+
+
+async def _seed(url: str) -> tuple[str, int]:
+    from router.agents import create_agent, parse_capacity
+    from router.auth import create_user
+    from router.db import Database, Tx
+
+    db = Database(url)
+    await db.start()
+    try:
+
+        def add(tx: Tx) -> tuple[str, int]:
+            _, token = create_user(tx, "boss", "supervisor")
+            user_id, _ = create_user(tx, "agent0", "agent")
+            agent_id = create_agent(tx, user_id, "Agent", {}, parse_capacity("webchat=1,total=1"))
+            return token, agent_id
+
+        return await db.write(add)
+    finally:
+        await db.close()
+
+
+def start_omniroute(directory: Path) -> tuple[subprocess.Popen[bytes], str, str, int]:
+    from router.migrate import upgrade
+
+    url = f"sqlite:///{directory / 'bench.db'}"
+    (directory / "rules.yaml").write_text(RULES)
+    upgrade(url)
+    token, agent_id = asyncio.run(_seed(url))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "OMNIROUTE_DATABASE_URL": url,
+        "OMNIROUTE_RULES_PATH": str(directory / "rules.yaml"),
+        "OMNIROUTE_SECRET_KEY": "bench-" + "x" * 40,
+        "OMNIROUTE_PORT": str(port),
+        "OMNIROUTE_PUBLIC_BASE_URL": base,
+        "OMNIROUTE_DATA_DIR": str(directory),
+        # only the first snapshot: the rounds measure the event fan-out alone
+        "OMNIROUTE_SUPERVISOR_SNAPSHOT_INTERVAL": "3600",
+    }
+    log = open(directory / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "serve"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    wait_http(base + "/readyz", proc)
+    return proc, base, token, agent_id
+
+
+def start_baseline() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--baseline-server", str(port)], cwd=ROOT, start_new_session=True
+    )
+    wait_port(port, proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def rounds(
+    base: str, sockets: int, count: int, trigger: Any, token: str | None
+) -> tuple[list[float], int]:
+    """Open ``sockets`` feeds, then ``count`` rounds: trigger one event, wait until every
+    socket has it. Returns the round times and the number of missing or extra deliveries."""
+    url = base.replace("http://", "ws://") + "/ws/supervisor"
+    got: list[list[Any]] = [[] for _ in range(sockets)]
+    arrived = asyncio.Event()
+    need = {"n": 0}
+
+    async def open_one(i: int) -> Any:
+        ws = await websockets.connect(url, open_timeout=60, max_queue=None)
+        await ws.send(json.dumps({"type": "hello", **({"token": token} if token else {})}))
+        while json.loads(await ws.recv()).get("type") != "welcome":
+            pass
+        return ws
+
+    async def read(i: int, ws: Any) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            if frame.get("type") == "agent_presence":
+                got[i].append(frame.get("presence") or frame.get("status"))
+                if sum(1 for g in got if len(g) >= need["n"]) == sockets:
+                    arrived.set()
+
+    opened: list[Any] = []
+    for start in range(0, sockets, 100):  # in batches: no thundering herd of handshakes
+        opened.extend(
+            await asyncio.gather(*(open_one(i) for i in range(start, min(sockets, start + 100))))
+        )
+    readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(opened)]
+    await asyncio.sleep(0.5)  # the first snapshots are in
+    times = []
+    try:
+        for n in range(1, count + 1):
+            arrived.clear()
+            need["n"] = n
+            started = time.perf_counter()
+            await trigger(n)
+            await asyncio.wait_for(arrived.wait(), 120)
+            times.append(time.perf_counter() - started)
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
+    wrong = sum(abs(len(g) - count) for g in got)
+    return times, wrong
+
+
+def measure_baseline(sockets: int, count: int) -> tuple[list[float], int]:
+    import httpx
+
+    proc, base = start_baseline()
+    try:
+
+        async def run() -> tuple[list[float], int]:
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+
+                async def trigger(n: int) -> None:
+                    await client.post(
+                        "/broadcast", json={"presence": "away" if n % 2 else "online"}
+                    )
+
+                return await rounds(base, sockets, count, trigger, None)
+
+        return asyncio.run(run())
+    finally:
+        stop(proc)
+
+
+def measure_omniroute(sockets: int, count: int) -> tuple[list[float], int]:
+    import httpx
+
+    directory = Path(tempfile.mkdtemp(prefix="omniroute-b3-"))
+    proc, base, token, agent_id = start_omniroute(directory)
+    try:
+
+        async def run() -> tuple[list[float], int]:
+            headers = {"authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers) as client:
+
+                async def trigger(n: int) -> None:
+                    status = "away" if n % 2 else "online"
+                    response = await client.post(
+                        f"/api/agents/{agent_id}/status", json={"status": status}
+                    )
+                    response.raise_for_status()
+
+                return await rounds(base, sockets, count, trigger, token)
+
+        return asyncio.run(run())
+    finally:
+        stop(proc)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--baseline-server", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.baseline_server is not None:
+        import uvicorn
+
+        uvicorn.run(
+            baseline_app(),
+            host="127.0.0.1",
+            port=args.baseline_server,
+            log_level="warning",
+            ws_ping_interval=None,
+        )
+        return 0
+    sizes = (20,) if args.smoke else (100, 1000)
+    count = 3 if args.smoke else args.rounds
+    print(f"B3 fan-out of one supervisor event; {count} rounds each")
+    print(f"{'sockets':>8}{'run':>11}{'median ms':>11}{'deliveries/s':>14}{'wrong':>7}")
+    ok = True
+    for size in sizes:
+        figures = {}
+        for name, measure in (("baseline", measure_baseline), ("omniroute", measure_omniroute)):
+            times, wrong = measure(size, count)
+            median = statistics.median(times)
+            figures[name] = size / median
+            ok = ok and wrong == 0
+            print(f"{size:>8}{name:>11}{median * 1000:>11.1f}{size / median:>14.0f}{wrong:>7}")
+        print(
+            f"{'':>8} ratio: {figures['omniroute'] / figures['baseline']:.2f}x the raw broadcast (target >= 0.5x)"
+        )
+    if not ok:
+        print("FAILED: an event was missed or delivered twice")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Web-chat abandonment (docs/kpis.md): a visitor who leaves (their last socket closes)
+before an agent took the conversation, and stays away for the inbox's ``abandon_after``,
+abandoned it. Coming back in time cancels that."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from router.assignment.core import abandon
+from router.db import Tx
+from router.models import ContactIdentity, Conversation, Inbox, Message
+from router.serialize import iso
+from router.types import ConversationState as S
+
+__all__ = ["abandon_gone_visitors", "visitor_back", "visitor_left"]
+
+_WAITING = (S.NEW.value, S.QUEUED.value, S.OFFERED.value)
+
+
+def _waiting_of(tx: Tx, address: str) -> list[Any]:
+    identity = select(ContactIdentity.id).where(
+        ContactIdentity.kind == "webchat", ContactIdentity.address == address
+    )
+    mine = select(Message.conversation_id).where(Message.identity_id.in_(identity)).distinct()
+    return list(
+        tx.execute(
+            select(Conversation.id, Conversation.data).where(
+                Conversation.id.in_(mine), Conversation.state.in_(_WAITING)
+            )
+        ).all()
+    )
+
+
+def visitor_left(tx: Tx, address: str) -> int:
+    """The visitor's socket closed: their waiting conversations note when."""
+    rows = _waiting_of(tx, address)
+    for row in rows:
+        data = {**(row.data or {}), "visitor_left_at": iso(tx.now)}
+        tx.execute(update(Conversation).where(Conversation.id == row.id).values(data=data))
+    return len(rows)
+
+
+def visitor_back(tx: Tx, address: str) -> None:
+    for row in _waiting_of(tx, address):
+        if "visitor_left_at" in (row.data or {}):
+            data = {k: v for k, v in row.data.items() if k != "visitor_left_at"}
+            tx.execute(update(Conversation).where(Conversation.id == row.id).values(data=data))
+
+
+def abandon_gone_visitors(tx: Tx, after: dict[int, float]) -> list[int]:
+    """Close the web chats whose visitor has been away longer than their inbox's
+    ``abandon_after`` (seconds, by inbox id) before an agent took them."""
+    closed = []
+    for row in tx.execute(
+        select(Conversation.id, Conversation.inbox_id, Conversation.data, Conversation.created_at)
+        .join(Inbox, Inbox.id == Conversation.inbox_id)
+        .where(Conversation.channel == "webchat", Conversation.state.in_(_WAITING))
+    ):
+        left = (row.data or {}).get("visitor_left_at")
+        limit = after.get(int(row.inbox_id))
+        if not left or limit is None:
+            continue
+        left_at = datetime.fromisoformat(left)
+        if tx.now - left_at >= timedelta(seconds=limit):
+            waited = (left_at - row.created_at).total_seconds()
+            if abandon(tx, row.id, max(0.0, waited), "the visitor left before an agent joined"):
+                closed.append(int(row.id))
+    return closed

@@ -1,0 +1,168 @@
+"""``/ws/supervisor``: the supervisor dashboard's live feed (docs/console.md, "Supervisors").
+
+The hello carries a token, or the console's session cookie is used (our own origin only,
+as on the agent socket); the user needs the supervisor role. The socket sends a
+``snapshot`` (queues with waiting count, longest wait and SLA state; agents with presence
+and load per channel) at once and again whenever it changed (checked every
+``OMNIROUTE_SUPERVISOR_SNAPSHOT_INTERVAL``, 1 s), and forwards the supervisors' stream
+events (CSAT answers, presence changes, SLA warnings and breaches, abandoned calls) as
+they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from sqlalchemy import Connection, select
+from starlette.websockets import WebSocketDisconnected
+
+from router.api.agents import agents_view
+from router.api.queues import queue_stats
+from router.assignment.sla import NO_DUE
+from router.auth import authenticate_token
+from router.events import SUPERVISORS
+from router.exceptions import Forbidden, OmnirouteError, Unauthorized
+from router.hub import Session
+from router.models import Conversation
+from router.runtime import Runtime
+from router.types import OPEN_STATES, Role
+
+__all__ = ["dashboard", "router"]
+
+router = APIRouter()
+log = logging.getLogger(__name__)
+HELLO_TIMEOUT = 10.0
+
+
+def _sla_state(conn: Connection, now: datetime) -> dict[str, dict[str, int]]:
+    """Per queue, open conversations whose SLA is at risk (its warning fired) or breached."""
+    out: dict[str, dict[str, int]] = {}
+    for queue, data, due in conn.execute(
+        select(Conversation.queue, Conversation.data, Conversation.sla_due_at).where(
+            Conversation.state.in_([s.value for s in OPEN_STATES]),
+            Conversation.sla_due_at < NO_DUE,
+        )
+    ):
+        fired = set((data or {}).get("sla_fired", []))
+        entry = out.setdefault(queue or "", {"sla_at_risk": 0, "sla_breached": 0})
+        due = due if due is None or due.tzinfo else due.replace(tzinfo=now.tzinfo)
+        if any(f.endswith("breach") for f in fired) or (due is not None and due <= now):
+            entry["sla_breached"] += 1
+        elif any(f.endswith("warning") for f in fired):
+            entry["sla_at_risk"] += 1
+    return out
+
+
+def dashboard(conn: Connection, now: datetime) -> dict[str, Any]:
+    sla = _sla_state(conn, now)
+    queues = [
+        {
+            **{k: v for k, v in q.items() if k != "spec"},
+            **sla.get(q["name"], {"sla_at_risk": 0, "sla_breached": 0}),
+        }
+        for q in queue_stats(conn, now)
+    ]
+    agents = [
+        {
+            "id": a["id"],
+            "user": a["user"],
+            "name": a["name"],
+            "presence": a["presence"],
+            "busy": any(v["used"] for k, v in a["load"].items() if k != "total"),
+            "load": a["load"],
+        }
+        for a in agents_view(conn)
+    ]
+    return {"queues": queues, "agents": agents}
+
+
+async def _principal(ws: WebSocket, runtime: Runtime, hello: dict[str, Any]) -> Any:
+    token = hello.get("token")
+    if isinstance(token, str):
+        principal = await runtime.db.read(authenticate_token, token)
+    elif token is None:
+        sessions = ws.app.state.sessions
+        if not sessions.same_origin(ws, required=True):
+            raise Forbidden("the session cookie is accepted only from this site's own pages")
+        found = await sessions.from_cookie(ws)
+        principal = found[0] if found else None
+    else:
+        principal = None
+    if principal is None:
+        raise Unauthorized("sign in, or send a valid token in the hello")
+    if not principal.allows(Role.SUPERVISOR):
+        raise Forbidden("this needs the supervisor role")
+    return principal
+
+
+@router.websocket("/ws/supervisor")
+async def supervisor_socket(ws: WebSocket) -> None:
+    runtime: Runtime = ws.app.state.runtime
+    runtime.sockets.add(ws)
+    try:
+        with runtime.metrics.websockets.labels("supervisor").track_inprogress():
+            await _supervisor_socket(ws)
+    finally:
+        runtime.sockets.discard(ws)
+
+
+async def _supervisor_socket(ws: WebSocket) -> None:
+    runtime: Runtime = ws.app.state.runtime
+    await ws.accept()
+    lock = asyncio.Lock()
+
+    async def send(frame: dict[str, Any]) -> None:
+        async with lock:
+            await ws.send_text(json.dumps(frame, default=str))
+
+    try:
+        hello = json.loads(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT))
+        if not isinstance(hello, dict) or hello.get("type") != "hello":
+            raise Unauthorized('the first frame must be {"type": "hello"}')
+        principal = await _principal(ws, runtime, hello)
+    except (TimeoutError, ValueError):
+        with contextlib.suppress(Exception):
+            await ws.close(1008, 'the first frame must be {"type": "hello"}')
+        return
+    except OmnirouteError as exc:
+        with contextlib.suppress(Exception):
+            await send({"type": "error", "code": exc.code, "message": exc.message})
+            await ws.close(1008, exc.message[:120])
+        return
+    except WebSocketDisconnect:
+        return
+    session = Session(runtime.db, runtime.bus, send)
+    pusher: asyncio.Task[None] | None = None
+    try:
+        await session.open({SUPERVISORS: None}, [])
+        await send({"type": "welcome", "user": principal.name, "role": principal.role.value})
+        session.start()
+
+        async def push() -> None:
+            last = None
+            while True:
+                snapshot = await runtime.db.read(dashboard, runtime.clock.now())
+                if snapshot != last:
+                    await send({"type": "snapshot", **snapshot})
+                    last = snapshot
+                await asyncio.sleep(runtime.settings.supervisor_snapshot_interval)
+
+        pusher = asyncio.create_task(push(), name="supervisor-snapshots")
+        while True:  # the socket only listens for pings (and for the client leaving)
+            raw = await ws.receive_text()
+            if raw == '{"type": "ping"}' or raw == '{"type":"ping"}':
+                await send({"type": "pong"})
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        pass
+    finally:
+        if pusher is not None:
+            pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pusher
+        await session.close()
