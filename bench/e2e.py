@@ -21,10 +21,7 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import websockets  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
 
 RULES = """\
 version: 1
@@ -141,40 +141,6 @@ def serve_baseline(port: int) -> None:
 
 
 # -- servers ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(port)
-
-
 @dataclass
 class Omniroute:
     agents: int
@@ -186,35 +152,11 @@ class Omniroute:
     tokens: list[str] = field(default_factory=list)
 
     def start(self) -> str:
-        from router.migrate import upgrade
-
-        url = f"sqlite:///{self.directory / 'bench.db'}"
-        (self.directory / "rules.yaml").write_text(RULES)
-        (self.directory / "channels.yaml").write_text(CHANNELS)
-        upgrade(url)
+        url = database(self.directory, RULES, CHANNELS)
         self.tokens = asyncio.run(self._seed(url))
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "OMNIROUTE_DATABASE_URL": url,
-            "OMNIROUTE_RULES_PATH": str(self.directory / "rules.yaml"),
-            "OMNIROUTE_CHANNELS_PATH": str(self.directory / "channels.yaml"),
-            "OMNIROUTE_SECRET_KEY": "bench-" + "x" * 40,
-            "OMNIROUTE_PORT": str(self.port),
-            "OMNIROUTE_PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}",
-            "OMNIROUTE_DATA_DIR": str(self.directory),
-        }
-        log = open(self.directory / "server.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        wait_http(f"http://127.0.0.1:{self.port}/readyz", self.proc)
-        return f"ws://127.0.0.1:{self.port}"
+        self.proc, base = serve_omniroute(self.directory, url)
+        self.port = int(base.rsplit(":", 1)[1])
+        return base.replace("http://", "ws://")
 
     async def _seed(self, url: str) -> list[str]:
         from router.agents import create_agent, parse_capacity
@@ -240,12 +182,7 @@ class Omniroute:
         return tokens
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop(self.proc)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -256,20 +193,12 @@ class Baseline:
     tokens: list[str] = field(default_factory=list)
 
     def start(self) -> str:
-        port = free_port()
         self.tokens = [f"token-{i}" for i in range(self.agents)]
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--baseline-server", str(port)],
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        wait_port(port, self.proc)
+        self.proc, port = spawn_baseline(__file__)
         return f"ws://127.0.0.1:{port}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(20)
+        stop(self.proc)
 
 
 # -- the load generator -----------------------------------------------------------------------

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import websockets  # noqa: E402
-from e2e import free_port, wait_http, wait_port  # noqa: E402
+from serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
@@ -99,54 +97,11 @@ async def _seed(url: str) -> tuple[str, int]:
 
 
 def start_omniroute(directory: Path) -> tuple[subprocess.Popen[bytes], str, str, int]:
-    from router.migrate import upgrade
-
-    url = f"sqlite:///{directory / 'bench.db'}"
-    (directory / "rules.yaml").write_text(RULES)
-    upgrade(url)
+    url = database(directory, RULES)
     token, agent_id = asyncio.run(_seed(url))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "OMNIROUTE_DATABASE_URL": url,
-        "OMNIROUTE_RULES_PATH": str(directory / "rules.yaml"),
-        "OMNIROUTE_SECRET_KEY": "bench-" + "x" * 40,
-        "OMNIROUTE_PORT": str(port),
-        "OMNIROUTE_PUBLIC_BASE_URL": base,
-        "OMNIROUTE_DATA_DIR": str(directory),
-        # only the first snapshot: the rounds measure the event fan-out alone
-        "OMNIROUTE_SUPERVISOR_SNAPSHOT_INTERVAL": "3600",
-    }
-    log = open(directory / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "serve"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    wait_http(base + "/readyz", proc)
+    # only the first snapshot: the rounds measure the event fan-out alone
+    proc, base = serve_omniroute(directory, url, {"OMNIROUTE_SUPERVISOR_SNAPSHOT_INTERVAL": "3600"})
     return proc, base, token, agent_id
-
-
-def start_baseline() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--baseline-server", str(port)], cwd=ROOT, start_new_session=True
-    )
-    wait_port(port, proc)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def rounds(
@@ -201,7 +156,8 @@ async def rounds(
 def measure_baseline(sockets: int, count: int) -> tuple[list[float], int]:
     import httpx
 
-    proc, base = start_baseline()
+    proc, port = spawn_baseline(__file__)
+    base = f"http://127.0.0.1:{port}"
     try:
 
         async def run() -> tuple[list[float], int]:

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import free_port, wait_http, wait_port  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
+from serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
 
 ACCOUNT = "AC" + "b" * 32
 TOKEN = "c" * 32
@@ -135,56 +132,6 @@ async def drive(
         return time.perf_counter() - started, failures
 
 
-def start_omniroute(directory: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    from router.migrate import upgrade
-
-    url = f"sqlite:///{directory / 'bench.db'}"
-    (directory / "rules.yaml").write_text(RULES)
-    (directory / "channels.yaml").write_text(CHANNELS)
-    upgrade(url)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "OMNIROUTE_DATABASE_URL": url,
-        "OMNIROUTE_RULES_PATH": str(directory / "rules.yaml"),
-        "OMNIROUTE_CHANNELS_PATH": str(directory / "channels.yaml"),
-        "OMNIROUTE_SECRET_KEY": "bench-" + "x" * 40,
-        "OMNIROUTE_PORT": str(port),
-        "OMNIROUTE_PUBLIC_BASE_URL": base,
-        "OMNIROUTE_DATA_DIR": str(directory),
-    }
-    log = open(directory / "server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "serve"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    wait_http(base + "/readyz", proc)
-    return proc, base, str(directory / "bench.db")
-
-
-def start_baseline() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--baseline-server", str(port)], cwd=ROOT, start_new_session=True
-    )
-    wait_port(port, proc)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true")
@@ -204,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     directory = Path(tempfile.mkdtemp(prefix="omniroute-b2-"))
     results: dict[str, tuple[float, int, int]] = {}
     try:
-        proc, base = start_baseline()
+        proc, port = spawn_baseline(__file__)
+        base = f"http://127.0.0.1:{port}"
         try:
             deliveries = requests(base, count)
             elapsed, failures = asyncio.run(drive(base, deliveries, concurrency))
             results["baseline"] = (len(deliveries) / elapsed, failures, 0)
         finally:
             stop(proc)
-        proc, base, db_path = start_omniroute(directory)
+        proc, base = serve_omniroute(directory, database(directory, RULES, CHANNELS))
+        db_path = str(directory / "bench.db")
         try:
             deliveries = requests(base, count)
             elapsed, failures = asyncio.run(drive(base, deliveries, concurrency))

@@ -23,6 +23,7 @@ _ASSETS = {
     "demo-agent.js": "application/javascript",
     "console.css": "text/css",
     "console.js": "application/javascript",
+    "console-common.js": "application/javascript",
     "console-login.js": "application/javascript",
     "supervisor.js": "application/javascript",
 }

@@ -21,13 +21,13 @@ from sqlalchemy import Connection, insert, select, update
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from router.auth import Principal, _principal, hash_token, new_token
+from router.auth import Principal, _principal, authenticate_token, hash_token, new_token
 from router.db import Database, Tx
-from router.exceptions import Forbidden
+from router.exceptions import Forbidden, Unauthorized
 from router.models import User, UserSession
 from router.ratelimit import RateLimiter
 
-__all__ = ["COOKIE", "CSRF_HEADER", "Sessions", "origin_of"]
+__all__ = ["COOKIE", "CSRF_HEADER", "Sessions", "hello_principal", "origin_of"]
 
 COOKIE = "omniroute_session"
 CSRF_HEADER = "x-csrf-token"
@@ -142,3 +142,26 @@ class Sessions:
             ):
                 raise Forbidden("a signed-in request that changes something needs the CSRF token")
         return principal
+
+
+async def hello_principal(
+    connection: HTTPConnection, db: Database, hello: dict[str, Any]
+) -> Principal:
+    """Who opens a socket: the hello's ``token``, or without one the console's session
+    cookie, taken only from our own pages (a page of another site must not ride on the
+    cookie: cross-site websocket hijacking)."""
+    token = hello.get("token")
+    if token is None:
+        sessions: Sessions = connection.app.state.sessions
+        if not sessions.same_origin(connection, required=True):
+            raise Forbidden("the session cookie is accepted only from this site's own pages")
+        found = await sessions.from_cookie(connection)
+        if found is None:
+            raise Unauthorized("not signed in: send a token or sign in to the console")
+        return found[0]
+    if not isinstance(token, str):
+        raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
+    principal = await db.read(authenticate_token, token)
+    if principal is None:
+        raise Unauthorized("invalid token")
+    return principal

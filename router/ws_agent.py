@@ -21,7 +21,7 @@ from starlette.websockets import WebSocketDisconnected
 
 from router.agents import agent_by_name
 from router.assignment.core import conversation_summary
-from router.auth import Principal, authenticate_token
+from router.auth import Principal
 from router.events import SUPERVISORS, agent_stream
 from router.exceptions import Forbidden, InvalidInput, NotFound, OmnirouteError, Unauthorized
 from router.hub import Session
@@ -30,6 +30,7 @@ from router.messaging import agent_write
 from router.models import ContactIdentity, Conversation, Message, Offer
 from router.outbox import resend
 from router.runtime import Runtime
+from router.sessions import hello_principal
 from router.timeline import contact_timeline
 from router.types import AgentPresence, OfferState, Role
 
@@ -260,23 +261,7 @@ async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, 
         raise Unauthorized("the first frame must be a JSON hello") from None
     if not isinstance(hello, dict) or hello.get("type") != "hello":
         raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
-    token = hello.get("token")
-    if token is None:
-        # the console: its session cookie, taken only from our own pages (a page of another
-        # site must not ride on the agent's cookie: cross-site websocket hijacking)
-        sessions = ws.app.state.sessions
-        if not sessions.same_origin(ws, required=True):
-            raise Forbidden("the session cookie is accepted only from this site's own pages")
-        found = await sessions.from_cookie(ws)
-        if found is None:
-            raise Unauthorized("not signed in: send a token or sign in to the console")
-        principal = found[0]
-    elif isinstance(token, str):
-        principal = await runtime.db.read(authenticate_token, token)
-        if principal is None:
-            raise Unauthorized("invalid token")
-    else:
-        raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
+    principal = await hello_principal(ws, runtime.db, hello)
     if principal.agent_id is None:
         raise Forbidden("this user is not an agent")
     return principal, hello

@@ -25,12 +25,12 @@ from starlette.websockets import WebSocketDisconnected
 from router.api.agents import agents_view
 from router.api.queues import queue_stats
 from router.assignment.sla import NO_DUE
-from router.auth import authenticate_token
 from router.events import SUPERVISORS
 from router.exceptions import Forbidden, OmnirouteError, Unauthorized
 from router.hub import Session
 from router.models import Conversation
 from router.runtime import Runtime
+from router.sessions import hello_principal
 from router.types import OPEN_STATES, Role
 
 __all__ = ["dashboard", "router"]
@@ -83,19 +83,7 @@ def dashboard(conn: Connection, now: datetime) -> dict[str, Any]:
 
 
 async def _principal(ws: WebSocket, runtime: Runtime, hello: dict[str, Any]) -> Any:
-    token = hello.get("token")
-    if isinstance(token, str):
-        principal = await runtime.db.read(authenticate_token, token)
-    elif token is None:
-        sessions = ws.app.state.sessions
-        if not sessions.same_origin(ws, required=True):
-            raise Forbidden("the session cookie is accepted only from this site's own pages")
-        found = await sessions.from_cookie(ws)
-        principal = found[0] if found else None
-    else:
-        principal = None
-    if principal is None:
-        raise Unauthorized("sign in, or send a valid token in the hello")
+    principal = await hello_principal(ws, runtime.db, hello)
     if not principal.allows(Role.SUPERVISOR):
         raise Forbidden("this needs the supervisor role")
     return principal

@@ -6,34 +6,17 @@
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
-  var session = null, ws = null, pending = {}, nextId = 1, retry = 500, lastSeq = {};
+  var ws = null, pending = {}, nextId = 1, retry = 500, lastSeq = {};
   var offers = {}, conversations = {}, current = null, oldest = null;
   var unread = {}, sla = {}, cannedTimer = null, typingTimer = null, lastTyping = 0;
   var CHANNEL = {email: "Email", sms: "SMS", voice: "Phone", webchat: "Web chat", messenger: "Messenger", whatsapp: "WhatsApp"};
 
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) { e.className = cls; }
-    if (text !== undefined && text !== null) { e.textContent = String(text); }
-    return e;
-  }
+  var el = window.omrConsole.el, api = window.omrConsole.api;
   function setStatus(text) { $("status").textContent = text || ""; }
   function channelLabel(c) { return CHANNEL[c] || c || ""; }
   function addressLabel(kind, address) { return kind === "webchat" ? "web-chat visitor" : address; }
 
   // -- REST (cookie + CSRF header) -------------------------------------------------------
-  function api(method, path, body) {
-    var headers = {"Accept": "application/json"};
-    if (method !== "GET") { headers["Content-Type"] = "application/json"; headers[session.csrf_header] = session.csrf; }
-    return fetch(path, {method: method, headers: headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body)})
-      .then(function (response) {
-        if (response.status === 401) { location.assign("/console/login"); throw new Error("signed out"); }
-        return response.json().then(function (data) {
-          if (!response.ok) { throw new Error(data.message || response.statusText); }
-          return data;
-        });
-      });
-  }
 
   // -- the websocket ---------------------------------------------------------------------
   function command(type, fields) {
@@ -351,12 +334,9 @@
   window.addEventListener("beforeunload", saveDraft);
   setInterval(tick, 1000);
 
-  fetch("/console/session", {credentials: "same-origin"}).then(function (response) {
-    if (!response.ok) { location.assign("/console/login"); return null; }
-    return response.json();
-  }).then(function (data) {
+  window.omrConsole.signedIn().then(function (data) {
     if (!data) { return; }
-    session = data;
+
     if (data.user.agent_id === null && data.user.role !== "agent") { location.assign("/console/supervisor"); return; }
     $("me").textContent = data.user.name + " (" + data.user.role + ")";
     connect();

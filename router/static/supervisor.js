@@ -3,29 +3,12 @@
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
-  var session = null, ws = null, retry = 500, agents = [], refreshTimer = null;
+  var ws = null, retry = 500, agents = [], refreshTimer = null;
   var SVG = "http://www.w3.org/2000/svg";
 
-  function el(tag, cls, text) {
-    var e = document.createElement(tag);
-    if (cls) { e.className = cls; }
-    if (text !== undefined && text !== null) { e.textContent = String(text); }
-    return e;
-  }
+  var el = window.omrConsole.el, api = window.omrConsole.api;
   function cell(text, cls) { return el("td", cls, text); }
   function setStatus(text) { $("status").textContent = text || ""; }
-  function api(method, path, body) {
-    var headers = {"Accept": "application/json"};
-    if (method !== "GET") { headers["Content-Type"] = "application/json"; headers[session.csrf_header] = session.csrf; }
-    return fetch(path, {method: method, headers: headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body)})
-      .then(function (response) {
-        if (response.status === 401) { location.assign("/console/login"); throw new Error("signed out"); }
-        return response.json().then(function (data) {
-          if (!response.ok) { throw new Error(data.message || response.statusText); }
-          return data;
-        });
-      });
-  }
   function seconds(s) {
     s = Math.round(s || 0);
     return s < 60 ? s + " s" : Math.floor(s / 60) + " min " + (s % 60) + " s";
@@ -162,12 +145,9 @@
   $("logout").addEventListener("click", function () {
     api("POST", "/console/logout", {}).finally(function () { location.assign("/console/login"); });
   });
-  fetch("/console/session", {credentials: "same-origin"}).then(function (response) {
-    if (!response.ok) { location.assign("/console/login"); return null; }
-    return response.json();
-  }).then(function (data) {
+  window.omrConsole.signedIn().then(function (data) {
     if (!data) { return; }
-    session = data;
+
     $("me").textContent = data.user.name + " (" + data.user.role + ")";
     connect(); loadCharts();
     setInterval(loadCharts, 30000);

@@ -6,6 +6,7 @@ the draft); an XSS corpus shown as text. Screenshots of each step go to
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -65,27 +66,34 @@ class Server:
         await self._serving.__aexit__(None, None, None)
 
 
-@pytest.fixture
-async def server(tmp_path: Path, db_url: str) -> AsyncIterator[Server]:
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, db_url: str, channels: str) -> AsyncIterator[Server]:
+    """A runtime with its workers, served on a fixed port (the public origin of the pages)."""
     port = free_port()
     settings = make_settings(
         tmp_path / "conf",
         db_url,
         rules=RULES,
-        channels=WEB_CHANNELS,
+        channels=channels,
         public_base_url=f"http://127.0.0.1:{port}",
         worker_interval=0.2,
         outbox_interval=0.2,
     )
     async with started_runtime(settings, workers=True) as runtime:
-        await make_agent(runtime, "anna", capacity="webchat=3,email=3,total=5")
-        await runtime.db.write(set_password, "anna", PASSWORD)
         served = Server(runtime, port)
         await served.start()
         try:
             yield served
         finally:
             await served.stop()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, db_url: str) -> AsyncIterator[Server]:
+    async with serving(tmp_path, db_url, WEB_CHANNELS) as served:
+        await make_agent(served.runtime, "anna", capacity="webchat=3,email=3,total=5")
+        await served.runtime.db.write(set_password, "anna", PASSWORD)
+        yield served
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ from router.types import AgentPresence
 from tests.router.test_console import (
     ARTIFACTS,
     PASSWORD,
-    RULES,
     Server,
     Watched,
     browser,  # noqa: F401
+    serving,
     visitor_says,
 )
 from tests.router.test_live import make_agent
@@ -30,10 +30,7 @@ from tests.support import (
     CHANNELS,
     client_for,
     fake_message,
-    free_port,
-    make_settings,
     post_fake,
-    started_runtime,
     ws_url,
 )
 
@@ -51,30 +48,11 @@ SURVEY_CHANNELS = (
 
 @pytest.fixture
 async def server(tmp_path: Path, db_url: str) -> AsyncIterator[Server]:
-    port = free_port()
-    settings = make_settings(
-        tmp_path / "conf",
-        db_url,
-        rules=RULES,
-        channels=SURVEY_CHANNELS,
-        public_base_url=f"http://127.0.0.1:{port}",
-        worker_interval=0.2,
-        outbox_interval=0.2,
-    )
-    async with started_runtime(settings, workers=True) as runtime:
-        await make_agent(runtime, "anna", capacity="webchat=3,sms=3,total=6")
-        await runtime.db.write(lambda tx: create_user(tx, "sue", "supervisor"))
-        await runtime.db.write(set_password, "sue", PASSWORD)
-        served = Server(runtime, port)
-        await served.start()
-        try:
-            yield served
-        finally:
-            await served.stop()
-
-
-async def cell(page: object, queue: str, column: str) -> str:
-    return str(await page.inner_text(f"#queues tr[data-queue={queue}] td.{column}"))  # type: ignore[attr-defined]
+    async with serving(tmp_path, db_url, SURVEY_CHANNELS) as served:
+        await make_agent(served.runtime, "anna", capacity="webchat=3,sms=3,total=6")
+        await served.runtime.db.write(lambda tx: create_user(tx, "sue", "supervisor"))
+        await served.runtime.db.write(set_password, "sue", PASSWORD)
+        yield served
 
 
 async def test_a_supervisor_watches_queues_reassigns_and_sees_csat(

@@ -1,0 +1,115 @@
+"""What the benchmarks share: start `omniroute serve` on a fresh SQLite database, start a
+raw baseline server (the benchmark's own script with ``--baseline-server PORT``), wait for
+either, stop them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["free_port", "serve_omniroute", "spawn_baseline", "stop", "wait_http", "wait_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(port)
+
+
+def database(directory: Path, rules: str, channels: str | None = None) -> str:
+    """A migrated SQLite database with the benchmark's rules (and channels) beside it."""
+    from router.migrate import upgrade
+
+    url = f"sqlite:///{directory / 'bench.db'}"
+    (directory / "rules.yaml").write_text(rules)
+    if channels is not None:
+        (directory / "channels.yaml").write_text(channels)
+    upgrade(url)
+    return url
+
+
+def serve_omniroute(
+    directory: Path, url: str, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`omniroute serve` on ``url`` in its own process group; returns it and its base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "OMNIROUTE_DATABASE_URL": url,
+        "OMNIROUTE_RULES_PATH": str(directory / "rules.yaml"),
+        "OMNIROUTE_SECRET_KEY": "bench-" + "x" * 40,
+        "OMNIROUTE_PORT": str(port),
+        "OMNIROUTE_PUBLIC_BASE_URL": base,
+        "OMNIROUTE_DATA_DIR": str(directory),
+        **(
+            {"OMNIROUTE_CHANNELS_PATH": str(directory / "channels.yaml")}
+            if (directory / "channels.yaml").exists()
+            else {}
+        ),
+        **(extra_env or {}),
+    }
+    log = open(directory / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "serve"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    wait_http(base + "/readyz", proc)
+    return proc, base
+
+
+def spawn_baseline(script: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, script, "--baseline-server", str(port)], cwd=ROOT, start_new_session=True
+    )
+    wait_port(port, proc)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

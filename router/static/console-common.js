@@ -1,0 +1,32 @@
+/* Shared by the agent console and the supervisor dashboard: element building (text only,
+ * never HTML) and the REST client (the session cookie, plus the CSRF header on changes). */
+(function () {
+  "use strict";
+  var session = null;
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined && text !== null) { e.textContent = String(text); }
+    return e;
+  }
+  function api(method, path, body) {
+    var headers = {"Accept": "application/json"};
+    if (method !== "GET" && session) { headers["Content-Type"] = "application/json"; headers[session.csrf_header] = session.csrf; }
+    return fetch(path, {method: method, headers: headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body)})
+      .then(function (response) {
+        if (response.status === 401) { location.assign("/console/login"); throw new Error("signed out"); }
+        return response.json().then(function (data) {
+          if (!response.ok) { throw new Error(data.message || response.statusText); }
+          return data;
+        });
+      });
+  }
+  /* The signed-in user and CSRF token, or off to the sign-in page. */
+  function signedIn() {
+    return fetch("/console/session", {credentials: "same-origin"}).then(function (response) {
+      if (!response.ok) { location.assign("/console/login"); return null; }
+      return response.json().then(function (data) { session = data; return data; });
+    });
+  }
+  window.omrConsole = {el: el, api: api, signedIn: signedIn};
+})();
