@@ -5,6 +5,7 @@ message it already created, never a second one."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import select
@@ -21,6 +22,29 @@ MAX_REPLY_CHARS = 20_000
 _WRITABLE = (ConversationState.ASSIGNED.value, ConversationState.WAITING_CUSTOMER.value)
 
 
+_BLOB_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _attachments(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Files uploaded with POST /api/uploads, named by their blob keys."""
+    if not isinstance(items, list) or len(items) > 10:
+        raise InvalidInput("attachments: at most 10 uploaded files")
+    out = []
+    for item in items:
+        key = item.get("blob_key") if isinstance(item, dict) else None
+        if not isinstance(key, str) or not _BLOB_KEY.match(key):
+            raise InvalidInput("attachments: each needs the blob_key of an upload")
+        out.append(
+            {
+                "blob_key": key,
+                "filename": str(item.get("filename") or "attachment")[:200],
+                "content_type": str(item.get("content_type") or "application/octet-stream")[:100],
+                "size": int(item.get("size") or 0),
+            }
+        )
+    return out
+
+
 def agent_write(
     tx: Tx,
     agent_id: int,
@@ -33,6 +57,7 @@ def agent_write(
     inbox_id: int | None = None,
     supervisor: bool = False,
     template: dict[str, Any] | None = None,
+    attachments: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """An agent's reply (or note). ``template`` sends a provider's pre-approved template
     (``{name, language, params}``: WhatsApp outside its 24-hour window); ``text`` is then
@@ -80,5 +105,6 @@ def agent_write(
         identity_id=identity_id,
         inbox_id=inbox_id,
         provider_template=template,
+        attachments=_attachments(attachments) if attachments else None,
     )
     return {"message_id": message_id, "duplicate": False}

@@ -216,6 +216,10 @@ def enqueue_message(
         k: v for k, v in {"client_id": client_id, "template": template}.items() if v
     }
     data.update(extra or {})
+    if recipient is not None and attachments:
+        channel = tx.context.get("channels", {}).get(inbox_id)
+        if channel is not None and not channel.attachments:
+            raise InvalidInput(f"the {channel.channel_id} channel cannot send attachments")
     if recipient is not None:
         window = _window(tx, inbox_id, recipient)
         if window != "open":

@@ -163,6 +163,7 @@ class AgentConnection:
                 identity_id=identity if isinstance(identity, int) else None,
                 inbox_id=rt.inbox_id_of(_text(cmd, "inbox", required=False)),
                 template=_template(cmd.get("template")),
+                attachments=cmd.get("attachments") or None,
             )
             rt.outbox.wake()
             return result

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, select, update
@@ -201,3 +201,25 @@ async def attachment(
             "Content-Security-Policy": "default-src 'none'; sandbox",
         },
     )
+
+
+@router.post(
+    "/api/uploads", summary="Upload a file to attach to a reply (the reply names its blob_key)"
+)
+async def upload(
+    file: UploadFile,
+    runtime: Runtime = Depends(get_runtime),
+    _: Principal = Depends(agent),
+) -> dict[str, Any]:
+    if runtime.blobs is None:
+        raise InvalidInput("this server keeps no attachments")
+    limit = int(getattr(runtime.blobs, "max_size", 25 * 1024 * 1024))
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidInput(f"the file is larger than {limit // (1024 * 1024)} MB")
+    if not data:
+        raise InvalidInput("the file is empty")
+    name = (file.filename or "attachment").replace("/", "_").replace("\\", "_")[:200]
+    content_type = (file.content_type or "application/octet-stream")[:100]
+    key = await runtime.blobs.put(data, content_type, name)
+    return {"blob_key": key, "filename": name, "content_type": content_type, "size": len(data)}

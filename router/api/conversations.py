@@ -111,6 +111,11 @@ class Write(BaseModel):
         None, max_length=64
     )  # send through this inbox (default: where they wrote)
     template: Template | None = None
+    attachments: list[dict[str, Any]] | None = Field(
+        None,
+        max_length=10,
+        description="uploads from POST /api/uploads ({blob_key, filename, ...})",
+    )
 
 
 @router.post(
@@ -136,6 +141,7 @@ async def post_message(
         inbox_id=runtime.inbox_id_of(body.inbox),
         supervisor=user.allows(Role.SUPERVISOR),
         template=body.template.model_dump() if body.template else None,
+        attachments=body.attachments,
     )
     runtime.outbox.wake()
     return result

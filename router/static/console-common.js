@@ -21,6 +21,19 @@
         });
       });
   }
+  /* A file for a reply: POST /api/uploads; resolves to {blob_key, filename, ...}. */
+  function upload(file) {
+    var form = new FormData(); form.append("file", file);
+    var headers = {"Accept": "application/json"};
+    if (session) { headers[session.csrf_header] = session.csrf; }
+    return fetch("/api/uploads", {method: "POST", headers: headers, credentials: "same-origin", body: form})
+      .then(function (response) {
+        return response.json().then(function (data) {
+          if (!response.ok) { throw new Error(data.message || response.statusText); }
+          return data;
+        });
+      });
+  }
   /* The signed-in user and CSRF token, or off to the sign-in page. */
   function signedIn() {
     return fetch("/console/session", {credentials: "same-origin"}).then(function (response) {
@@ -28,5 +41,5 @@
       return response.json().then(function (data) { session = data; return data; });
     });
   }
-  window.omrConsole = {el: el, api: api, signedIn: signedIn};
+  window.omrConsole = {el: el, api: api, upload: upload, signedIn: signedIn};
 })();

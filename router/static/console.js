@@ -9,6 +9,7 @@
   var ws = null, pending = {}, nextId = 1, retry = 500, lastSeq = {};
   var offers = {}, conversations = {}, current = null, oldest = null;
   var unread = {}, sla = {}, cannedTimer = null, typingTimer = null, lastTyping = 0;
+  var attached = [];  // uploads for the next reply: {blob_key, filename, content_type, size}
   var CHANNEL = {email: "Email", sms: "SMS", voice: "Phone", webchat: "Web chat", messenger: "Messenger", whatsapp: "WhatsApp"};
 
   var el = window.omrConsole.el, api = window.omrConsole.api;
@@ -141,7 +142,7 @@
   // -- the conversation view -------------------------------------------------------------
   function closeView() { saveDraft(); current = null; $("view").hidden = true; $("empty").hidden = false; }
   function openConversation(id, timeline) {
-    if (current !== id) { saveDraft(); }
+    if (current !== id) { saveDraft(); attached = []; renderAttached(); }
     current = id; unread[id] = 0; renderConversations();
     $("empty").hidden = true; $("view").hidden = false;
     var c = conversations[id] || {};
@@ -264,9 +265,10 @@
     sessionStorage.setItem("omr-pending-" + id, fields.client_id);  // a resend after a drop is the same message
     var via = $("via").value.split("|");
     if (!note && via.length === 2) { fields.identity_id = Number(via[0]); fields.inbox = via[1]; }
+    if (attached.length) { fields.attachments = attached.slice(); }
     command(note ? "note" : "reply", fields).then(function () {
       sessionStorage.removeItem("omr-pending-" + id);
-      if (current === id) { $("reply").value = ""; $("as-note").checked = false; }
+      if (current === id) { $("reply").value = ""; $("as-note").checked = false; attached = []; renderAttached(); }
       localStorage.removeItem("omr-draft-" + id);
     }).catch(function (e) { setStatus(e.message); });
   }
@@ -298,7 +300,24 @@
     }).catch(function (e) { setStatus(e.message); });
   }
 
+  function renderAttached() {
+    var list = $("attached"); list.replaceChildren();
+    attached.forEach(function (a, i) {
+      var li = el("li", null, a.filename + " "), remove = el("button", null, "remove");
+      remove.type = "button";
+      remove.addEventListener("click", function () { attached.splice(i, 1); renderAttached(); });
+      li.appendChild(remove); list.appendChild(li);
+    });
+  }
+
   // -- wiring ----------------------------------------------------------------------------
+  $("attach").addEventListener("change", function () {
+    Array.prototype.forEach.call($("attach").files, function (file) {
+      window.omrConsole.upload(file).then(function (a) { attached.push(a); renderAttached(); })
+        .catch(function (e) { setStatus(file.name + ": " + e.message); });
+    });
+    $("attach").value = "";
+  });
   $("compose").addEventListener("submit", function (event) { event.preventDefault(); send(); });
   $("resolve").addEventListener("click", resolve);
   $("transfer").addEventListener("click", transfer);

@@ -3,6 +3,7 @@ identities and inboxes a reply can go to, tags, and attachments served as downlo
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,27 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from channels.fake import FakeChannel
 from router.auth import create_user
 from router.db import Tx
 from router.models import Conversation, Message
 from router.runtime import Runtime
 from tests.router.test_identity import auth, contact_of, inbound
 from tests.router.test_live import make_agent
-from tests.support import CHANNELS, client_for, make_settings, started_runtime
+from tests.router.test_pipeline import settle
+from tests.support import (
+    CHANNELS,
+    WEB_CHANNELS,
+    CommandError,
+    client_for,
+    connect_agent,
+    connect_visitor,
+    fake_message,
+    live_server,
+    make_settings,
+    post_fake,
+    started_runtime,
+)
 
 RULES = """\
 version: 1
@@ -176,3 +191,74 @@ async def test_attachments_download_as_files(
     )
     assert kept_no_file.status_code == 404
     assert (await client.get(f"/api/messages/{message_id}/attachments/0")).status_code == 401
+
+
+async def test_a_reply_carries_uploaded_files_where_the_channel_can(
+    api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
+) -> None:
+    runtime, client, tokens = api
+    mail = await post_fake(
+        client, "mail", fake_message("m1", "ann@example.com", "send me the invoice", kind="email")
+    )
+    assert mail.status_code == 200
+    await settle(runtime)
+    cid = await conversation_of(runtime, "m1")
+    await assign(runtime, cid, "anna")
+    uploaded = await client.post(
+        "/api/uploads",
+        files={"file": ("invoice 42.pdf", b"%PDF-1.4 fake", "application/pdf")},
+        headers=auth(tokens["anna"]),
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    item = uploaded.json()
+    assert (item["filename"], item["size"], item["content_type"]) == (
+        "invoice 42.pdf",
+        13,
+        "application/pdf",
+    )
+    sent = await client.post(
+        f"/api/conversations/{cid}/messages",
+        json={"text": "Here it is.", "attachments": [item]},
+        headers=auth(tokens["anna"]),
+    )
+    assert sent.status_code == 200, sent.text
+    await runtime.outbox.process_due()
+    channel = runtime.channels["mail"]
+    assert isinstance(channel, FakeChannel)
+    (out,) = [m for m in channel.sent if m.text == "Here it is."]
+    assert [(a.filename, a.blob_key) for a in out.attachments] == [
+        ("invoice 42.pdf", item["blob_key"])
+    ]
+    assert await runtime.blobs.get(item["blob_key"]) == b"%PDF-1.4 fake"  # type: ignore[union-attr]
+    forged = await client.post(
+        f"/api/conversations/{cid}/messages",
+        json={"text": "x", "attachments": [{"blob_key": "../../etc/passwd"}]},
+        headers=auth(tokens["anna"]),
+    )
+    assert forged.status_code == 422 and "blob_key" in forged.text
+    empty = await client.post(
+        "/api/uploads", files={"file": ("e.txt", b"", "text/plain")}, headers=auth(tokens["anna"])
+    )
+    assert empty.status_code == 422
+
+
+async def test_a_channel_without_attachments_refuses_them_clearly(
+    tmp_path: Path, db_url: str
+) -> None:
+    settings = make_settings(tmp_path / "conf", db_url, rules=RULES, channels=WEB_CHANNELS)
+    async with started_runtime(settings) as runtime, live_server(runtime) as base:
+        _, token = await make_agent(runtime, "anna", capacity="webchat=3,total=3")
+        visitor, _ = await connect_visitor(base)
+        await visitor.send({"type": "message", "client_id": str(uuid.uuid4()), "text": "hi"})
+        await visitor.wait_for(lambda f: f["type"] == "ack")
+        agent, _ = await connect_agent(base, token)
+        offer = await agent.wait_for(lambda f: f.get("type") == "offer")
+        accepted = await agent.command("accept", offer_id=offer["offer_id"])
+        key = await runtime.blobs.put(b"data", "text/plain", "a.txt")  # type: ignore[union-attr]
+        with pytest.raises(CommandError, match="the webchat channel cannot send attachments"):
+            await agent.command(
+                "reply",
+                conversation_id=accepted["conversation_id"],
+                text="see attached",
+                attachments=[{"blob_key": key, "filename": "a.txt"}],
+            )
