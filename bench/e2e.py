@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import websockets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
+from common.serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
 
 RULES = """\
 version: 1

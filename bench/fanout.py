@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import websockets  # noqa: E402
-from serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
+from common.serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common.serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
-from serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
 
 ACCOUNT = "AC" + "b" * 32
 TOKEN = "c" * 32

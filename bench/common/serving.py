@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 __all__ = ["free_port", "serve_omniroute", "spawn_baseline", "stop", "wait_http", "wait_port"]
 
