@@ -67,8 +67,14 @@ def read_sent_log(path: str) -> list[dict[str, Any]]:
     """Every send recorded in a fake inbox's ``sent_log`` (survives a crash of the sender)."""
     if not os.path.exists(path):
         return []
+    entries = []
     with open(path, encoding="utf-8") as log:
-        return [json.loads(line) for line in log if line.strip()]
+        for line in log:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue  # a line torn by a kill mid-write: that send was never recorded
+    return entries
 
 
 def sign(secret: str, body: bytes) -> str:

@@ -4,7 +4,10 @@ get routed; the outbox follows the documented semantics for sends a crash interr
 
 from __future__ import annotations
 
+import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +233,68 @@ def test_twilio_send_killed_inside_is_checked_with_twilio_before_any_resend(
             assert len(twilio.fake.messages) == 1  # Twilio has it once either way
         finally:
             server.kill()
+
+
+def test_killed_again_and_again_while_messages_flow_loses_and_doubles_nothing(
+    crash_setup: Any,
+) -> None:
+    """SIGKILL at random moments, five times, while 400 signed webhooks from 400 customers
+    flow in with the provider's retries (each delivery is retried until it gets a 200), and
+    each new conversation sends an automatic reply. Every message is stored once, every
+    conversation routed, every reply sent once (the inbox checks the provider before any
+    resend of a send a kill interrupted)."""
+    server, sent_log, engine = crash_setup("check")
+    server.start()
+    total, rng, done = 400, random.Random(11), threading.Event()
+    retries = [0]
+
+    def one(n: int) -> None:
+        body, headers = signed(
+            {"messages": [{"id": f"flow-{n}", "from": f"+49170{n:07d}", "text": f"message {n}"}]}
+        )
+        while True:
+            try:
+                status = httpx.post(
+                    f"{server.url}/webhooks/fake/sms", content=body, headers=headers, timeout=10
+                ).status_code
+            except httpx.HTTPError:
+                status = None
+            if status == 200:
+                return
+            retries[0] += 1
+            time.sleep(0.1)  # the provider retries later
+
+    def killer() -> None:
+        for _ in range(5):
+            if done.wait(rng.uniform(0.5, 2.0)):
+                return
+            server.kill()
+            server.start()
+
+    chaos = threading.Thread(target=killer)
+    chaos.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(total)))
+        done.set()
+        chaos.join()
+        if server.proc is None or server.proc.poll() is not None:
+            server.start()
+        wait_until(lambda: counts(engine)["outbox"].get("sent") == total, timeout=120)
+        final = counts(engine)
+        assert (final["messages_in"], final["conversations"], final["new"]) == (total, total, 0)
+        assert final["decisions"] == total
+        with engine.connect() as conn:
+            distinct = conn.execute(
+                select(func.count(func.distinct(Message.external_id))).where(
+                    Message.direction == "in"
+                )
+            ).scalar_one()
+        assert distinct == total
+        sends = [entry["message_id"] for entry in read_sent_log(str(sent_log))]
+        assert len(sends) == len(set(sends)) == total  # each reply reached the provider once
+        assert retries[0] > 0  # the kills did land during deliveries
+    finally:
+        done.set()
+        chaos.join()
+        server.kill()
