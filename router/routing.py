@@ -275,7 +275,9 @@ def _decision_for_inbox(
 def _route_one(
     tx: Tx, row: Any, message: Any, email: str | None, ruleset: Ruleset
 ) -> RouteResult | None:
-    facts = _facts(row, message, email, ruleset, tx.now.isoformat(), history_facts(tx, row))
+    # the history.* facts cost a few queries: only when the rules (or templates) use them
+    history = history_facts(tx, row) if "history." in ruleset.text else None
+    facts = _facts(row, message, email, ruleset, tx.now.isoformat(), history)
     decision = _decision_for_inbox(evaluate(facts, ruleset), ruleset, row.default_queue)
     decision_id = int(
         tx.execute(
