@@ -122,8 +122,8 @@ _IDENTITY = select(_identities.c.id, _identities.c.contact_id).where(
 _NEW_CONTACT = insert(_contacts).returning(_contacts.c.id)
 _DROP_CONTACT = delete(_contacts).where(_contacts.c.id == bindparam("p_id"))
 _NEW_IDENTITY = {
-    "sqlite": sqlite_insert(_identities).on_conflict_do_nothing(),
-    "postgresql": pg_insert(_identities).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(_identities).on_conflict_do_nothing().returning(_identities.c.id),
+    "postgresql": pg_insert(_identities).on_conflict_do_nothing().returning(_identities.c.id),
 }
 _LOCK_CONTACT = (
     select(_contacts.c.merged_into_id)
@@ -170,8 +170,9 @@ def _lock_contact(tx: Tx, contact_id: int) -> int:
     raise AssertionError(f"contact {contact_id}: a chain of more than 16 merges")
 
 
-def resolve_contact(tx: Tx, sender: Sender) -> tuple[int, int]:
-    """The contact owning ``sender``'s identity, created if new. Returns ``(contact_id, identity_id)``.
+def resolve_contact(tx: Tx, sender: Sender) -> tuple[int, int, bool]:
+    """The contact owning ``sender``'s identity, created if new. Returns ``(contact_id,
+    identity_id, created)``.
 
     An identity belongs to exactly one contact; a new identity never joins an existing
     contact here (linking is only ever through verified proofs, in router.identity). An
@@ -181,39 +182,39 @@ def resolve_contact(tx: Tx, sender: Sender) -> tuple[int, int]:
     key = {"kind": sender.kind, "address": sender.address, "verified": bool(sender.verified)}
     found = tx.execute(_IDENTITY, key).first()
     if found is not None:
-        contact_id, identity_id = int(found.contact_id), int(found.id)
-    else:
-        contact_id = int(
-            tx.execute(
-                _NEW_CONTACT,
-                {
-                    "name": _clean(sender.name, 200),
-                    "attributes": {},
-                    "vip": False,
-                    "created_at": tx.now,
-                    "updated_at": tx.now,
-                    "email": sender.address if sender.verified and sender.kind == "email" else None,
-                    "phone": sender.address if sender.verified and sender.kind == "phone" else None,
-                },
-            ).scalar_one()
-        )
-        inserted = tx.execute(
-            _NEW_IDENTITY[tx.dialect],
+        return int(found.contact_id), int(found.id), False
+    contact_id = int(
+        tx.execute(
+            _NEW_CONTACT,
             {
-                "contact_id": contact_id,
-                "kind": sender.kind,
-                "address": sender.address,
-                "verified": sender.verified,
-                "verified_by": sender.verified_by,
-                "data": {},
+                "name": _clean(sender.name, 200),
+                "attributes": {},
+                "vip": False,
                 "created_at": tx.now,
+                "updated_at": tx.now,
+                "email": sender.address if sender.verified and sender.kind == "email" else None,
+                "phone": sender.address if sender.verified and sender.kind == "phone" else None,
             },
-        ).rowcount
-        if not inserted:  # a concurrent transaction created this identity first: use theirs
-            tx.execute(_DROP_CONTACT, {"p_id": contact_id})
-        row = tx.execute(_IDENTITY, key).one()
-        contact_id, identity_id = int(row.contact_id), int(row.id)
-    return contact_id, identity_id
+        ).scalar_one()
+    )
+    identity_id = tx.execute(
+        _NEW_IDENTITY[tx.dialect],
+        {
+            "contact_id": contact_id,
+            "kind": sender.kind,
+            "address": sender.address,
+            "verified": sender.verified,
+            "verified_by": sender.verified_by,
+            "data": {},
+            "created_at": tx.now,
+        },
+    ).scalar_one_or_none()
+    if identity_id is not None:
+        return contact_id, int(identity_id), True
+    # a concurrent transaction created this identity first: use theirs
+    tx.execute(_DROP_CONTACT, {"p_id": contact_id})
+    row = tx.execute(_IDENTITY, key).one()
+    return int(row.contact_id), int(row.id), False
 
 
 def _add_hints(tx: Tx, contact_id: int, hints: dict[str, str]) -> None:
@@ -284,7 +285,7 @@ def _threaded(tx: Tx, inbox: InboxInfo, contact_id: int, msg: InboundMessage) ->
 
 
 def _pick_conversation(
-    tx: Tx, inbox: InboxInfo, contact_id: int, msg: InboundMessage
+    tx: Tx, inbox: InboxInfo, contact_id: int, msg: InboundMessage, new_contact: bool = False
 ) -> tuple[Any, str, Any]:
     """Choose the conversation a message belongs to: ``(row, how, related)`` with how in
     join | reopen | attach | new (row is the predecessor for new; ``related`` a conversation
@@ -296,6 +297,8 @@ def _pick_conversation(
     )
     if threaded is not None:
         return (*_continue(tx, inbox, threaded, msg.auto), None)
+    if new_contact:  # created in this transaction: no conversation of theirs to look for
+        return None, "new", related
     params = {"contact": contact_id, "inbox": inbox.id}
     open_row = tx.execute(_PICK[(inbox.continuity, "open")], params).first()
     if open_row is not None and related is None:
@@ -400,7 +403,7 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
     seen = tx.execute(_SEEN, seen_key).first() or _same_content(tx, inbox, msg)
     if seen is not None:
         return IngestOutcome(int(seen.id), int(seen.conversation_id), duplicate=True)
-    contact_id, identity_id = resolve_contact(tx, msg.sender)
+    contact_id, identity_id, new_contact = resolve_contact(tx, msg.sender)
     contact_id = _lock_contact(tx, contact_id)
     _add_hints(tx, contact_id, msg.hints)
     if msg.data.get("opt_out") in ("stop", "start"):
@@ -414,14 +417,16 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
     if answer is not None:
         conversation, how, related = answer[0], "attach", None
     else:
-        conversation, how, related = _pick_conversation(tx, inbox, contact_id, msg)
+        conversation, how, related = _pick_conversation(tx, inbox, contact_id, msg, new_contact)
     now = tx.now
     created = reopened = requeued = False
     agent_id: int | None = None
     if how == "new":
         language = (
-            tx.execute(_CONTACT_LANGUAGE, {"p_id": contact_id}).scalar_one_or_none() or msg.language
-        )
+            None
+            if new_contact
+            else tx.execute(_CONTACT_LANGUAGE, {"p_id": contact_id}).scalar_one_or_none()
+        ) or msg.language
         previous = conversation.id if conversation is not None else None
         conversation_id = int(
             tx.execute(

@@ -28,7 +28,7 @@ _CODE_MESSAGE_BASE = 10**15
 
 def _visitor(tx: Tx, address: str, name: str | None) -> tuple[int, int]:
     """``(identity_id, contact_id)`` of the visitor, created before their first message."""
-    contact_id, identity_id = resolve_contact(
+    contact_id, identity_id, _ = resolve_contact(
         tx, Sender("webchat", address, True, (name or "").strip()[:100] or None, "visitor_token")
     )
     return identity_id, contact_id
