@@ -150,11 +150,22 @@ def test_killed_inside_a_send(
         assert after["uncertain_resends"] == resends
         assert len(read_sent_log(str(sent_log))) == sends
         if policy == "ask":
-            with engine.connect() as conn:
-                status = conn.execute(
-                    text("SELECT delivery_status, error FROM messages WHERE direction = 'out'")
-                ).one()
-            assert tuple(status) == ("uncertain", "may not have been sent; resend?")
+            # the outbox row turns uncertain first, then (in the next write) the message
+            # tells the agent: wait for both, not for the first alone
+
+            def status() -> tuple[Any, ...]:
+                with engine.connect() as conn:
+                    return tuple(
+                        conn.execute(
+                            text(
+                                "SELECT delivery_status, error FROM messages"
+                                " WHERE direction = 'out'"
+                            )
+                        ).one()
+                    )
+
+            wait_until(lambda: status()[0] == "uncertain")
+            assert status() == ("uncertain", "may not have been sent; resend?")
     finally:
         server.kill()
 
