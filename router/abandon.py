@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from router.assignment.core import abandon
 from router.db import Tx
@@ -15,18 +15,26 @@ from router.models import ContactIdentity, Conversation, Inbox, Message
 from router.serialize import iso
 from router.types import ConversationState as S
 
-__all__ = ["abandon_gone_visitors", "visitor_back", "visitor_left"]
+__all__ = [
+    "abandon_gone_visitors",
+    "gone_visitors",
+    "visitor_back",
+    "visitor_left",
+    "waiting_chats",
+]
 
 _WAITING = (S.NEW.value, S.QUEUED.value, S.OFFERED.value)
 
 
-def _waiting_of(tx: Tx, address: str) -> list[Any]:
+def waiting_chats(conn: Connection | Tx, address: str) -> list[Any]:
+    """The visitor's conversations still waiting for an agent (read before any write:
+    most visitors who connect or leave have none)."""
     identity = select(ContactIdentity.id).where(
         ContactIdentity.kind == "webchat", ContactIdentity.address == address
     )
     mine = select(Message.conversation_id).where(Message.identity_id.in_(identity)).distinct()
     return list(
-        tx.execute(
+        conn.execute(
             select(Conversation.id, Conversation.data).where(
                 Conversation.id.in_(mine), Conversation.state.in_(_WAITING)
             )
@@ -36,7 +44,7 @@ def _waiting_of(tx: Tx, address: str) -> list[Any]:
 
 def visitor_left(tx: Tx, address: str) -> int:
     """The visitor's socket closed: their waiting conversations note when."""
-    rows = _waiting_of(tx, address)
+    rows = waiting_chats(tx, address)
     for row in rows:
         data = {**(row.data or {}), "visitor_left_at": iso(tx.now)}
         tx.execute(update(Conversation).where(Conversation.id == row.id).values(data=data))
@@ -44,17 +52,19 @@ def visitor_left(tx: Tx, address: str) -> int:
 
 
 def visitor_back(tx: Tx, address: str) -> None:
-    for row in _waiting_of(tx, address):
+    for row in waiting_chats(tx, address):
         if "visitor_left_at" in (row.data or {}):
             data = {k: v for k, v in row.data.items() if k != "visitor_left_at"}
             tx.execute(update(Conversation).where(Conversation.id == row.id).values(data=data))
 
 
-def abandon_gone_visitors(tx: Tx, after: dict[int, float]) -> list[int]:
-    """Close the web chats whose visitor has been away longer than their inbox's
-    ``abandon_after`` (seconds, by inbox id) before an agent took them."""
-    closed = []
-    for row in tx.execute(
+def gone_visitors(
+    conn: Connection | Tx, after: dict[int, float], now: datetime
+) -> list[tuple[int, float]]:
+    """``(conversation id, wait)`` of the web chats whose visitor has been away longer than
+    their inbox's ``abandon_after`` (seconds, by inbox id) before an agent took them."""
+    due = []
+    for row in conn.execute(
         select(Conversation.id, Conversation.inbox_id, Conversation.data, Conversation.created_at)
         .join(Inbox, Inbox.id == Conversation.inbox_id)
         .where(Conversation.channel == "webchat", Conversation.state.in_(_WAITING))
@@ -64,8 +74,16 @@ def abandon_gone_visitors(tx: Tx, after: dict[int, float]) -> list[int]:
         if not left or limit is None:
             continue
         left_at = datetime.fromisoformat(left)
-        if tx.now - left_at >= timedelta(seconds=limit):
-            waited = (left_at - row.created_at).total_seconds()
-            if abandon(tx, row.id, max(0.0, waited), "the visitor left before an agent joined"):
-                closed.append(int(row.id))
-    return closed
+        if now - left_at >= timedelta(seconds=limit):
+            due.append((int(row.id), max(0.0, (left_at - row.created_at).total_seconds())))
+    return due
+
+
+def abandon_gone_visitors(tx: Tx, after: dict[int, float]) -> list[int]:
+    """Close the web chats :func:`gone_visitors` finds (checked again in this transaction:
+    a visitor may have come back since a read found them gone)."""
+    return [
+        conversation_id
+        for conversation_id, waited in gone_visitors(tx, after, tx.now)
+        if abandon(tx, conversation_id, waited, "the visitor left before an agent joined")
+    ]

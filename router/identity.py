@@ -213,7 +213,7 @@ def split_identity(
         raise NotFound(f"no identity {identity_id}")
     contact_id = int(identity.contact_id)
     _lock(tx, contact_id)
-    _live_contact(tx, contact_id)
+    contact = _live_contact(tx, contact_id)
     others = tx.execute(
         select(func.count())
         .select_from(ContactIdentity)
@@ -271,11 +271,7 @@ def split_identity(
             .where(Conversation.id.in_(conversations))
             .values(contact_id=new_id, updated_at=tx.now)
         )
-    clear = {
-        f: None
-        for f in ("email", "phone")
-        if getattr(_live_contact(tx, contact_id), f) == identity.address
-    }
+    clear = {f: None for f in ("email", "phone") if getattr(contact, f) == identity.address}
     if clear:
         tx.execute(update(Contact).where(Contact.id == contact_id).values(**clear))
     link_id = _link(

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from adapters.clock import Clock, SystemClock
 from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
-from router.abandon import abandon_gone_visitors
+from router.abandon import abandon_gone_visitors, gone_visitors
 from router.assignment.service import Assignment
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
@@ -226,6 +226,16 @@ class Runtime:
             periodic(self.abandon_sweep, s.worker_interval, "abandon sweep"), "abandon-sweep"
         )
 
+    @contextlib.contextmanager
+    def socket_open(self, ws: Any, kind: str) -> Iterator[None]:
+        """An open websocket: counted in /metrics and told to reconnect on a graceful stop."""
+        self.sockets.add(ws)
+        try:
+            with self.metrics.websockets.labels(kind).track_inprogress():
+                yield
+        finally:
+            self.sockets.discard(ws)
+
     async def drain_sockets(self) -> None:
         """Tell every socket of this process to reconnect elsewhere (close 1012, "service
         restart"; clients reconnect and resume from their sequence numbers)."""
@@ -243,7 +253,8 @@ class Runtime:
             for slug, channel in self.channels.items()
             if isinstance(channel, WebChatChannel)
         }
-        if not after:
+        # a read first: the sweep runs every worker interval, and writes only when one is due
+        if not after or not await self.db.read(gone_visitors, after, self.clock.now()):
             return []
         return await self.db.write(abandon_gone_visitors, after)
 

@@ -271,12 +271,8 @@ async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, 
 @router.websocket("/ws/agent")
 async def agent_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
-    runtime.sockets.add(ws)
-    try:
-        with runtime.metrics.websockets.labels("agent").track_inprogress():
-            await _agent_socket(ws)
-    finally:
-        runtime.sockets.discard(ws)
+    with runtime.socket_open(ws, "agent"):
+        await _agent_socket(ws)
 
 
 async def _agent_socket(ws: WebSocket) -> None:

@@ -15,14 +15,13 @@ import contextlib
 import json
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from sqlalchemy import Connection, select
 from starlette.websockets import WebSocketDisconnected
 
 from channels.webchat import WebChatChannel, new_visitor_token, visitor_address
-from router.abandon import visitor_back, visitor_left
+from router.abandon import visitor_back, visitor_left, waiting_chats
 from router.csat import visitor_answer
 from router.events import agent_stream, visitor_stream
 from router.failpoints import failpoint
@@ -30,6 +29,7 @@ from router.hub import Session
 from router.models import ContactIdentity, Conversation, Message
 from router.ratelimit import RateLimiter
 from router.runtime import Runtime
+from router.sessions import origin_of
 from router.timeline import visitor_history
 from router.types import OPEN_STATES
 from router.visitor_identity import finish_proof, sign_in, start_proof
@@ -65,11 +65,6 @@ def _limits(channel: WebChatChannel) -> _Limits:
     return limits
 
 
-def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
-
-
 def _identity(conn: Connection, address: str) -> int | None:
     return conn.execute(
         select(ContactIdentity.id).where(
@@ -95,12 +90,8 @@ def _assigned_agent(conn: Connection, identity_id: int) -> int | None:
 @router.websocket("/ws/chat")
 async def chat_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
-    runtime.sockets.add(ws)
-    try:
-        with runtime.metrics.websockets.labels("visitor").track_inprogress():
-            await _chat_socket(ws)
-    finally:
-        runtime.sockets.discard(ws)
+    with runtime.socket_open(ws, "visitor"):
+        await _chat_socket(ws)
 
 
 async def _chat_socket(ws: WebSocket) -> None:
@@ -162,7 +153,9 @@ async def _chat_socket(ws: WebSocket) -> None:
             [f"ephemeral:{stream}"],
         )
         _sockets[address] = _sockets.get(address, 0) + 1
-        await runtime.db.write(visitor_back, address)  # back in time: not abandoned
+        waiting = await runtime.db.read(waiting_chats, address)
+        if any("visitor_left_at" in (row.data or {}) for row in waiting):
+            await runtime.db.write(visitor_back, address)  # back in time: not abandoned
         identity_problem = (
             await sign_in(runtime, channel, address, name, hello["identity"])
             if hello.get("identity") is not None
@@ -295,4 +288,5 @@ async def _chat_socket(ws: WebSocket) -> None:
             if _sockets[address] <= 0:
                 del _sockets[address]
                 with contextlib.suppress(Exception):
-                    await runtime.db.write(visitor_left, address)
+                    if await runtime.db.read(waiting_chats, address):
+                        await runtime.db.write(visitor_left, address)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import weakref
 from datetime import datetime
 from typing import Any
 
@@ -82,6 +83,28 @@ def dashboard(conn: Connection, now: datetime) -> dict[str, Any]:
     return {"queues": queues, "agents": agents}
 
 
+class _Snapshots:
+    """One dashboard read per interval for all the supervisor sockets of a process."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.taken_at = float("-inf")
+        self.value: dict[str, Any] = {}
+
+
+_snapshots: weakref.WeakKeyDictionary[Runtime, _Snapshots] = weakref.WeakKeyDictionary()
+
+
+async def _shared_snapshot(runtime: Runtime) -> dict[str, Any]:
+    shared = _snapshots.setdefault(runtime, _Snapshots())
+    async with shared.lock:
+        loop = asyncio.get_running_loop()
+        if loop.time() - shared.taken_at >= runtime.settings.supervisor_snapshot_interval:
+            shared.value = await runtime.db.read(dashboard, runtime.clock.now())
+            shared.taken_at = loop.time()
+        return shared.value
+
+
 async def _principal(ws: WebSocket, runtime: Runtime, hello: dict[str, Any]) -> Any:
     principal = await hello_principal(ws, runtime.db, hello)
     if not principal.allows(Role.SUPERVISOR):
@@ -92,12 +115,8 @@ async def _principal(ws: WebSocket, runtime: Runtime, hello: dict[str, Any]) -> 
 @router.websocket("/ws/supervisor")
 async def supervisor_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
-    runtime.sockets.add(ws)
-    try:
-        with runtime.metrics.websockets.labels("supervisor").track_inprogress():
-            await _supervisor_socket(ws)
-    finally:
-        runtime.sockets.discard(ws)
+    with runtime.socket_open(ws, "supervisor"):
+        await _supervisor_socket(ws)
 
 
 async def _supervisor_socket(ws: WebSocket) -> None:
@@ -135,7 +154,7 @@ async def _supervisor_socket(ws: WebSocket) -> None:
         async def push() -> None:
             last = None
             while True:
-                snapshot = await runtime.db.read(dashboard, runtime.clock.now())
+                snapshot = await _shared_snapshot(runtime)
                 if snapshot != last:
                     await send({"type": "snapshot", **snapshot})
                     last = snapshot
