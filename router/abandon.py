@@ -29,15 +29,23 @@ _WAITING = (S.NEW.value, S.QUEUED.value, S.OFFERED.value)
 def waiting_chats(conn: Connection | Tx, address: str) -> list[Any]:
     """The visitor's conversations still waiting for an agent (read before any write:
     most visitors who connect or leave have none)."""
-    identity = select(ContactIdentity.id).where(
-        ContactIdentity.kind == "webchat", ContactIdentity.address == address
+    identity = (
+        select(ContactIdentity.id, ContactIdentity.contact_id)
+        .where(ContactIdentity.kind == "webchat", ContactIdentity.address == address)
+        .subquery()
     )
-    mine = select(Message.conversation_id).where(Message.identity_id.in_(identity)).distinct()
+    # By the identity's contact (indexed by contact and state), then only the conversations
+    # this visitor wrote in (each one's messages by its index): never a scan of messages.
+    wrote = (
+        select(Message.id)
+        .where(Message.conversation_id == Conversation.id, Message.identity_id == identity.c.id)
+        .exists()
+    )
     return list(
         conn.execute(
-            select(Conversation.id, Conversation.data).where(
-                Conversation.id.in_(mine), Conversation.state.in_(_WAITING)
-            )
+            select(Conversation.id, Conversation.data)
+            .join(identity, identity.c.contact_id == Conversation.contact_id)
+            .where(Conversation.state.in_(_WAITING), Conversation.channel == "webchat", wrote)
         ).all()
     )
 

@@ -210,7 +210,7 @@ def record_status(
     if presence is None:
         presence = tx.execute(_PRESENCE, {"agent": agent_id}).scalar_one()
     snapshot = load if load is not None else load_snapshot(tx.conn, agent_id)
-    tx.execute(
+    tx.append(
         _STATUS,
         {
             "agent_id": agent_id,

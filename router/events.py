@@ -39,7 +39,7 @@ def add_event(
     **data: Any,
 ) -> None:
     """Append a ConversationEvent at the transaction's clock reading (never pruned)."""
-    tx.execute(
+    tx.append(
         _INSERT,
         {
             "conversation_id": conversation_id,

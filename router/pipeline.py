@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -93,6 +93,7 @@ class IngestOutcome:
     quarantined: bool = False
     contact_id: int | None = None
     agent_id: int | None = None
+    settled: bool = False  # routed and offered in the ingest's own transaction
 
 
 class DuplicateMessage(Exception):
@@ -676,6 +677,11 @@ class Pipeline:
 
     db: Database
     on_ingested: list[Callable[[str, IngestOutcome], None]] = field(default_factory=list)
+    # Runs once after the ingests committed together (``Tx.at_batch_end``; SQLite, one
+    # writer: routing and offering what the items created, in the same commit instead of
+    # two more). Returns True when nothing is left for ``after_ingest``; a failure only
+    # leaves the work to ``after_ingest`` and the sweeps, never loses a message.
+    then: Callable[[Tx], bool] | None = None
 
     async def accept(
         self, inbox: InboxInfo, items: list[ParsedItem], source: str = "webhook"
@@ -685,7 +691,12 @@ class Pipeline:
         one outcome per message (statuses and rejects are applied, not reported)."""
         if not items:
             return []
-        outcomes: list[IngestOutcome] = await self.db.write(_accept_batch, inbox, items, source)
+        settled: list[bool] = []
+        outcomes: list[IngestOutcome] = await self.db.write(
+            _accept_batch, inbox, items, source, self.then, settled
+        )
+        if settled and settled[0]:
+            outcomes = [replace(o, settled=True) for o in outcomes]
         if any(r.message_id is not None and not r.duplicate for r in outcomes):
             failpoint("after_ingest_commit")
         for outcome in outcomes:
@@ -695,6 +706,20 @@ class Pipeline:
 
 
 def _accept_batch(
+    tx: Tx,
+    inbox: InboxInfo,
+    items: list[ParsedItem],
+    source: str,
+    then: Callable[[Tx], bool] | None = None,
+    settled: list[bool] | None = None,
+) -> list[IngestOutcome]:
+    outcomes = _accept_items(tx, inbox, items, source)
+    if then is not None and any(o.created or o.reopened or o.requeued for o in outcomes):
+        tx.at_batch_end(then, settled if settled is not None else [])
+    return outcomes
+
+
+def _accept_items(
     tx: Tx, inbox: InboxInfo, items: list[ParsedItem], source: str
 ) -> list[IngestOutcome]:
     outcomes: list[IngestOutcome] = []

@@ -195,6 +195,7 @@ class RulesService:
                     "stored ruleset #%s does not load; keeping %s", row_id, self.active_id
                 )
                 return False
+            ruleset.engine  # noqa: B018  (built now, not by the first routing after it)
             self.active, self.active_id = ruleset, row_id
             log.info("routing with ruleset %s (#%s)", version, row_id)
             for listener in self.listeners:

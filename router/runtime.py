@@ -30,6 +30,8 @@ from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
 from router.abandon import abandon_gone_visitors, gone_visitors
+from router.assignment.matcher import BATCH as MATCH_BATCH
+from router.assignment.matcher import dispatch_batch
 from router.assignment.service import Assignment
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
@@ -148,6 +150,8 @@ class Runtime:
         )
         self.pipeline = Pipeline(self.db)
         self.pipeline.on_ingested.append(self._count_ingested)
+        if self.db.dialect == "sqlite":
+            self.pipeline.then = self._settle_in_ingest
         self.channels: dict[str, Channel] = {}
         self.inboxes: dict[str, InboxInfo] = {}
         self._inbox_by_id: dict[int, str] = {}
@@ -484,7 +488,7 @@ class Runtime:
         in the background."""
         route = dispatch = False
         for outcome in outcomes:
-            if outcome.conversation_id is None:
+            if outcome.conversation_id is None or outcome.settled:
                 continue
             if outcome.created or outcome.reopened:
                 route = True
@@ -494,6 +498,27 @@ class Runtime:
             self.background.spawn(self.route_pending(), "route")
         elif dispatch:
             self.background.spawn(self.assignment.dispatch(), "dispatch")
+
+    def _settle_in_ingest(self, tx: Tx) -> bool:
+        """Route and offer after the ingests of one commit (SQLite's one writer): the work
+        ``after_ingest`` would do in two more transactions. True when none is left."""
+        ruleset = self.rules.active
+        if ruleset is None:
+            return False
+        results = route_batch(tx, ruleset)
+        made = dispatch_batch(tx, self.assignment.queues())
+
+        def after() -> None:
+            for result in results:
+                self.metrics.routing_latency.observe(
+                    max(0.0, (tx.now - result.created_at).total_seconds())
+                )
+            if results:
+                self.outbox.wake()  # auto-replies and after-hours replies
+            self.assignment.decisions += len(made)
+
+        tx.on_commit(after)
+        return len(results) < ROUTE_BATCH and len(made) < MATCH_BATCH
 
     def _on_rules_activated(self, ruleset: Any) -> None:
         """New members or skills may make waiting work eligible: offer it now."""

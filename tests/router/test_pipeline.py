@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select, update
 
 from adapters.clock import FakeClock
@@ -289,3 +290,29 @@ async def test_unknown_inbox_is_404(client: httpx.AsyncClient) -> None:
     assert (
         await client.post("/webhooks/fake/nope", content=body, headers=headers)
     ).status_code == 404
+
+
+async def test_routing_that_fails_in_the_ingest_transaction_is_done_after_it(
+    runtime: Runtime, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a new conversation is routed and offered in its ingest's commit (the
+    webhook's answer finds it routed). If that part fails, the message is still stored and
+    ``after_ingest`` routes it. PostgreSQL always routes after the ingest."""
+    if runtime.db.dialect != "sqlite":
+        assert runtime.pipeline.then is None
+        return
+    response = await post_fake(client, "sms", {"id": "f1", "from": "+4917000000001", "text": "hi"})
+    assert response.status_code == 200
+    (conversation,) = await rows(runtime, Conversation)
+    assert conversation.state != "new" and conversation.routing_decision_id is not None
+
+    def fail(tx: Any) -> bool:
+        raise RuntimeError("routing broke")
+
+    monkeypatch.setattr(runtime.pipeline, "then", fail)
+    response = await post_fake(client, "sms", {"id": "f2", "from": "+4917000000002", "text": "hi"})
+    assert response.status_code == 200
+    await settle(runtime)
+    assert await count(runtime, Message, Message.external_id == "f2") == 1
+    assert await count(runtime, Conversation, Conversation.state == "new") == 0
+    assert await count(runtime, RoutingDecision) == 2

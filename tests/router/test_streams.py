@@ -95,3 +95,47 @@ async def test_stream_events_after_a_sequence_number(runtime: Runtime) -> None:
         await runtime.db.write(lambda tx, i=i: tx.emit("s", "e", {"i": i}))
     assert [e.payload["i"] for e in await runtime.db.stream_events("s", 2)] == [2, 3, 4]
     assert [e.payload["i"] for e in await runtime.db.stream_events("s", 2, limit=1)] == [2]
+
+
+async def test_batch_end_work_runs_once_after_the_jobs_that_ask_for_it(runtime: Runtime) -> None:
+    """``Tx.at_batch_end``: one run per function after the jobs committed together (SQLite's
+    group commit), its result handed to every asking job, its events published."""
+    runs: list[int] = []
+
+    def tally(tx: Tx) -> int:
+        runs.append(1)
+        tx.emit("tally", "ran", {"n": len(runs)})
+        return len(runs)
+
+    def job(tx: Tx, done: list[int], twice: bool) -> None:
+        tx.emit("jobs", "job", {})
+        tx.at_batch_end(tally, done)
+        if twice:
+            tx.at_batch_end(tally, done)  # the same function: still one run
+
+    single: list[int] = []
+    await runtime.db.write(job, single, True)
+    assert single == [1, 1] and len(runs) == 1
+    dones: list[list[int]] = [[] for _ in range(20)]
+    await asyncio.gather(*(runtime.db.write(job, d, False) for d in dones))
+    assert all(len(d) == 1 for d in dones)
+    assert 1 < len(runs) <= 21  # a run per batch of jobs: never more than one per job
+    assert len(await runtime.db.stream_events("tally", 0)) == len(runs)
+    assert len(await runtime.db.stream_events("jobs", 0)) == 21
+
+
+async def test_failed_batch_end_work_leaves_the_jobs_committed(runtime: Runtime) -> None:
+    def boom(tx: Tx) -> None:
+        tx.emit("boom", "never", {})
+        raise RuntimeError("batch-end failure")
+
+    def job(tx: Tx, done: list[Any]) -> str:
+        tx.emit("jobs", "job", {})
+        tx.at_batch_end(boom, done)
+        return "committed"
+
+    done: list[Any] = []
+    assert await runtime.db.write(job, done) == "committed"
+    assert done == []  # the caller sees the work was not done
+    assert len(await runtime.db.stream_events("jobs", 0)) == 1
+    assert await runtime.db.stream_events("boom", 0) == []
