@@ -589,7 +589,10 @@ def mark_failed(tx: Tx, outbox_id: int, holder: str | None, error: str) -> str:
 
 
 def find_stale_sends(tx: Tx, me: str, dead_after: float) -> list[int]:
-    """Rows left in ``sending`` by a process that is gone: mark them uncertain."""
+    """Rows left in ``sending`` by a process that is gone: mark them uncertain. Returns
+    every uncertain row still waiting for its inbox's policy (``claimed_by`` still names
+    the dead sender): those just marked, and those a kill or a failed provider check
+    interrupted before the policy was applied, so none stays uncertain for good."""
     alive_since = tx.now - timedelta(seconds=dead_after)
     live = select(Process.id).where(Process.heartbeat_at >= alive_since, Process.id != me)
     stale = (
@@ -608,7 +611,10 @@ def find_stale_sends(tx: Tx, me: str, dead_after: float) -> list[int]:
             .where(Outbox.id.in_(ids), Outbox.state == OutboxState.SENDING.value)
             .values(state=OutboxState.UNCERTAIN.value)
         )
-    return ids
+    waiting = select(Outbox.id).where(
+        Outbox.state == OutboxState.UNCERTAIN.value, Outbox.claimed_by.is_not(None)
+    )
+    return [int(i) for i in tx.execute(waiting.order_by(Outbox.id).limit(500)).scalars()]
 
 
 def resend(tx: Tx, outbox_id: int, reason: str) -> bool:
@@ -642,7 +648,14 @@ def resend(tx: Tx, outbox_id: int, reason: str) -> bool:
 
 
 def mark_uncertain_for_agent(tx: Tx, outbox_id: int) -> None:
-    message_id = tx.execute(select(Outbox.message_id).where(Outbox.id == outbox_id)).scalar_one()
+    """Policy ``ask``: the row stays uncertain, no longer waiting for a policy (its sender
+    cleared); the agent sees the message as possibly not sent and may resend it."""
+    message_id = tx.execute(
+        update(Outbox)
+        .where(Outbox.id == outbox_id)
+        .values(claimed_by=None)
+        .returning(Outbox.message_id)
+    ).scalar_one()
     tx.execute(
         update(Message)
         .where(Message.id == message_id)
