@@ -1,0 +1,498 @@
+"""Fault run: `omniroute serve` SIGKILLed again and again while 5,000 messages flow in.
+
+A quarter each of the messages come by signed Twilio SMS webhooks, signed Meta (Messenger)
+webhooks, the signed webhooks of the built-in fake SMS provider, and web chat. Every sender
+behaves like the real one: a provider retries a webhook until it gets a 200, the web-chat
+widget reconnects and resends what the server has not acknowledged (same client id). Every
+new conversation sends the rules' automatic welcome (to local fakes of Twilio and Meta, the
+fake provider's send log, and the visitor's socket; Meta's inbox set to resend a send a
+kill interrupted, as Meta cannot be asked whether it landed), and is offered to one of the agents,
+who stay connected and reconnect after each kill.
+
+The process is killed at random moments and, on some restarts, by a failpoint (after the
+ingest commit, after routing, before or after a provider send, after a visitor message's
+commit, at a random occurrence). At the end the server is restarted clean and the database
+and the fakes are checked:
+
+- every accepted message stored once, every conversation routed;
+- offers consistent: an ``offered`` conversation has exactly one pending offer and a pending
+  offer's conversation is ``offered``; each agent's load equals the offers and conversations
+  it holds, and is within its capacity;
+- every customer's welcome sent; an extra copy only for a send a kill interrupted (each
+  reported, with the outbox rows the crash left uncertain).
+
+    python bench/crash.py              # 5,000 messages (a few minutes)
+    python bench/crash.py --smoke      # 200 messages and a few kills; run by `make test`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import websockets  # noqa: E402
+from sqlalchemy import create_engine, func, select  # noqa: E402
+
+from channels.fake import read_sent_log  # noqa: E402
+from router.models import AgentLoad, Conversation, Message, Offer, Outbox  # noqa: E402
+
+ACCOUNT = "AC" + "0123456789abcdef" * 2  # tests.fakes.twilio's defaults
+TOKEN = "feedface" * 4
+OUR_NUMBER = "+15550000000"
+APP_SECRET = "crash-app-secret-0123456789"
+PAGE_ID = "106000000000001"
+KINDS = ("twilio", "meta", "fake", "webchat")
+FAILPOINTS = (
+    "after_ingest_commit",
+    "after_route_commit",
+    "before_outbox_send",
+    "after_provider_send",
+    "after_visitor_commit",
+)
+RULES = """\
+version: 1
+queues:
+  general: {offer_timeout: 1h}
+templates:
+  welcome: "Hi, thanks for writing. An agent will be with you soon."
+default: {queue: general, reply: welcome}
+"""
+
+
+def channels(directory: Path, twilio: str, graph: str) -> str:
+    from tests.support import FAKE_SECRET
+
+    inboxes = {
+        "tw": {
+            "channel": "sms",
+            "provider": "twilio",
+            "account_sid": ACCOUNT,
+            "auth_token": TOKEN,
+            "from_number": OUR_NUMBER,
+            "api_base_url": twilio,
+        },
+        "fb": {
+            "channel": "messenger",
+            "provider": "meta",
+            "app": "main",
+            "page_id": PAGE_ID,
+            "access_token": "EAAG-crash-token",
+            "api_base_url": graph,
+            # Meta cannot be asked whether a send landed: resend, and count the copies
+            "uncertain_policy": "resend",
+        },
+        "sms": {
+            "channel": "sms",
+            "provider": "fake",
+            "secret": FAKE_SECRET,
+            "sent_log": str(directory / "sent.jsonl"),
+            "uncertain_policy": "check",
+        },
+        "web": {
+            "channel": "webchat",
+            "provider": "omniroute",
+            "connections_per_minute_per_ip": 10_000_000,
+            "new_visitors_per_minute_per_ip": 10_000_000,
+            "messages_per_minute_per_visitor": 10_000_000,
+            "messages_per_minute_per_ip": 10_000_000,
+        },
+    }
+    apps = {"main": {"app_secret": APP_SECRET, "verify_token": "crash-verify"}}
+    return json.dumps({"version": 1, "meta_apps": apps, "inboxes": inboxes})
+
+
+class Chaos:
+    """The server, and what kills it: a random SIGKILL now and then, and on some restarts a
+    failpoint that kills it from inside at a chosen occurrence."""
+
+    def __init__(self, server: Any, rng: random.Random) -> None:
+        self.server = server
+        self.rng = rng
+        self.random_kills = 0
+        self.failpoint_kills: Counter[str] = Counter()
+        self.armed: str | None = None
+        self.calm = False
+
+    def restart(self) -> None:
+        env = {}
+        self.armed = None
+        if not self.calm and self.rng.random() < 0.5:
+            point = self.rng.choice(FAILPOINTS)
+            self.armed = point
+            env["OMNIROUTE_FAILPOINTS"] = f"{point}@{self.rng.randint(1, 30)}"
+        self.server.start(env, wait=False)
+        with contextlib.suppress(Exception):
+            self.server.wait_ready(60)
+
+    async def run(self, every: tuple[float, float], done: asyncio.Event) -> None:
+        next_kill = time.monotonic() + self.rng.uniform(*every)
+        while not done.is_set():
+            await asyncio.sleep(0.05)
+            proc = self.server.proc
+            if proc is not None and proc.poll() is not None:
+                if self.armed:  # its failpoint fired
+                    self.failpoint_kills[self.armed] += 1
+                await asyncio.to_thread(self.restart)
+            elif time.monotonic() >= next_kill:
+                self.server.kill()
+                self.random_kills += 1
+                await asyncio.to_thread(self.restart)
+                next_kill = time.monotonic() + self.rng.uniform(*every)
+
+
+async def post_until_ok(client: httpx.AsyncClient, path: str, body: bytes, headers: Any) -> int:
+    """A provider's delivery: retried until it gets a 200. Returns the retries."""
+    retries = 0
+    while True:
+        try:
+            if (await client.post(path, content=body, headers=headers)).status_code == 200:
+                return retries
+        except httpx.HTTPError:
+            pass
+        retries += 1
+        await asyncio.sleep(0.2)
+
+
+async def visitor(base: str, text: str) -> int:
+    """The widget: connect, send, and until acknowledged reconnect with the visitor token
+    and resend with the same client id. Returns the resends."""
+    client_id, token, resends = str(uuid.uuid4()), None, 0
+    while True:
+        try:
+            async with websockets.connect(
+                base.replace("http://", "ws://") + "/ws/chat?inbox=web",
+                origin=base,  # type: ignore[arg-type]
+                open_timeout=10,
+                ping_interval=None,
+            ) as ws:
+                await ws.send(json.dumps({"type": "hello", **({"token": token} if token else {})}))
+                while True:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if frame.get("type") == "welcome":
+                        token = frame.get("token", token)
+                        break
+                message = {"type": "message", "client_id": client_id, "text": text}
+                await ws.send(json.dumps(message))
+                while True:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    if frame.get("type") == "ack" and frame.get("client_id") == client_id:
+                        return resends
+        except (OSError, TimeoutError, websockets.WebSocketException):
+            pass
+        resends += 1
+        await asyncio.sleep(0.2)
+
+
+async def agent_loop(base: str, token: str, done: asyncio.Event) -> None:
+    """An agent who stays signed in: reconnects after every kill, accepts nothing."""
+    while not done.is_set():
+        try:
+            async with websockets.connect(
+                base.replace("http://", "ws://") + "/ws/agent", open_timeout=10, ping_interval=None
+            ) as ws:
+                await ws.send(json.dumps({"type": "hello", "token": token}))
+                async for _ in ws:
+                    if done.is_set():
+                        return
+        except (OSError, TimeoutError, websockets.WebSocketException):
+            pass
+        await asyncio.sleep(0.3)
+
+
+def deliveries(total: int, base: str) -> list[tuple[str, Any]]:
+    from twilio.request_validator import RequestValidator
+
+    from tests.fakes.meta import messenger_text
+    from tests.support import signed
+
+    validator = RequestValidator(TOKEN)
+    out: list[tuple[str, Any]] = []
+    for i in range(total):
+        kind = KINDS[i % len(KINDS)]
+        text = f"crash {i}"
+        if kind == "twilio":
+            params = {
+                "MessageSid": f"SM{i:032d}",
+                "AccountSid": ACCOUNT,
+                "From": f"+1415{i:07d}",
+                "To": OUR_NUMBER,
+                "Body": text,
+                "NumMedia": "0",
+                "SmsStatus": "received",
+                "ApiVersion": "2010-04-01",
+            }
+            path = "/webhooks/twilio/tw/sms"
+            headers = {
+                "x-twilio-signature": validator.compute_signature(base + path, params),
+                "content-type": "application/x-www-form-urlencoded",
+            }
+            out.append((kind, (path, urlencode(params).encode(), headers)))
+        elif kind == "meta":
+            body = json.dumps(
+                messenger_text(text, psid=f"25{i:015d}", page_id=PAGE_ID, mid=f"m_crash{i}")
+            ).encode()
+            signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
+            headers = {"x-hub-signature-256": signature, "content-type": "application/json"}
+            out.append((kind, ("/webhooks/meta/main", body, headers)))
+        elif kind == "fake":
+            message = {"id": f"crash-{i}", "from": f"+49170{i:07d}", "kind": "phone", "text": text}
+            body, headers = signed({"messages": [message]})
+            out.append((kind, ("/webhooks/fake/sms", body, headers)))
+        else:
+            out.append((kind, text))
+    return out
+
+
+async def flow(server: Any, chaos: Chaos, tokens: list[str], total: int, every: Any) -> dict:
+    base = server.url
+    work = deliveries(total, base)
+    done, chaos_done = asyncio.Event(), asyncio.Event()
+    agents = [asyncio.create_task(agent_loop(base, t, done)) for t in tokens]
+    killer = asyncio.create_task(chaos.run(every, chaos_done))
+    slots = asyncio.Semaphore(24)
+    retries: Counter[str] = Counter()
+    limits = httpx.Limits(max_connections=24)
+    async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as client:
+
+        async def one(kind: str, item: Any) -> None:
+            async with slots:
+                if kind == "webchat":
+                    retries[kind] += await visitor(base, item)
+                else:
+                    retries[kind] += await post_until_ok(client, *item)
+
+        started = time.monotonic()
+        await asyncio.gather(*(one(kind, item) for kind, item in work))
+        elapsed = time.monotonic() - started
+    chaos_done.set()
+    await killer
+    chaos.calm = True
+    if chaos.armed or server.proc is None or server.proc.poll() is not None:
+        server.kill()  # a failpoint still armed: restart clean, to finish what was cut
+        chaos.restart()
+    await asyncio.sleep(2)
+    done.set()
+    for task in agents:
+        task.cancel()
+    return {"seconds": elapsed, "retries": retries}
+
+
+def settle(engine: Any, total: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = check(engine, total)
+        if state["settled"] or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+def check(engine: Any, total: int) -> dict[str, Any]:
+    with engine.connect() as conn:
+        inbound = conn.execute(
+            select(func.count(), func.count(func.distinct(Message.external_id))).where(
+                Message.direction == "in"
+            )
+        ).one()
+        states = dict(
+            conn.execute(
+                select(Conversation.state, func.count()).group_by(Conversation.state)
+            ).all()
+        )
+        unrouted = conn.execute(
+            select(func.count()).where(Conversation.routing_decision_id.is_(None))
+        ).scalar_one()
+        pending = conn.execute(
+            select(Offer.conversation_id, Offer.agent_id, Offer.channel).where(
+                Offer.state.in_(("pending", "connecting"))
+            )
+        ).all()
+        offered = set(
+            conn.execute(select(Conversation.id).where(Conversation.state == "offered")).scalars()
+        )
+        held: Counter[tuple[int, str]] = Counter()
+        for row in pending:
+            held[(row.agent_id, row.channel)] += 1
+            held[(row.agent_id, "total")] += 1
+        for row in conn.execute(
+            select(Conversation.assigned_agent_id, Conversation.channel).where(
+                Conversation.state.in_(("assigned", "waiting_customer"))
+            )
+        ):
+            held[(row.assigned_agent_id, row.channel)] += 1
+            held[(row.assigned_agent_id, "total")] += 1
+        loads = conn.execute(
+            select(AgentLoad.agent_id, AgentLoad.channel, AgentLoad.used, AgentLoad.cap)
+        ).all()
+        outbox = dict(conn.execute(select(Outbox.state, func.count()).group_by(Outbox.state)).all())
+        uncertain = conn.execute(
+            select(func.coalesce(func.sum(Outbox.uncertain_resends), 0))
+        ).scalar_one()
+    per_conversation = Counter(row.conversation_id for row in pending)
+    load_wrong = [
+        (r.agent_id, r.channel, r.used, held[(r.agent_id, r.channel)])
+        for r in loads
+        if r.used != held[(r.agent_id, r.channel)]
+    ]
+    over = [(r.agent_id, r.channel) for r in loads if r.used > r.cap]
+    offers_wrong = (
+        sum(1 for n in per_conversation.values() if n > 1)
+        + len(offered - set(per_conversation))
+        + len(set(per_conversation) - offered)
+    )
+    sent = outbox.get("sent", 0)
+    return {
+        "stored": inbound[0],
+        "distinct": inbound[1],
+        "conversations": sum(states.values()),
+        "new": states.get("new", 0),
+        "unrouted": unrouted,
+        "offers_wrong": offers_wrong,
+        "load_wrong": load_wrong,
+        "over_capacity": over,
+        "outbox": outbox,
+        "uncertain_resends": int(uncertain),
+        "settled": inbound[0] == total
+        and states.get("new", 0) == 0
+        and sent == total
+        and not load_wrong
+        and offers_wrong == 0,
+    }
+
+
+def provider_copies(directory: Path, twilio: Any, graph: Any) -> dict[str, Counter[str]]:
+    """How many welcomes each customer got, by provider."""
+    return {
+        "twilio": Counter(m["to"] for m in twilio.fake.messages),
+        "meta": Counter(json.dumps(s["recipient"], sort_keys=True) for s in graph.graph.sent),
+        "fake": Counter(str(e["message_id"]) for e in read_sent_log(str(directory / "sent.jsonl"))),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--agents", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    from router.migrate import upgrade
+    from tests import peers
+    from tests.fakes.meta import FakeGraphServer
+    from tests.fakes.twilio import FakeTwilioServer
+    from tests.support import ServerProcess, make_settings, server_env
+
+    total = 200 if args.smoke else args.messages
+    every = (1.0, 2.5) if args.smoke else (2.0, 6.0)
+    directory = Path(tempfile.mkdtemp(prefix="omniroute-crash-"))
+    try:
+        with (
+            FakeTwilioServer() as twilio,
+            FakeGraphServer(access_token="EAAG-crash-token") as graph,
+        ):
+            url = f"sqlite:///{directory / 'crash.db'}"
+            upgrade(url)
+            tokens = asyncio.run(_seed(url, args.agents))
+            settings = make_settings(
+                directory / "conf",
+                url,
+                rules=RULES,
+                channels=channels(directory, twilio.url, graph.url),
+            )
+            server = ServerProcess(server_env(settings, peers.free_port()), directory / "log")
+            chaos = Chaos(server, random.Random(args.seed))
+            server.start()
+            try:
+                result = asyncio.run(flow(server, chaos, tokens, total, every))
+                state = settle(create_engine(url), total, timeout=180)
+                copies = provider_copies(directory, twilio, graph)
+            finally:
+                server.kill()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return report(total, chaos, result, state, copies)
+
+
+async def _seed(url: str, agents: int) -> list[str]:
+    from router.agents import create_agent, parse_capacity
+    from router.auth import create_user
+    from router.db import Database, Tx
+
+    db = Database(url)
+    await db.start()
+    try:
+
+        def add(tx: Tx) -> list[str]:
+            tokens = []
+            for i in range(agents):
+                user_id, token = create_user(tx, f"crash{i}", "agent")
+                capacity = parse_capacity("sms=1000,messenger=1000,webchat=1000,total=1000")
+                create_agent(tx, user_id, f"Crash {i}", {}, capacity)
+                tokens.append(token)
+            return tokens
+
+        return await db.write(add)
+    finally:
+        await db.close()
+
+
+def report(total: int, chaos: Chaos, result: dict, state: dict, copies: dict) -> int:
+    expected_sends = {"twilio": 0, "meta": 0, "fake": 0}
+    for i in range(total):
+        if KINDS[i % 4] in expected_sends:
+            expected_sends[KINDS[i % 4]] += 1
+    extra = {kind: sum(n - 1 for n in c.values() if n > 1) for kind, c in copies.items()}
+    missing = {kind: expected_sends[kind] - len(c) for kind, c in copies.items()}
+    kills = chaos.random_kills + sum(chaos.failpoint_kills.values())
+    print(
+        f"crash run: {total} messages (twilio, meta, fake SMS, web chat), {result['seconds']:.0f} s"
+    )
+    print(
+        f"kills: {kills} ({chaos.random_kills} random, failpoints: "
+        f"{dict(chaos.failpoint_kills) or 'none fired'})"
+    )
+    print(f"sender retries/resends: {dict(result['retries'])}")
+    rows = [
+        ("messages stored", f"{state['stored']} of {total}", state["stored"] == total),
+        ("distinct (no duplicate)", str(state["distinct"]), state["distinct"] == total),
+        ("conversations", str(state["conversations"]), state["conversations"] == total),
+        (
+            "not routed",
+            str(state["unrouted"] + state["new"]),
+            state["unrouted"] + state["new"] == 0,
+        ),
+        ("offers inconsistent", str(state["offers_wrong"]), state["offers_wrong"] == 0),
+        ("agent loads wrong", str(len(state["load_wrong"])), not state["load_wrong"]),
+        ("over capacity", str(len(state["over_capacity"])), not state["over_capacity"]),
+        ("welcomes missing", str(missing), not any(missing.values())),
+        (
+            "extra welcome copies",
+            f"{extra} (sends a kill interrupted, resent: {state['uncertain_resends']})",
+            sum(extra.values()) <= state["uncertain_resends"],
+        ),
+    ]
+    for name, value, ok in rows:
+        print(f"  {'ok ' if ok else 'BAD'} {name:<26}{value}")
+    print(f"outbox: {state['outbox']}")
+    return 0 if all(ok for _, _, ok in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
