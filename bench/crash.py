@@ -128,6 +128,7 @@ class Chaos:
         self.rng = rng
         self.random_kills = 0
         self.failpoint_kills: Counter[str] = Counter()
+        self.failpoints_armed: Counter[str] = Counter()
         self.armed: str | None = None
         self.calm = False
 
@@ -137,7 +138,8 @@ class Chaos:
         if not self.calm and self.rng.random() < 0.5:
             point = self.rng.choice(FAILPOINTS)
             self.armed = point
-            env["OMNIROUTE_FAILPOINTS"] = f"{point}@{self.rng.randint(1, 30)}"
+            self.failpoints_armed[point] += 1
+            env["OMNIROUTE_FAILPOINTS"] = f"{point}@{self.rng.randint(1, 10)}"
         self.server.start(env, wait=False)
         with contextlib.suppress(Exception):
             self.server.wait_ready(60)
@@ -466,7 +468,8 @@ def report(total: int, chaos: Chaos, result: dict, state: dict, copies: dict) ->
     )
     print(
         f"kills: {kills} ({chaos.random_kills} random, failpoints: "
-        f"{dict(chaos.failpoint_kills) or 'none fired'})"
+        f"{dict(chaos.failpoint_kills) or 'none fired'}; armed on restarts: "
+        f"{dict(chaos.failpoints_armed)})"
     )
     print(f"sender retries/resends: {dict(result['retries'])}")
     rows = [
