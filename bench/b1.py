@@ -57,7 +57,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import websockets  # noqa: E402
-from common.serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
+from common.serving import (  # noqa: E402
+    UNLIMITED_WEBCHAT,
+    database,
+    serve_omniroute,
+    spawn_baseline,
+    stop,
+)
+from e2e import open_visitor  # noqa: E402
 from scaleout import REDIS, _unreachable  # noqa: E402
 from scaleout import database as pg_database  # noqa: E402
 
@@ -84,14 +91,7 @@ def rules() -> str:
 
 def channels(mailbox: str, world: World) -> str:
     inboxes = {
-        "web": {
-            "channel": "webchat",
-            "provider": "omniroute",
-            "connections_per_minute_per_ip": 10_000_000,
-            "new_visitors_per_minute_per_ip": 10_000_000,
-            "messages_per_minute_per_visitor": 10_000_000,
-            "messages_per_minute_per_ip": 10_000_000,
-        },
+        "web": UNLIMITED_WEBCHAT,
         "tw": {
             "channel": "sms",
             "provider": "twilio",
@@ -261,19 +261,6 @@ async def open_agents(base: str, tokens: list[tuple[int, str]], run: Run) -> lis
     for start in range(0, len(tokens), 50):
         opened += await asyncio.gather(*(one(a, t) for a, t in tokens[start : start + 50]))
     return opened
-
-
-async def open_visitor(base: str) -> Any:
-    ws = await websockets.connect(
-        base + "/ws/chat?inbox=web",
-        origin=base.replace("ws://", "http://"),
-        open_timeout=60,
-        ping_interval=None,
-    )  # type: ignore[arg-type]
-    await ws.send(json.dumps({"type": "hello"}))
-    while json.loads(await ws.recv()).get("type") != "welcome":
-        pass
-    return ws
 
 
 async def drive(

@@ -46,9 +46,11 @@ from urllib.parse import urlencode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import websockets  # noqa: E402
+from common.serving import UNLIMITED_WEBCHAT  # noqa: E402
 from sqlalchemy import create_engine, func, select  # noqa: E402
 
 from channels.fake import read_sent_log  # noqa: E402
@@ -106,14 +108,7 @@ def channels(directory: Path, twilio: str, graph: str) -> str:
             "sent_log": str(directory / "sent.jsonl"),
             "uncertain_policy": "check",
         },
-        "web": {
-            "channel": "webchat",
-            "provider": "omniroute",
-            "connections_per_minute_per_ip": 10_000_000,
-            "new_visitors_per_minute_per_ip": 10_000_000,
-            "messages_per_minute_per_visitor": 10_000_000,
-            "messages_per_minute_per_ip": 10_000_000,
-        },
+        "web": UNLIMITED_WEBCHAT,
     }
     apps = {"main": {"app_secret": APP_SECRET, "verify_token": "crash-verify"}}
     return json.dumps({"version": 1, "meta_apps": apps, "inboxes": inboxes})

@@ -240,22 +240,25 @@ async def open_agents(
     return sockets, readers
 
 
-async def open_visitors(base: str, count: int) -> list[Any]:
-    async def one() -> Any:
-        ws = await websockets.connect(
-            base + "/ws/chat?inbox=web",
-            origin=base.replace("ws://", "http://"),
-            open_timeout=60,
-            ping_interval=None,
-        )  # type: ignore[arg-type]
-        await ws.send(json.dumps({"type": "hello"}))
-        while json.loads(await ws.recv()).get("type") != "welcome":
-            pass
-        return ws
+async def open_visitor(base: str) -> Any:
+    """A visitor's socket on the ``web`` inbox, past its welcome."""
+    ws = await websockets.connect(
+        base + "/ws/chat?inbox=web",
+        origin=base.replace("ws://", "http://"),
+        open_timeout=60,
+        ping_interval=None,
+    )  # type: ignore[arg-type]
+    await ws.send(json.dumps({"type": "hello"}))
+    while json.loads(await ws.recv()).get("type") != "welcome":
+        pass
+    return ws
 
+
+async def open_visitors(base: str, count: int) -> list[Any]:
     visitors: list[Any] = []
     for start in range(0, count, 100):
-        visitors.extend(await asyncio.gather(*(one() for _ in range(min(100, count - start)))))
+        batch = min(100, count - start)
+        visitors.extend(await asyncio.gather(*(open_visitor(base) for _ in range(batch))))
     return visitors
 
 

@@ -75,7 +75,12 @@ def gone_visitors(
     for row in conn.execute(
         select(Conversation.id, Conversation.inbox_id, Conversation.data, Conversation.created_at)
         .join(Inbox, Inbox.id == Conversation.inbox_id)
-        .where(Conversation.channel == "webchat", Conversation.state.in_(_WAITING))
+        .where(
+            Conversation.channel == "webchat",
+            Conversation.state.in_(_WAITING),
+            # only those whose visitor left (in SQL: waiting chats can be thousands)
+            Conversation.data["visitor_left_at"].as_string().is_not(None),
+        )
     ):
         left = (row.data or {}).get("visitor_left_at")
         limit = after.get(int(row.inbox_id))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -276,6 +277,9 @@ def enqueue_message(
                 created_at=now,
             )
         )
+        wake = tx.context.get("outbox_wake")
+        if wake is not None:
+            tx.on_commit(wake)  # the outbox sends it as soon as it is committed
         add_event(
             tx,
             conversation_id,
@@ -699,6 +703,8 @@ class OutboxSender:
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.dead_after = dead_after
         self._wake = asyncio.Event()
+        self._recovery_every = 0.0  # set by run(): its interval
+        self._next_recovery = 0.0
         self._limit = asyncio.Semaphore(concurrency)
         self.on_sent = on_sent
         self._draining = False
@@ -722,10 +728,16 @@ class OutboxSender:
         self._wake.set()
 
     async def run(self, interval: float) -> None:
+        self._recovery_every = interval
         await periodic(self.step, interval, "outbox worker", wake=self._wake)
 
     async def step(self) -> None:
-        await self.recover_uncertain()
+        # Recovery (a write) once per interval, not on every wake-up: a wake means new
+        # sends, and a busy inbox wakes the worker for nearly every message.
+        now = time.monotonic()
+        if now >= self._next_recovery:
+            self._next_recovery = now + self._recovery_every
+            await self.recover_uncertain()
         while await self.process_due():
             pass
 

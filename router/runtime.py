@@ -170,6 +170,7 @@ class Runtime:
         self.db.context["thread_secret"] = self.channel_secret
         self.db.context["public_base_url"] = self.settings.public_base_url
         self.db.context["assignment_latency"] = self.metrics.assignment_latency.observe
+        self.db.context["outbox_wake"] = self.outbox.wake  # after a commit that queued a send
         self.blobs = LocalBlobs(Path(self.settings.data_dir) / "blobs")
         self.assignment = Assignment(
             self.db,
@@ -513,8 +514,6 @@ class Runtime:
                 self.metrics.routing_latency.observe(
                     max(0.0, (tx.now - result.created_at).total_seconds())
                 )
-            if results:
-                self.outbox.wake()  # auto-replies and after-hours replies
             self.assignment.decisions += len(made)
 
         tx.on_commit(after)
@@ -557,7 +556,6 @@ class Runtime:
                         self.metrics.routing_latency.observe(
                             max(0.0, (now - result.created_at).total_seconds())
                         )
-                    self.outbox.wake()  # auto-replies and after-hours replies
                     self.background.spawn(self.assignment.dispatch(), "dispatch-after-routing")
                     if len(results) < ROUTE_BATCH:
                         break

@@ -14,7 +14,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["free_port", "serve_omniroute", "spawn_baseline", "stop", "wait_http", "wait_port"]
+__all__ = [
+    "UNLIMITED_WEBCHAT",
+    "free_port",
+    "serve_omniroute",
+    "spawn_baseline",
+    "stop",
+    "wait_http",
+    "wait_port",
+]
+
+# A web-chat inbox whose rate limits a load generator on one address never reaches.
+UNLIMITED_WEBCHAT = {
+    "channel": "webchat",
+    "provider": "omniroute",
+    "connections_per_minute_per_ip": 10_000_000,
+    "new_visitors_per_minute_per_ip": 10_000_000,
+    "messages_per_minute_per_visitor": 10_000_000,
+    "messages_per_minute_per_ip": 10_000_000,
+}
 
 
 def free_port() -> int:
