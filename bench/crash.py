@@ -22,6 +22,7 @@ and the fakes are checked:
   reported, with the outbox rows the crash left uncertain).
 
     python bench/crash.py              # 5,000 messages (a few minutes)
+    python bench/crash.py --postgres   # the same on PostgreSQL (routing after the ingest)
     python bench/crash.py --smoke      # 200 messages and a few kills; run by `make test`
 """
 
@@ -52,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 import websockets  # noqa: E402
 from common.serving import UNLIMITED_WEBCHAT  # noqa: E402
-from sqlalchemy import create_engine, func, select  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
 
 from channels.fake import read_sent_log  # noqa: E402
 from router.models import AgentLoad, Conversation, Message, Offer, Outbox  # noqa: E402
@@ -293,56 +294,62 @@ async def flow(server: Any, chaos: Chaos, tokens: list[str], total: int, every: 
     return {"seconds": elapsed, "retries": retries}
 
 
-def settle(engine: Any, total: int, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = check(engine, total)
-        if state["settled"] or time.monotonic() > deadline:
-            return state
-        time.sleep(0.5)
+async def settle(url: str, total: int, timeout: float) -> dict[str, Any]:
+    """Check until everything the kills interrupted is finished (or ``timeout``)."""
+    from router.db import Database
+
+    db = Database(url)
+    await db.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = await db.read(check, total)
+            if state["settled"] or time.monotonic() > deadline:
+                return state
+            await asyncio.sleep(0.5)
+    finally:
+        await db.close()
 
 
-def check(engine: Any, total: int) -> dict[str, Any]:
-    with engine.connect() as conn:
-        inbound = conn.execute(
-            select(func.count(), func.count(func.distinct(Message.external_id))).where(
-                Message.direction == "in"
-            )
-        ).one()
-        states = dict(
-            conn.execute(
-                select(Conversation.state, func.count()).group_by(Conversation.state)
-            ).all()
+def check(conn: Any, total: int) -> dict[str, Any]:
+    """The end state, read in one transaction (a consistent snapshot)."""
+    inbound = conn.execute(
+        select(func.count(), func.count(func.distinct(Message.external_id))).where(
+            Message.direction == "in"
         )
-        unrouted = conn.execute(
-            select(func.count()).where(Conversation.routing_decision_id.is_(None))
-        ).scalar_one()
-        pending = conn.execute(
-            select(Offer.conversation_id, Offer.agent_id, Offer.channel).where(
-                Offer.state.in_(("pending", "connecting"))
-            )
-        ).all()
-        offered = set(
-            conn.execute(select(Conversation.id).where(Conversation.state == "offered")).scalars()
+    ).one()
+    states = dict(
+        conn.execute(select(Conversation.state, func.count()).group_by(Conversation.state)).all()
+    )
+    unrouted = conn.execute(
+        select(func.count()).where(Conversation.routing_decision_id.is_(None))
+    ).scalar_one()
+    pending = conn.execute(
+        select(Offer.conversation_id, Offer.agent_id, Offer.channel).where(
+            Offer.state.in_(("pending", "connecting"))
         )
-        held: Counter[tuple[int, str]] = Counter()
-        for row in pending:
-            held[(row.agent_id, row.channel)] += 1
-            held[(row.agent_id, "total")] += 1
-        for row in conn.execute(
-            select(Conversation.assigned_agent_id, Conversation.channel).where(
-                Conversation.state.in_(("assigned", "waiting_customer"))
-            )
-        ):
-            held[(row.assigned_agent_id, row.channel)] += 1
-            held[(row.assigned_agent_id, "total")] += 1
-        loads = conn.execute(
-            select(AgentLoad.agent_id, AgentLoad.channel, AgentLoad.used, AgentLoad.cap)
-        ).all()
-        outbox = dict(conn.execute(select(Outbox.state, func.count()).group_by(Outbox.state)).all())
-        uncertain = conn.execute(
-            select(func.coalesce(func.sum(Outbox.uncertain_resends), 0))
-        ).scalar_one()
+    ).all()
+    offered = set(
+        conn.execute(select(Conversation.id).where(Conversation.state == "offered")).scalars()
+    )
+    held: Counter[tuple[int, str]] = Counter()
+    for row in pending:
+        held[(row.agent_id, row.channel)] += 1
+        held[(row.agent_id, "total")] += 1
+    for row in conn.execute(
+        select(Conversation.assigned_agent_id, Conversation.channel).where(
+            Conversation.state.in_(("assigned", "waiting_customer"))
+        )
+    ):
+        held[(row.assigned_agent_id, row.channel)] += 1
+        held[(row.assigned_agent_id, "total")] += 1
+    loads = conn.execute(
+        select(AgentLoad.agent_id, AgentLoad.channel, AgentLoad.used, AgentLoad.cap)
+    ).all()
+    outbox = dict(conn.execute(select(Outbox.state, func.count()).group_by(Outbox.state)).all())
+    uncertain = conn.execute(
+        select(func.coalesce(func.sum(Outbox.uncertain_resends), 0))
+    ).scalar_one()
     per_conversation = Counter(row.conversation_id for row in pending)
     load_wrong = [
         (r.agent_id, r.channel, r.used, held[(r.agent_id, r.channel)])
@@ -390,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--agents", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--postgres", action="store_true", help="PostgreSQL instead of SQLite")
     args = parser.parse_args(argv)
     from router.migrate import upgrade
     from tests import peers
@@ -406,8 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         with (
             FakeTwilioServer() as twilio,
             FakeGraphServer(access_token="EAAG-crash-token") as graph,
+            contextlib.ExitStack() as stack,
         ):
-            url = f"sqlite:///{directory / 'crash.db'}"
+            if args.postgres:
+                from scaleout import database as pg_database
+
+                url = stack.enter_context(pg_database())
+            else:
+                url = f"sqlite:///{directory / 'crash.db'}"
             upgrade(url)
             tokens = asyncio.run(_seed(url, args.agents))
             settings = make_settings(
@@ -421,13 +435,13 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             try:
                 result = asyncio.run(flow(server, chaos, tokens, total, every))
-                state = settle(create_engine(url), total, timeout=180)
+                state = asyncio.run(settle(url, total, timeout=180))
                 copies = provider_copies(directory, twilio, graph)
             finally:
                 server.kill()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return report(total, chaos, result, state, copies)
+    return report(total, chaos, result, state, copies, "PostgreSQL" if args.postgres else "SQLite")
 
 
 async def _seed(url: str, agents: int) -> list[str]:
@@ -453,7 +467,7 @@ async def _seed(url: str, agents: int) -> list[str]:
         await db.close()
 
 
-def report(total: int, chaos: Chaos, result: dict, state: dict, copies: dict) -> int:
+def report(total: int, chaos: Chaos, result: dict, state: dict, copies: dict, backend: str) -> int:
     expected_sends = {"twilio": 0, "meta": 0, "fake": 0}
     for i in range(total):
         if KINDS[i % 4] in expected_sends:
@@ -462,7 +476,8 @@ def report(total: int, chaos: Chaos, result: dict, state: dict, copies: dict) ->
     missing = {kind: expected_sends[kind] - len(c) for kind, c in copies.items()}
     kills = chaos.random_kills + sum(chaos.failpoint_kills.values())
     print(
-        f"crash run: {total} messages (twilio, meta, fake SMS, web chat), {result['seconds']:.0f} s"
+        f"crash run on {backend}: {total} messages (twilio, meta, fake SMS, web chat), "
+        f"{result['seconds']:.0f} s"
     )
     print(
         f"kills: {kills} ({chaos.random_kills} random, failpoints: "
