@@ -282,9 +282,9 @@ def _run_batch_end(conn: Connection, now: datetime, txs: list[Tx]) -> None:
     wanted: dict[Callable[[Tx], Any], tuple[Tx, list[list[Any]]]] = {}
     for tx in txs:
         for fn, done in tx._batch_end:
-            owner, dones = wanted.get(fn, (tx, []))
+            dones = wanted[fn][1] if fn in wanted else []
             dones.append(done)
-            wanted[fn] = (tx, dones)
+            wanted[fn] = (tx, dones)  # the owner: the last job asking for it
         tx._batch_end.clear()
     for fn, (owner, dones) in wanted.items():
         etx = Tx(conn, now, owner.dialect, owner.context)

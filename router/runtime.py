@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Coroutine, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from router.models import Inbox, Message, Process
 from router.outbox import OutboxSender, backlog
 from router.pipeline import InboxInfo, IngestOutcome, Pipeline, load_inbox
 from router.ratelimit import RateLimiter
-from router.routing import ROUTE_BATCH, route_batch
+from router.routing import ROUTE_BATCH, RouteResult, route_batch
 from router.rules_service import RulesService
 from router.serialize import visitor_payload
 from router.settings import Settings
@@ -510,10 +511,7 @@ class Runtime:
         made = dispatch_batch(tx, self.assignment.queues())
 
         def after() -> None:
-            for result in results:
-                self.metrics.routing_latency.observe(
-                    max(0.0, (tx.now - result.created_at).total_seconds())
-                )
+            self._observe_routed(results, tx.now)
             self.assignment.decisions += len(made)
 
         tx.on_commit(after)
@@ -551,15 +549,18 @@ class Runtime:
                         break
                     failpoint("after_route_commit")
                     routed += len(results)
-                    now = self.clock.now()
-                    for result in results:
-                        self.metrics.routing_latency.observe(
-                            max(0.0, (now - result.created_at).total_seconds())
-                        )
+                    self._observe_routed(results, self.clock.now())
                     self.background.spawn(self.assignment.dispatch(), "dispatch-after-routing")
                     if len(results) < ROUTE_BATCH:
                         break
         return routed
+
+    def _observe_routed(self, results: list[RouteResult], now: datetime) -> None:
+        """Each routed conversation's wait from creation to routing, in /metrics."""
+        for result in results:
+            self.metrics.routing_latency.observe(
+                max(0.0, (now - result.created_at).total_seconds())
+            )
 
     async def _heartbeat(self) -> None:
         await self.db.write(_heartbeat, self.process_id)
