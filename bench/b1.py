@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import hashlib
 import hmac
 import itertools
 import json
@@ -57,9 +56,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import websockets  # noqa: E402
+from common.providers import (  # noqa: E402
+    ACCOUNT,
+    OUR_NUMBER,
+    PAGE_ID,
+    PAGE_TOKEN,
+    TOKEN,
+    messenger_inbox,
+    meta_apps,
+    meta_signature,
+    twilio_inbox,
+)
 from common.serving import (  # noqa: E402
     UNLIMITED_WEBCHAT,
     database,
+    serve_baseline,
     serve_omniroute,
     spawn_baseline,
     stop,
@@ -70,11 +81,6 @@ from scaleout import database as pg_database  # noqa: E402
 
 CHANNELS = ("webchat", "sms", "messenger", "email")
 CAP = 50  # per channel and agent; the capacity check counts against it
-ACCOUNT = "AC" + "0123456789abcdef" * 2  # tests.fakes.twilio's defaults
-TOKEN = "feedface" * 4
-OUR_NUMBER = "+15550000000"
-APP_SECRET = "bench-app-secret-0123456789"
-PAGE_ID = "106000000000001"
 PASSWORD = "secret"
 SMS_PATH = "/webhooks/twilio/tw/sms"
 META_PATH = "/webhooks/meta/main"
@@ -92,22 +98,8 @@ def rules() -> str:
 def channels(mailbox: str, world: World) -> str:
     inboxes = {
         "web": UNLIMITED_WEBCHAT,
-        "tw": {
-            "channel": "sms",
-            "provider": "twilio",
-            "account_sid": ACCOUNT,
-            "auth_token": TOKEN,
-            "from_number": OUR_NUMBER,
-            "api_base_url": world.twilio.url,
-        },
-        "fb": {
-            "channel": "messenger",
-            "provider": "meta",
-            "app": "main",
-            "page_id": PAGE_ID,
-            "access_token": "EAAG-bench-token",
-            "api_base_url": world.graph.url,
-        },
+        "tw": twilio_inbox(world.twilio.url),
+        "fb": messenger_inbox(world.graph.url),
         "mail": {
             "channel": "email",
             "provider": "imap",
@@ -129,8 +121,7 @@ def channels(mailbox: str, world: World) -> str:
             },
         },
     }
-    apps = {"main": {"app_secret": APP_SECRET, "verify_token": "bench-verify"}}
-    return json.dumps({"version": 1, "meta_apps": apps, "inboxes": inboxes})
+    return json.dumps({"version": 1, "meta_apps": meta_apps(), "inboxes": inboxes})
 
 
 # -- the peers the servers talk to --------------------------------------------------------------
@@ -151,7 +142,7 @@ class World:
         self.dovecot = self.stack.enter_context(peers.Dovecot.start(self.directory, users))
         self.sink = self.stack.enter_context(peers.SmtpSink())
         self.twilio = self.stack.enter_context(FakeTwilioServer())
-        self.graph = self.stack.enter_context(FakeGraphServer(access_token="EAAG-bench-token"))
+        self.graph = self.stack.enter_context(FakeGraphServer(access_token=PAGE_TOKEN))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -199,7 +190,7 @@ def load(label: str, count: int, base: str, with_email: bool) -> list[Item]:
             item.payload = (SMS_PATH, urlencode(params).encode(), signature)
         elif channel == "messenger":
             body = json.dumps(messenger_text(text, psid=f"25{i:015d}", page_id=PAGE_ID)).encode()
-            signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
+            signature = meta_signature(body)
             item.payload = (META_PATH, body, signature)
         elif channel == "email":
             mail = EmailMessage()
@@ -564,8 +555,8 @@ def baseline_app() -> Any:
 
     async def meta(request: Request) -> Response:
         body = await request.body()
-        expected = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, request.headers.get("x-hub-signature-256", "")):
+        signature = request.headers.get("x-hub-signature-256", "")
+        if not hmac.compare_digest(meta_signature(body), signature):
             return Response(status_code=403)
         for entry in json.loads(body)["entry"]:
             for event in entry.get("messaging", []):
@@ -591,15 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0)
     args = parser.parse_args(argv)
     if args.baseline_server:
-        import uvicorn
-
-        uvicorn.run(
-            baseline_app(),
-            host="127.0.0.1",
-            port=args.baseline_server,
-            log_level="warning",
-            ws_ping_interval=None,
-        )
+        serve_baseline(baseline_app(), args.baseline_server)
         return 0
     missing = _unreachable()
     if missing is None and os.geteuid() != 0:

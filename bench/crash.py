@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import random
@@ -52,17 +50,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import websockets  # noqa: E402
+from common.providers import (  # noqa: E402
+    ACCOUNT,
+    OUR_NUMBER,
+    PAGE_ID,
+    PAGE_TOKEN,
+    TOKEN,
+    messenger_inbox,
+    meta_apps,
+    meta_signature,
+    twilio_inbox,
+)
 from common.serving import UNLIMITED_WEBCHAT  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from channels.fake import read_sent_log  # noqa: E402
 from router.models import AgentLoad, Conversation, Message, Offer, Outbox  # noqa: E402
 
-ACCOUNT = "AC" + "0123456789abcdef" * 2  # tests.fakes.twilio's defaults
-TOKEN = "feedface" * 4
-OUR_NUMBER = "+15550000000"
-APP_SECRET = "crash-app-secret-0123456789"
-PAGE_ID = "106000000000001"
 KINDS = ("twilio", "meta", "fake", "webchat")
 FAILPOINTS = (
     "after_ingest_commit",
@@ -85,24 +89,9 @@ def channels(directory: Path, twilio: str, graph: str) -> str:
     from tests.support import FAKE_SECRET
 
     inboxes = {
-        "tw": {
-            "channel": "sms",
-            "provider": "twilio",
-            "account_sid": ACCOUNT,
-            "auth_token": TOKEN,
-            "from_number": OUR_NUMBER,
-            "api_base_url": twilio,
-        },
-        "fb": {
-            "channel": "messenger",
-            "provider": "meta",
-            "app": "main",
-            "page_id": PAGE_ID,
-            "access_token": "EAAG-crash-token",
-            "api_base_url": graph,
-            # Meta cannot be asked whether a send landed: resend, and count the copies
-            "uncertain_policy": "resend",
-        },
+        "tw": twilio_inbox(twilio),
+        # Meta cannot be asked whether a send landed: resend, and count the copies
+        "fb": messenger_inbox(graph, uncertain_policy="resend"),
         "sms": {
             "channel": "sms",
             "provider": "fake",
@@ -112,8 +101,7 @@ def channels(directory: Path, twilio: str, graph: str) -> str:
         },
         "web": UNLIMITED_WEBCHAT,
     }
-    apps = {"main": {"app_secret": APP_SECRET, "verify_token": "crash-verify"}}
-    return json.dumps({"version": 1, "meta_apps": apps, "inboxes": inboxes})
+    return json.dumps({"version": 1, "meta_apps": meta_apps(), "inboxes": inboxes})
 
 
 class Chaos:
@@ -248,8 +236,10 @@ def deliveries(total: int, base: str) -> list[tuple[str, Any]]:
             body = json.dumps(
                 messenger_text(text, psid=f"25{i:015d}", page_id=PAGE_ID, mid=f"m_crash{i}")
             ).encode()
-            signature = "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
-            headers = {"x-hub-signature-256": signature, "content-type": "application/json"}
+            headers = {
+                "x-hub-signature-256": meta_signature(body),
+                "content-type": "application/json",
+            }
             out.append((kind, ("/webhooks/meta/main", body, headers)))
         elif kind == "fake":
             message = {"id": f"crash-{i}", "from": f"+49170{i:07d}", "kind": "phone", "text": text}
@@ -413,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with (
             FakeTwilioServer() as twilio,
-            FakeGraphServer(access_token="EAAG-crash-token") as graph,
+            FakeGraphServer(access_token=PAGE_TOKEN) as graph,
             contextlib.ExitStack() as stack,
         ):
             if args.postgres:

@@ -38,7 +38,13 @@ sys.path.insert(0, str(ROOT))
 import websockets  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
+from common.serving import (  # noqa: E402
+    database,
+    serve_baseline,
+    serve_omniroute,
+    spawn_baseline,
+    stop,
+)
 
 RULES = """\
 version: 1
@@ -130,14 +136,6 @@ def baseline_app() -> Any:
             pass
 
     return Starlette(routes=[WebSocketRoute("/ws/agent", agent), WebSocketRoute("/ws/chat", chat)])
-
-
-def serve_baseline(port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(
-        baseline_app(), host="127.0.0.1", port=port, log_level="warning", ws_ping_interval=None
-    )
 
 
 # -- servers ----------------------------------------------------------------------------------
@@ -335,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=2000)
     args = parser.parse_args(argv)
     if args.baseline_server:
-        serve_baseline(args.baseline_server)
+        serve_baseline(baseline_app(), args.baseline_server)
         return 0
     agents = 2 if args.smoke else args.agents
     full = 60 if args.smoke else args.messages

@@ -32,7 +32,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import websockets  # noqa: E402
-from common.serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
+from common.serving import (  # noqa: E402
+    database,
+    serve_baseline,
+    serve_omniroute,
+    spawn_baseline,
+    stop,
+)
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
@@ -208,15 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-server", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline_server is not None:
-        import uvicorn
-
-        uvicorn.run(
-            baseline_app(),
-            host="127.0.0.1",
-            port=args.baseline_server,
-            log_level="warning",
-            ws_ping_interval=None,
-        )
+        serve_baseline(baseline_app(), args.baseline_server)
         return 0
     sizes = (20,) if args.smoke else (100, 1000)
     count = 3 if args.smoke else args.rounds

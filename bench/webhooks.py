@@ -31,7 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.serving import database, serve_omniroute, spawn_baseline, stop  # noqa: E402
+from common.serving import (  # noqa: E402
+    database,
+    serve_baseline,
+    serve_omniroute,
+    spawn_baseline,
+    stop,
+)
 from fastapi import FastAPI, Request, Response  # noqa: E402
 
 ACCOUNT = "AC" + "b" * 32
@@ -140,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-server", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.baseline_server is not None:
-        import uvicorn
-
-        uvicorn.run(
-            baseline_app(), host="127.0.0.1", port=args.baseline_server, log_level="warning"
-        )
+        serve_baseline(baseline_app(), args.baseline_server)
         return 0
     count = 40 if args.smoke else args.messages
     concurrency = 8 if args.smoke else args.concurrency

@@ -11,12 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
 __all__ = [
     "UNLIMITED_WEBCHAT",
     "free_port",
+    "serve_baseline",
     "serve_omniroute",
     "spawn_baseline",
     "stop",
@@ -113,6 +115,13 @@ def serve_omniroute(
     )
     wait_http(base + "/readyz", proc)
     return proc, base
+
+
+def serve_baseline(app: Any, port: int) -> None:
+    """Serve a benchmark's raw baseline app (what ``--baseline-server PORT`` runs)."""
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_ping_interval=None)
 
 
 def spawn_baseline(script: str) -> tuple[subprocess.Popen[bytes], int]:
