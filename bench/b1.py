@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import hmac
 import itertools
 import json
@@ -70,10 +69,13 @@ from common.providers import (  # noqa: E402
 from common.serving import (  # noqa: E402
     UNLIMITED_WEBCHAT,
     database,
+    gc_paused,
+    paced,
     serve_baseline,
     serve_omniroute,
     spawn_baseline,
     stop,
+    stop_reading,
 )
 from e2e import open_visitor  # noqa: E402
 from scaleout import REDIS, _unreachable  # noqa: E402
@@ -329,34 +331,18 @@ async def drive(
                 await asyncio.sleep(0.2 * (attempt + 1))
             failures[item.channel] += status != 200
 
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    cpu_before = _cpu_times()
-    started = time.perf_counter()
-    tasks = []
-    for i, item in enumerate(items):
-        if rate is not None:
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(send(i, item)))
-    await asyncio.gather(*tasks)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(run.done.wait(), 120)
-    await asyncio.sleep(1.0)  # late duplicates show up
-    cpu_after = _cpu_times()
-    gc.enable()
-    gc.unfreeze()
+    with gc_paused():
+        cpu_before = _cpu_times()
+        started = time.perf_counter()
+        await paced(len(items), rate, lambda i: send(i, items[i]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.done.wait(), 120)
+        await asyncio.sleep(1.0)  # late duplicates show up
+        cpu_after = _cpu_times()
     finished = max((max(t) for t in run.received.values()), default=time.perf_counter())
-    # Stop counting before any agent leaves: a leaving agent's offers are withdrawn and
-    # offered again to the agents still there, which is no duplicate.
-    for _, reader in agents:
-        reader.cancel()
-    for ws, _ in agents:
-        await ws.close()
-    for ws in visitors.values():
-        await ws.close()
+    await stop_reading(
+        [reader for _, reader in agents], [*(ws for ws, _ in agents), *visitors.values()]
+    )
     for client in clients:
         await client.aclose()
     await sessions.aclose()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import shutil
 import statistics
@@ -40,10 +39,13 @@ import websockets  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.serving import (  # noqa: E402
     database,
+    gc_paused,
+    paced,
     serve_baseline,
     serve_omniroute,
     spawn_baseline,
     stop,
+    stop_reading,
 )
 
 RULES = """\
@@ -266,7 +268,6 @@ async def drive(
     run = Run(expected=messages)
     agents, readers = await open_agents(base, tokens, run)
     visitors = await open_visitors(base, messages)
-    acks: list[asyncio.Task[Any]] = []
 
     async def send(i: int, ws: Any) -> None:
         text = f"bench {label}-{i}"
@@ -274,32 +275,14 @@ async def drive(
         await ws.send(json.dumps({"type": "message", "client_id": str(uuid.uuid4()), "text": text}))
         await ws.recv()  # the ack
 
-    # The load generator must not pause the measurement: no cyclic GC during the timed run
-    # (done alike for the baseline and omniroute).
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    started = time.perf_counter()
-    if rate is None:
-        acks = [asyncio.create_task(send(i, ws)) for i, ws in enumerate(visitors)]
-    else:
-        for i, ws in enumerate(visitors):
-            due = started + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            acks.append(asyncio.create_task(send(i, ws)))
-    await asyncio.gather(*acks)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(run.done.wait(), 60)
-    await asyncio.sleep(0.5)  # let late duplicates show up
-    gc.enable()
-    gc.unfreeze()
+    with gc_paused():
+        started = time.perf_counter()
+        await paced(len(visitors), rate, lambda i: send(i, visitors[i]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.done.wait(), 60)
+        await asyncio.sleep(0.5)  # let late duplicates show up
     finished = max((max(t) for t in run.received.values()), default=time.perf_counter())
-    for task in readers:
-        task.cancel()
-    for ws in [*agents, *visitors]:
-        await ws.close()
+    await stop_reading(readers, [*agents, *visitors])
     latencies = sorted(
         (min(run.received[t]) - run.sent[t]) * 1000 for t in run.received if t in run.sent
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.serving import serve_omniroute, stop  # noqa: E402
+from common.serving import gc_paused, paced, serve_omniroute, stop, stop_reading  # noqa: E402
 from e2e import CHANNELS, RULES, Omniroute, Run, open_agents, open_visitors  # noqa: E402
 
 PG = os.environ.get("OMNIROUTE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -104,21 +103,14 @@ async def drive(bases: list[str], tokens: list[str], messages: int, label: str) 
         await ws.send(json.dumps({"type": "message", "client_id": str(uuid.uuid4()), "text": text}))
         await ws.recv()
 
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    started = time.perf_counter()
-    await asyncio.gather(*(send(i, ws) for i, ws in enumerate(visitors)))
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(run.done.wait(), 120)
-    await asyncio.sleep(0.5)
-    gc.enable()
-    gc.unfreeze()
+    with gc_paused():
+        started = time.perf_counter()
+        await paced(len(visitors), None, lambda i: send(i, visitors[i]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.done.wait(), 120)
+        await asyncio.sleep(0.5)
     finished = max((max(t) for t in run.received.values()), default=time.perf_counter())
-    for task in readers:
-        task.cancel()
-    for ws in [*agents, *visitors]:
-        await ws.close()
+    await stop_reading(readers, [*agents, *visitors])
     latencies = sorted((min(run.received[t]) - run.sent[t]) * 1000 for t in run.received)
     return {
         "messages": len(visitors),

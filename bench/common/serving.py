@@ -4,12 +4,16 @@ either, stop them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 __all__ = [
     "UNLIMITED_WEBCHAT",
     "free_port",
+    "gc_paused",
+    "paced",
     "serve_baseline",
     "serve_omniroute",
     "spawn_baseline",
     "stop",
+    "stop_reading",
     "wait_http",
     "wait_port",
 ]
@@ -140,3 +147,40 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic GC in the load generator during a timed run: it must not pause the
+    measurement (done alike for the baselines and omniroute)."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+async def paced(count: int, rate: float | None, start: Callable[[int], Awaitable[Any]]) -> None:
+    """Run ``start(i)`` for each ``i < count``: all at once (``rate`` None), or ``rate`` a
+    second on schedule; return when all have finished."""
+    began = time.perf_counter()
+    tasks = []
+    for i in range(count):
+        if rate is not None:
+            delay = began + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(start(i)))
+    await asyncio.gather(*tasks)
+
+
+async def stop_reading(readers: Iterable[asyncio.Task[Any]], sockets: Iterable[Any]) -> None:
+    """Stop every reader before any socket closes (a leaving agent's offers go to the
+    agents still there: counting them would be a false duplicate), then close them."""
+    for task in readers:
+        task.cancel()
+    for ws in sockets:
+        await ws.close()
