@@ -4,7 +4,9 @@ omniroute (`omniroute serve` on SQLite): N supervisor sockets on /ws/supervisor;
 status change through the REST API (committed, then published on the supervisors' stream)
 must reach every socket. The raw baseline in the same run is a bare Starlette app in its own
 process that keeps the same number of websockets and sends one JSON frame to each when an
-HTTP request asks it to. Each round is timed from the request to the last socket receiving
+HTTP request asks it to. Both servers run at once, each with its N sockets, and the rounds
+alternate between them, so the machine's drift in speed during the run (large on a shared
+VM) moves both alike. Each round is timed from the request to the last socket receiving
 the frame; the median of the rounds is reported with deliveries per second and the ratio
 (target >= 0.5x the raw broadcast's deliveries per second). Every socket must receive every
 event exactly once.
@@ -110,99 +112,121 @@ def start_omniroute(directory: Path) -> tuple[subprocess.Popen[bytes], str, str,
     return proc, base, token, agent_id
 
 
-async def rounds(
-    base: str, sockets: int, count: int, trigger: Any, token: str | None
-) -> tuple[list[float], int]:
-    """Open ``sockets`` feeds, then ``count`` rounds: trigger one event, wait until every
-    socket has it. Returns the round times and the number of missing or extra deliveries."""
-    url = base.replace("http://", "ws://") + "/ws/supervisor"
-    got: list[list[Any]] = [[] for _ in range(sockets)]
-    arrived = asyncio.Event()
-    need = {"n": 0}
+class Feeds:
+    """``sockets`` feeds open on one server; ``round(n)`` triggers event ``n`` and returns the
+    time until every socket has it; ``close()`` returns the missing or extra deliveries."""
 
-    async def open_one(i: int) -> Any:
-        ws = await websockets.connect(url, open_timeout=60, max_queue=None)
-        await ws.send(json.dumps({"type": "hello", **({"token": token} if token else {})}))
+    def __init__(self, base: str, sockets: int, trigger: Any, token: str | None) -> None:
+        self.url = base.replace("http://", "ws://") + "/ws/supervisor"
+        self.sockets = sockets
+        self.trigger = trigger
+        self.token = token
+        self.got: list[list[Any]] = [[] for _ in range(sockets)]
+        self.arrived = asyncio.Event()
+        self.need = 0
+        self.reached = 0  # sockets that have the current round's event
+        self.opened: list[Any] = []
+        self.readers: list[asyncio.Task[None]] = []
+        self.rounds = 0
+
+    async def _open_one(self) -> Any:
+        ws = await websockets.connect(self.url, open_timeout=60, max_queue=None)
+        await ws.send(
+            json.dumps({"type": "hello", **({"token": self.token} if self.token else {})})
+        )
         while json.loads(await ws.recv()).get("type") != "welcome":
             pass
         return ws
 
-    async def read(i: int, ws: Any) -> None:
+    async def _read(self, i: int, ws: Any) -> None:
         async for raw in ws:
             frame = json.loads(raw)
             if frame.get("type") == "agent_presence":
-                got[i].append(frame.get("presence") or frame.get("status"))
-                if sum(1 for g in got if len(g) >= need["n"]) == sockets:
-                    arrived.set()
+                self.got[i].append(frame.get("presence") or frame.get("status"))
+                if len(self.got[i]) == self.need:
+                    self.reached += 1
+                    if self.reached == self.sockets:
+                        self.arrived.set()
 
-    opened: list[Any] = []
-    for start in range(0, sockets, 100):  # in batches: no thundering herd of handshakes
-        opened.extend(
-            await asyncio.gather(*(open_one(i) for i in range(start, min(sockets, start + 100))))
-        )
-    readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(opened)]
-    await asyncio.sleep(0.5)  # the first snapshots are in
-    times = []
-    try:
-        for n in range(1, count + 1):
-            arrived.clear()
-            need["n"] = n
-            started = time.perf_counter()
-            await trigger(n)
-            await asyncio.wait_for(arrived.wait(), 120)
-            times.append(time.perf_counter() - started)
-    finally:
-        for task in readers:
+    async def open(self) -> None:
+        for start in range(0, self.sockets, 100):  # in batches: no thundering herd
+            batch = min(100, self.sockets - start)
+            self.opened.extend(await asyncio.gather(*(self._open_one() for _ in range(batch))))
+        self.readers = [asyncio.create_task(self._read(i, ws)) for i, ws in enumerate(self.opened)]
+
+    async def round(self) -> float:
+        self.rounds += 1
+        n = self.rounds
+        self.arrived.clear()
+        self.need = n
+        self.reached = sum(1 for g in self.got if len(g) >= n)  # normally 0
+        started = time.perf_counter()
+        await self.trigger(n)
+        await asyncio.wait_for(self.arrived.wait(), 120)
+        return time.perf_counter() - started
+
+    async def close(self) -> int:
+        for task in self.readers:
             task.cancel()
-        await asyncio.gather(*(ws.close() for ws in opened), return_exceptions=True)
-    wrong = sum(abs(len(g) - count) for g in got)
-    return times, wrong
+        await asyncio.gather(*(ws.close() for ws in self.opened), return_exceptions=True)
+        return sum(abs(len(g) - self.rounds) for g in self.got)
 
 
-def measure_baseline(sockets: int, count: int) -> tuple[list[float], int]:
+async def interleaved(
+    baseline: str, omniroute: str, token: str, agent_id: int, sockets: int, count: int
+) -> dict[str, tuple[list[float], int]]:
+    """Both servers' feeds open at once; the rounds alternate between them (which one goes
+    first alternates too), so a machine that speeds up or slows down during the run moves
+    both sides alike."""
     import httpx
 
-    proc, port = spawn_baseline(__file__)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with (
+        httpx.AsyncClient(base_url=baseline, timeout=60) as raw_client,
+        httpx.AsyncClient(
+            base_url=omniroute, timeout=60, headers={"authorization": f"Bearer {token}"}
+        ) as client,
+    ):
 
-        async def run() -> tuple[list[float], int]:
-            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        async def raw_trigger(n: int) -> None:
+            await raw_client.post("/broadcast", json={"presence": "away" if n % 2 else "online"})
 
-                async def trigger(n: int) -> None:
-                    await client.post(
-                        "/broadcast", json={"presence": "away" if n % 2 else "online"}
-                    )
+        async def trigger(n: int) -> None:
+            status = "away" if n % 2 else "online"
+            response = await client.post(f"/api/agents/{agent_id}/status", json={"status": status})
+            response.raise_for_status()
 
-                return await rounds(base, sockets, count, trigger, None)
+        feeds = {
+            "baseline": Feeds(baseline, sockets, raw_trigger, None),
+            "omniroute": Feeds(omniroute, sockets, trigger, token),
+        }
+        times: dict[str, list[float]] = {name: [] for name in feeds}
+        try:
+            for feed in feeds.values():
+                await feed.open()
+            await asyncio.sleep(0.5)  # the first snapshots are in
+            for n in range(count):
+                order = list(feeds) if n % 2 == 0 else list(reversed(feeds))
+                for name in order:
+                    times[name].append(await feeds[name].round())
+        finally:
+            wrong = {name: await feed.close() for name, feed in feeds.items()}
+        return {name: (times[name], wrong[name]) for name in feeds}
 
-        return asyncio.run(run())
-    finally:
-        stop(proc)
 
-
-def measure_omniroute(sockets: int, count: int) -> tuple[list[float], int]:
-    import httpx
-
+def measure(sizes: tuple[int, ...], count: int) -> dict[int, dict[str, tuple[list[float], int]]]:
     directory = Path(tempfile.mkdtemp(prefix="omniroute-b3-"))
-    proc, base, token, agent_id = start_omniroute(directory)
+    raw_proc, port = spawn_baseline(__file__)
+    proc = None
     try:
-
-        async def run() -> tuple[list[float], int]:
-            headers = {"authorization": f"Bearer {token}"}
-            async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers) as client:
-
-                async def trigger(n: int) -> None:
-                    status = "away" if n % 2 else "online"
-                    response = await client.post(
-                        f"/api/agents/{agent_id}/status", json={"status": status}
-                    )
-                    response.raise_for_status()
-
-                return await rounds(base, sockets, count, trigger, token)
-
-        return asyncio.run(run())
+        proc, base, token, agent_id = start_omniroute(directory)
+        return {
+            size: asyncio.run(
+                interleaved(f"http://127.0.0.1:{port}", base, token, agent_id, size, count)
+            )
+            for size in sizes
+        }
     finally:
+        stop(raw_proc)
         stop(proc)
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -218,13 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = (20,) if args.smoke else (100, 1000)
     count = 3 if args.smoke else args.rounds
-    print(f"B3 fan-out of one supervisor event; {count} rounds each")
+    print(f"B3 fan-out of one supervisor event; {count} rounds each, alternating")
     print(f"{'sockets':>8}{'run':>11}{'median ms':>11}{'deliveries/s':>14}{'wrong':>7}")
     ok = True
-    for size in sizes:
+    for size, runs in measure(sizes, count).items():
         figures = {}
-        for name, measure in (("baseline", measure_baseline), ("omniroute", measure_omniroute)):
-            times, wrong = measure(size, count)
+        for name, (times, wrong) in runs.items():
             median = statistics.median(times)
             figures[name] = size / median
             ok = ok and wrong == 0

@@ -3,9 +3,27 @@ clients render it as text, never as HTML."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["iso", "message_payload", "visitor_payload"]
+__all__ = ["iso", "message_payload", "shared_frame_text", "visitor_payload"]
+
+_last_frame: tuple[dict[str, Any], str] | None = None
+
+
+def shared_frame_text(frame: dict[str, Any]) -> str:
+    """The JSON text of a frame that many sockets send in turn (one supervisors' event goes
+    to every supervisor's socket): the last frame's text is kept, so a fan-out encodes it
+    once. The bus hands the same dict to every subscriber and nothing changes it after
+    publishing, so the same object means the same text; the dict is held, so its id is not
+    reused while it is the key. Event-loop use only."""
+    global _last_frame
+    last = _last_frame
+    if last is not None and last[0] is frame:
+        return last[1]
+    text = json.dumps(frame, default=str)
+    _last_frame = (frame, text)
+    return text
 
 
 def iso(value: Any) -> str | None:

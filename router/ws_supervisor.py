@@ -31,6 +31,7 @@ from router.exceptions import Forbidden, OmnirouteError, Unauthorized
 from router.hub import Session
 from router.models import Conversation
 from router.runtime import Runtime
+from router.serialize import shared_frame_text
 from router.sessions import hello_principal
 from router.types import OPEN_STATES, Role
 
@@ -126,7 +127,7 @@ async def _supervisor_socket(ws: WebSocket) -> None:
 
     async def send(frame: dict[str, Any]) -> None:
         async with lock:
-            await ws.send_text(json.dumps(frame, default=str))
+            await ws.send_text(shared_frame_text(frame))
 
     try:
         hello = json.loads(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT))

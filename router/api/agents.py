@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from router.agents import parse_capacity, parse_skills, update_agent
 from router.api.deps import get_runtime, require
@@ -21,21 +21,27 @@ from router.ws_agent import agent_state
 router = APIRouter(prefix="/api/agents", tags=["agents"])
 
 
+_AGENTS = (
+    select(Agent, User.name.label("user_name"))
+    .join(User, User.id == Agent.user_id)
+    .order_by(Agent.id)
+)
+_ONE_AGENT = _AGENTS.where(Agent.id == bindparam("agent_id"))
+_SKILLS_OF = select(AgentSkill).where(AgentSkill.agent_id.in_(bindparam("ids", expanding=True)))
+_LOADS_OF = select(AgentLoad).where(AgentLoad.agent_id.in_(bindparam("ids", expanding=True)))
+
+
 def agents_view(conn: Connection, agent_id: int | None = None) -> list[dict[str, Any]]:
-    query = (
-        select(Agent, User.name.label("user_name"))
-        .join(User, User.id == Agent.user_id)
-        .order_by(Agent.id)
-    )
-    if agent_id is not None:
-        query = query.where(Agent.id == agent_id)
-    rows = conn.execute(query).all()
+    if agent_id is None:
+        rows = conn.execute(_AGENTS).all()
+    else:
+        rows = conn.execute(_ONE_AGENT, {"agent_id": agent_id}).all()
     ids = [r.id for r in rows]
     skills: dict[int, dict[str, int]] = {}
-    for s in conn.execute(select(AgentSkill).where(AgentSkill.agent_id.in_(ids))):
+    for s in conn.execute(_SKILLS_OF, {"ids": ids}):
         skills.setdefault(s.agent_id, {})[s.skill] = s.level
     load: dict[int, dict[str, dict[str, int]]] = {}
-    for row in conn.execute(select(AgentLoad).where(AgentLoad.agent_id.in_(ids))):
+    for row in conn.execute(_LOADS_OF, {"ids": ids}):
         load.setdefault(row.agent_id, {})[row.channel] = {"used": row.used, "cap": row.cap}
     return [
         {
@@ -96,8 +102,14 @@ async def set_status(
     runtime: Runtime = Depends(get_runtime),
     user: Principal = Depends(require(Role.SUPERVISOR)),
 ) -> dict[str, Any]:
-    await runtime.assignment.set_status(agent_id, change.status, f"set by {user.name}")
-    return (await runtime.db.read(agents_view, agent_id))[0]
+    view = await runtime.assignment.set_status(
+        agent_id,
+        change.status,
+        f"set by {user.name}",
+        then=lambda tx: agents_view(tx.conn, agent_id),
+    )
+    assert view is not None
+    return view[0]
 
 
 class AgentPatch(BaseModel):

@@ -14,9 +14,15 @@ from router.types import Role
 __all__ = ["get_runtime", "my_agent_id", "require"]
 
 
-def get_runtime(request: Request) -> Runtime:
+def _runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    """The app's runtime. Async on purpose: FastAPI runs a plain ``def`` dependency in a
+    worker thread, a thread hop on every request for one attribute read."""
+    return _runtime(request)
 
 
 def bearer(request: Request) -> str | None:
@@ -29,7 +35,7 @@ def require(role: Role) -> Callable[[Request], Awaitable[Principal]]:
     """A dependency that authenticates the caller and checks they have at least ``role``."""
 
     async def dependency(request: Request) -> Principal:
-        runtime = get_runtime(request)
+        runtime = _runtime(request)
         principal = None
         token = bearer(request)
         if token is not None:

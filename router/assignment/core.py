@@ -599,13 +599,27 @@ def expire_offer(tx: Tx, offer_id: int, queues: dict[str, QueueSpec]) -> int | N
     return int(offer.conversation_id)
 
 
+_WITHDRAW = (
+    update(Offer)
+    .where(Offer.agent_id == bindparam("p_agent"), Offer.state == OfferState.PENDING.value)
+    .values(state=OfferState.WITHDRAWN.value, decided_at=bindparam("now"), reason=bindparam("why"))
+    .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
+)
+_PRESENCE_OF = select(Agent.presence).where(Agent.id == bindparam("p_agent"))
+_SET_PRESENCE = {
+    online: update(Agent)
+    .where(Agent.id == bindparam("p_agent"))
+    .values(
+        presence=bindparam("presence"),
+        presence_changed_at=bindparam("now"),
+        **({"missed_offers": 0} if online else {}),
+    )
+    for online in (True, False)
+}
+
+
 def withdraw_offers(tx: Tx, agent_id: int, reason: str) -> list[int]:
-    pending = tx.execute(
-        update(Offer)
-        .where(Offer.agent_id == agent_id, Offer.state == OfferState.PENDING.value)
-        .values(state=OfferState.WITHDRAWN.value, decided_at=tx.now, reason=reason[:64])
-        .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
-    ).all()
+    pending = tx.execute(_WITHDRAW, {"p_agent": agent_id, "now": tx.now, "why": reason[:64]}).all()
     for offer in pending:
         end_offer(tx, offer, OfferState.WITHDRAWN, EventKind.OFFER_WITHDRAWN, reason)
     return [int(o.conversation_id) for o in pending]
@@ -613,17 +627,18 @@ def withdraw_offers(tx: Tx, agent_id: int, reason: str) -> list[int]:
 
 def set_presence(tx: Tx, agent_id: int, presence: AgentPresence, reason: str) -> list[int]:
     """Change presence; going away or offline withdraws pending offers (returned)."""
-    current = tx.execute(select(Agent.presence).where(Agent.id == agent_id)).scalar_one_or_none()
+    current = tx.execute(_PRESENCE_OF, {"p_agent": agent_id}).scalar_one_or_none()
     if current is None:
         raise NotFound(f"no agent {agent_id}")
     withdrawn: list[int] = []
-    if presence != AgentPresence.ONLINE:
+    online = presence == AgentPresence.ONLINE
+    if not online:
         withdrawn = withdraw_offers(tx, agent_id, f"agent {presence.value}")
-    values: dict[str, Any] = {"presence": presence.value, "presence_changed_at": tx.now}
-    if presence == AgentPresence.ONLINE:
-        values["missed_offers"] = 0
     if current != presence.value:
-        tx.execute(update(Agent).where(Agent.id == agent_id).values(**values))
+        tx.execute(
+            _SET_PRESENCE[online],
+            {"p_agent": agent_id, "presence": presence.value, "now": tx.now},
+        )
         record_status(tx, agent_id, presence.value, reason)
         payload = {"agent_id": agent_id, "presence": presence.value, "reason": reason}
         tx.emit(agent_stream(agent_id), "presence", payload)

@@ -36,6 +36,18 @@ async def test_health_ready_metrics(client: httpx.AsyncClient) -> None:
     )
 
 
+async def test_every_response_carries_the_security_headers(client: httpx.AsyncClient) -> None:
+    for response in (
+        await client.get("/healthz"),
+        await client.get("/api/admin/rules"),  # an error response too
+        await client.get("/widget.js"),
+    ):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert len(response.headers.get_list("x-frame-options")) == 1
+
+
 async def test_roles_are_enforced(runtime: Runtime, client: httpx.AsyncClient) -> None:
     agent = await token_for(runtime, "anna", "agent")
     assert (await client.get("/api/admin/rules")).status_code == 401
