@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 
-from router.db import Tx
+from router.db import Tx, prepared
 from router.exceptions import Conflict, InvalidInput, NotFound
 from router.models import Agent, AgentLoad, AgentSkill, AgentStatusEvent, User, table
 from router.types import CAPACITY_KEYS, CHANNEL_IDS
@@ -189,8 +189,8 @@ def update_agent(
 _SNAPSHOT = select(AgentLoad.channel, AgentLoad.used, AgentLoad.cap).where(
     AgentLoad.agent_id == bindparam("agent")
 )
-_PRESENCE = select(Agent.presence).where(Agent.id == bindparam("agent"))
-_STATUS = insert(table(AgentStatusEvent))
+_PRESENCE = prepared(select(Agent.presence).where(Agent.id == bindparam("agent")))
+_STATUS = prepared(insert(table(AgentStatusEvent)))
 
 
 def load_snapshot(conn: Connection, agent_id: int) -> dict[str, list[int]]:

@@ -31,7 +31,7 @@ import logging
 import queue
 import random
 import threading
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,14 +50,22 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from adapters.clock import Clock, SystemClock
 from router.models import EventStream, StreamEvent, table
 
-__all__ = ["Database", "StreamRecord", "Tx", "insert_ignore", "is_retryable"]
+__all__ = [
+    "Database",
+    "StreamRecord",
+    "Tx",
+    "insert_ignore",
+    "is_retryable",
+    "prepared",
+    "prepared_each",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -162,6 +170,15 @@ class Tx:
         self._after.append(fn)
 
     def execute(self, statement: Any, params: Any = None) -> Any:
+        """``statement`` in this transaction. A statement marked with :func:`prepared` runs
+        straight on SQLite's driver (the writer's hot path); anything else, and every
+        statement on PostgreSQL, through SQLAlchemy."""
+        if self._raw is not None and id(statement) in _PREPARED:
+            given = params if params is not None else {}
+            if type(given) is dict:
+                plan = _plan(statement, self.conn.dialect, given)
+                if plan is not None:
+                    return plan.run(self._raw, given)
         return self.conn.execute(statement, params)
 
     def at_batch_end(self, fn: Callable[[Tx], Any], done: list[Any]) -> None:
@@ -176,19 +193,17 @@ class Tx:
         """Execute an INSERT whose result nobody reads (an append-only log row), with one
         parameter dict or a list of them."""
         rows = params if isinstance(params, list) else [params]
-        if self._raw is None or not rows:
+        if self._raw is None or not rows or id(statement) not in _PREPARED:
             self.conn.execute(statement, params)
             return
-        plan = _raw_plan(statement, self.conn.dialect, rows[0])
+        plan = _plan(statement, self.conn.dialect, rows[0])
         if plan is None:  # the statement needs SQLAlchemy (defaults filled in, say)
             self.conn.execute(statement, params)
             return
-        sql, binds = plan
-        values = [tuple(p(r[k]) if p else r[k] for k, p in binds) for r in rows]
-        if len(values) == 1:
-            self._raw.execute(sql, values[0])
+        if len(rows) == 1:
+            self._raw.execute(plan.sql, plan.values(rows[0]))
         else:
-            self._raw.executemany(sql, values)
+            self._raw.executemany(plan.sql, [plan.values(r) for r in rows])
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -249,7 +264,189 @@ class Tx:
 
 
 _savepoints = itertools.count()
-_RAW_PLANS: dict[tuple[int, frozenset[str]], tuple[str, list[tuple[str, Any]]] | None] = {}
+
+# -- prepared statements: the writer's hot path on SQLite ----------------------------------
+# SQLAlchemy spends several times SQLite's own work on each statement it runs (parameters
+# checked and processed, a cache key, a result object): at the dozen statements a new web
+# chat costs, that was most of the writer's time. A statement built once at import and
+# marked ``prepared`` is compiled once per set of parameter names, then runs on the driver
+# with SQLAlchemy's own bind and result processors, so values are stored and read back
+# exactly as SQLAlchemy would.
+_PREPARED: dict[int, Any] = {}  # id -> the statement, held so that its id is never reused
+_PLANS: dict[tuple[int, frozenset[str]], _Plan | None] = {}
+S = TypeVar("S")
+K = TypeVar("K")
+
+
+def prepared(statement: S) -> S:
+    """Mark a module-level statement for the fast path of ``Tx.execute`` and ``Tx.append``.
+    Only for statements built once: every marked statement is compiled and kept."""
+    _PREPARED[id(statement)] = statement
+    return statement
+
+
+def prepared_each(statements: dict[K, S]) -> dict[K, S]:
+    """:func:`prepared` for each statement of a table of variants."""
+    for statement in statements.values():
+        prepared(statement)
+    return statements
+
+
+# the stream statements above (SQLite numbers and stores a commit's events with them)
+prepared(_BUMP_STREAM)
+prepared(_INSERT_STREAM_EVENT)
+
+
+class _Rows:
+    """The result of a prepared statement: the parts of SQLAlchemy's ``Result`` the callers
+    use, over rows read at once."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+    def all(self) -> list[Any]:
+        return self.rows
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def one_or_none(self) -> Any:
+        if len(self.rows) > 1:
+            raise MultipleResultsFound("multiple rows were found when one or none was required")
+        return self.rows[0] if self.rows else None
+
+    def one(self) -> Any:
+        row = self.one_or_none()
+        if row is None:
+            raise NoResultFound("no row was found when one was required")
+        return row
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalar_one_or_none(self) -> Any:
+        row = self.one_or_none()
+        return row[0] if row is not None else None
+
+
+class _Plan:
+    """One prepared statement compiled for one set of parameter names."""
+
+    __slots__ = ("binds", "processors", "row", "sql")
+
+    def __init__(
+        self,
+        sql: str,
+        binds: list[tuple[str | None, Any, Any]],
+        row: Any,
+        processors: list[Any] | None,
+    ) -> None:
+        self.sql = sql
+        self.binds = binds  # (parameter name or None for a constant, bind processor, constant)
+        self.row = row  # a named-tuple class, or None when the statement returns no rows
+        self.processors = processors  # per column, or None when no column needs one
+
+    def values(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            constant if name is None else (p(params[name]) if p else params[name])
+            for name, p, constant in self.binds
+        )
+
+    def run(self, raw: Any, params: dict[str, Any]) -> _Rows:
+        cursor = raw.execute(self.sql, self.values(params))
+        if self.row is None:
+            return _Rows([], cursor.rowcount)
+        found = cursor.fetchall()
+        make, processors = self.row._make, self.processors
+        if processors is None:
+            rows = [make(r) for r in found]
+        else:
+            rows = [
+                make(p(v) if p else v for p, v in zip(processors, r, strict=True)) for r in found
+            ]
+        return _Rows(rows, cursor.rowcount)
+
+
+def _plan(statement: Any, dialect: Any, params: dict[str, Any]) -> _Plan | None:
+    key = (id(statement), frozenset(params))
+    try:
+        return _PLANS[key]
+    except KeyError:
+        pass
+    plan = _compile_plan(statement, dialect, params)
+    if plan is None:  # once per statement and parameter names: it works, only slower
+        log.info("a prepared statement runs through SQLAlchemy: %s", str(statement)[:200])
+    _PLANS[key] = plan
+    return plan
+
+
+def _compile_plan(statement: Any, dialect: Any, params: dict[str, Any]) -> _Plan | None:
+    """None when the statement needs SQLAlchemy at run time: a Python-side column default
+    to fill in, an expanding ``IN``, a parameter that was not given, a result column whose
+    name cannot be an attribute."""
+    compiled = statement.compile(dialect=dialect, column_keys=list(params))
+    if (
+        "POSTCOMPILE" in compiled.string
+        or compiled.insert_prefetch
+        or compiled.update_prefetch
+        or compiled.positiontup is None
+    ):
+        return None
+    processors = compiled._bind_processors
+    binds: list[tuple[str | None, Any, Any]] = []
+    for name in compiled.positiontup:
+        if name in params:
+            binds.append((name, processors.get(name), None))
+            continue
+        bind = compiled.binds.get(name)
+        if bind is None or bind.callable is not None or bind.required:
+            return None
+        process = processors.get(name)
+        binds.append((None, None, process(bind.value) if process else bind.value))
+    row = None
+    column_processors: list[Any] | None = None
+    if compiled._result_columns:
+        names = [entry[0] for entry in compiled._result_columns]
+        if len(set(names)) != len(names) or not all(
+            n.isidentifier() and not n.startswith("_") for n in names
+        ):
+            return None
+        row = _row_class(tuple(names))
+        column_processors = [
+            entry[3]._cached_result_processor(dialect, None) for entry in compiled._result_columns
+        ]
+        if not any(column_processors):
+            column_processors = None
+    return _Plan(compiled.string, binds, row, column_processors)
+
+
+_ROW_CLASSES: dict[tuple[str, ...], Any] = {}
+
+
+def _row_class(names: tuple[str, ...]) -> Any:
+    """A named tuple per column list: rows read by attribute, index or unpacking, like
+    SQLAlchemy's, and ``_mapping`` for the rare caller that wants a dict."""
+    if names not in _ROW_CLASSES:
+        base = namedtuple("Row", list(names))  # type: ignore[misc]
+
+        class Row(base):
+            __slots__ = ()
+
+            @property
+            def _mapping(self) -> dict[str, Any]:
+                return dict(zip(self._fields, self, strict=True))
+
+        _ROW_CLASSES[names] = Row
+    return _ROW_CLASSES[names]
 
 
 @contextlib.contextmanager
@@ -299,25 +496,6 @@ def _run_batch_end(conn: Connection, now: datetime, txs: list[Tx]) -> None:
             done.append(result)
         owner.records.extend(etx.records)
         owner._after.extend(etx._after)
-
-
-def _raw_plan(
-    statement: Any, dialect: Any, params: dict[str, Any]
-) -> tuple[str, list[tuple[str, Any]]] | None:
-    """``statement`` compiled once for the driver: its SQL and, in order, each parameter's
-    key and SQLAlchemy's bind processor (how a datetime or JSON value is stored), so rows
-    written either way read back alike. None when it needs more than the given values."""
-    key = (id(statement), frozenset(params))
-    if key in _RAW_PLANS:
-        return _RAW_PLANS[key]
-    compiled = statement.compile(dialect=dialect, column_keys=list(params))
-    processors = compiled._bind_processors
-    names = list(compiled.positiontup or [])
-    plan = None
-    if names and all(n in params for n in names) and not compiled.returning:
-        plan = (compiled.string, [(n, processors.get(n)) for n in names])
-    _RAW_PLANS[key] = plan
-    return plan
 
 
 def insert_ignore(conn: Connection, model: Any, values: dict[str, Any]) -> int:

@@ -6,14 +6,14 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from router.db import Tx
+from router.db import Tx, prepared
 from router.models import ConversationEvent, table
 from router.types import Actor, EventKind
 
 __all__ = ["SUPERVISORS", "add_event", "agent_stream", "queue_stream", "visitor_stream"]
 
 SUPERVISORS = "supervisors"
-_INSERT = insert(table(ConversationEvent))
+_INSERT = prepared(insert(table(ConversationEvent)))
 
 
 def agent_stream(agent_id: int) -> str:

@@ -37,7 +37,7 @@ from router.assignment.capacity import claim, holds_while_waiting
 from router.assignment.flow import reserve, sticky_wait
 from router.assignment.timers import CLOSE, clear_timers, current_ruleset
 from router.csat import answer_of, record_score
-from router.db import Database, Tx, is_retryable
+from router.db import Database, Tx, is_retryable, prepared, prepared_each
 from router.events import add_event, agent_stream
 from router.failpoints import failpoint
 from router.models import (
@@ -112,47 +112,59 @@ _messages, _conversations, _contacts, _identities, _hints = (
     table(ContactIdentity),
     table(ContactHint),
 )
-_SEEN = select(_messages.c.id, _messages.c.conversation_id).where(
-    _messages.c.inbox_id == bindparam("inbox"), _messages.c.external_id == bindparam("external")
+_SEEN = prepared(
+    select(_messages.c.id, _messages.c.conversation_id).where(
+        _messages.c.inbox_id == bindparam("inbox"), _messages.c.external_id == bindparam("external")
+    )
 )
-_IDENTITY = select(_identities.c.id, _identities.c.contact_id).where(
-    _identities.c.kind == bindparam("kind"),
-    _identities.c.address == bindparam("address"),
-    _identities.c.verified == bindparam("verified"),
+_IDENTITY = prepared(
+    select(_identities.c.id, _identities.c.contact_id).where(
+        _identities.c.kind == bindparam("kind"),
+        _identities.c.address == bindparam("address"),
+        _identities.c.verified == bindparam("verified"),
+    )
 )
-_NEW_CONTACT = insert(_contacts).returning(_contacts.c.id)
+_NEW_CONTACT = prepared(insert(_contacts).returning(_contacts.c.id))
 _DROP_CONTACT = delete(_contacts).where(_contacts.c.id == bindparam("p_id"))
-_NEW_IDENTITY = {
-    "sqlite": sqlite_insert(_identities).on_conflict_do_nothing().returning(_identities.c.id),
-    "postgresql": pg_insert(_identities).on_conflict_do_nothing().returning(_identities.c.id),
-}
-_LOCK_CONTACT = (
+_NEW_IDENTITY = prepared_each(
+    {
+        "sqlite": sqlite_insert(_identities).on_conflict_do_nothing().returning(_identities.c.id),
+        "postgresql": pg_insert(_identities).on_conflict_do_nothing().returning(_identities.c.id),
+    }
+)
+_LOCK_CONTACT = prepared(
     select(_contacts.c.merged_into_id)
     .where(_contacts.c.id == bindparam("p_id"))
     .with_for_update(key_share=True)
 )
 _OPEN = [s.value for s in OPEN_STATES]
-_PICK = {
-    (scope, kind): select(_conversations)
-    .where(
-        _conversations.c.contact_id == bindparam("contact"),
-        *([_conversations.c.state.in_(_OPEN)] if kind == "open" else []),
-        *([_conversations.c.inbox_id == bindparam("inbox")] if scope == "per_channel" else []),
-    )
-    .order_by(_conversations.c.id.desc())
-    .limit(1)
-    for scope in ("join_open", "per_channel")
-    for kind in ("open", "last")
-}
-_CONTACT_LANGUAGE = select(_contacts.c.language).where(_contacts.c.id == bindparam("p_id"))
-_NEW_CONVERSATION = insert(_conversations).returning(_conversations.c.id)
-_NEW_MESSAGE = insert(_messages).returning(_messages.c.id)
-_HINT_KNOWN = select(_hints.c.id).where(
-    _hints.c.contact_id == bindparam("contact"),
-    _hints.c.kind == bindparam("kind"),
-    _hints.c.value == bindparam("value"),
+_PICK = prepared_each(
+    {
+        (scope, kind): select(_conversations)
+        .where(
+            _conversations.c.contact_id == bindparam("contact"),
+            *([_conversations.c.state.in_(_OPEN)] if kind == "open" else []),
+            *([_conversations.c.inbox_id == bindparam("inbox")] if scope == "per_channel" else []),
+        )
+        .order_by(_conversations.c.id.desc())
+        .limit(1)
+        for scope in ("join_open", "per_channel")
+        for kind in ("open", "last")
+    }
 )
-_NEW_HINT = insert(_hints)
+_CONTACT_LANGUAGE = prepared(
+    select(_contacts.c.language).where(_contacts.c.id == bindparam("p_id"))
+)
+_NEW_CONVERSATION = prepared(insert(_conversations).returning(_conversations.c.id))
+_NEW_MESSAGE = prepared(insert(_messages).returning(_messages.c.id))
+_HINT_KNOWN = prepared(
+    select(_hints.c.id).where(
+        _hints.c.contact_id == bindparam("contact"),
+        _hints.c.kind == bindparam("kind"),
+        _hints.c.value == bindparam("value"),
+    )
+)
+_NEW_HINT = prepared(insert(_hints))
 
 
 def _lock_contact(tx: Tx, contact_id: int) -> int:
@@ -244,7 +256,7 @@ _BY_THREAD_ID = (
     .order_by(_messages.c.id.desc())
     .limit(1)
 )
-_CONVERSATION = select(_conversations).where(_conversations.c.id == bindparam("cid"))
+_CONVERSATION = prepared(select(_conversations).where(_conversations.c.id == bindparam("cid")))
 _LAST_RECIPIENTS = (
     select(_messages.c.data)
     .where(
@@ -445,6 +457,10 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
                     "previous_id": previous,
                     "first_inbound_at": now,
                     "last_inbound_at": now,
+                    # the columns' defaults, given: a prepared statement takes every value
+                    "auto_reply_sent": False,
+                    "overflow_step": 0,
+                    "sla_resolution_used_s": 0.0,
                     "data": {
                         k: v
                         for k, v in (

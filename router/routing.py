@@ -18,7 +18,7 @@ from sqlalchemy import Connection, and_, bindparam, case, func, insert, select, 
 
 from router.assignment import flow, sla
 from router.csat import last_score
-from router.db import Tx
+from router.db import Tx, prepared
 from router.events import add_event
 from router.models import (
     Agent,
@@ -71,12 +71,12 @@ _CONVERSATION = (
     .join(Contact, Contact.id == Conversation.contact_id)
     .join(Inbox, Inbox.id == Conversation.inbox_id)
 )
-_NEW = (
+_NEW = prepared(
     _CONVERSATION.where(Conversation.state == ConversationState.NEW.value)
     .order_by(Conversation.id)
     .limit(bindparam("limit"))
 )
-_ONE = _CONVERSATION.where(Conversation.id == bindparam("cid"))
+_ONE = prepared(_CONVERSATION.where(Conversation.id == bindparam("cid")))
 _FIRST_IN = select(Message.conversation_id, Message.text, Message.subject, Message.data).where(
     Message.id.in_(
         select(func.min(Message.id))
@@ -86,8 +86,10 @@ _FIRST_IN = select(Message.conversation_id, Message.text, Message.subject, Messa
         .group_by(Message.conversation_id)
     )
 )
-_BY_EXTERNAL = select(Message.text, Message.subject, Message.data).where(
-    Message.conversation_id == bindparam("cid"), Message.external_id == bindparam("external")
+_BY_EXTERNAL = prepared(
+    select(Message.text, Message.subject, Message.data).where(
+        Message.conversation_id == bindparam("cid"), Message.external_id == bindparam("external")
+    )
 )
 _EMAILS = (
     select(ContactIdentity.contact_id, func.min(ContactIdentity.address))
@@ -98,8 +100,8 @@ _EMAILS = (
     )
     .group_by(ContactIdentity.contact_id)
 )
-_DECISION = insert(table(RoutingDecision)).returning(table(RoutingDecision).c.id)
-_ROUTED = (
+_DECISION = prepared(insert(table(RoutingDecision)).returning(table(RoutingDecision).c.id))
+_ROUTED = prepared(
     update(table(Conversation))
     .where(
         table(Conversation).c.id == bindparam("cid"),

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import bindparam, update
 
 from router.agents import record_status
-from router.db import Tx
+from router.db import Tx, prepared
 from router.models import Agent, AgentLoad, table
 
 __all__ = ["LIVE_CHANNELS", "CapacityFull", "claim", "holds_while_waiting", "release", "take"]
@@ -30,14 +30,14 @@ def holds_while_waiting(channel: str) -> bool:
 _load = table(AgentLoad)
 _KEY = (_load.c.agent_id == bindparam("p_agent"), _load.c.channel == bindparam("p_channel"))
 _AFTER = (_load.c.used, _load.c.cap)
-_TAKE = (
+_TAKE = prepared(
     update(_load)
     .where(*_KEY, _load.c.used < _load.c.cap)
     .values(used=_load.c.used + 1)
     .returning(*_AFTER)
 )
-_TAKE_FORCED = update(_load).where(*_KEY).values(used=_load.c.used + 1).returning(*_AFTER)
-_GIVE = (
+_TAKE_FORCED = prepared(update(_load).where(*_KEY).values(used=_load.c.used + 1).returning(*_AFTER))
+_GIVE = prepared(
     update(_load).where(*_KEY, _load.c.used > 0).values(used=_load.c.used - 1).returning(*_AFTER)
 )
 

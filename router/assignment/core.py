@@ -37,7 +37,7 @@ from router.assignment import flow
 from router.assignment.capacity import CapacityFull, claim, release, take
 from router.assignment.timers import PREFERRED, clear_timers, current_ruleset
 from router.csat import send_survey
-from router.db import Tx
+from router.db import Tx, prepared, prepared_each
 from router.events import SUPERVISORS, add_event, agent_stream
 from router.exceptions import CapacityExceeded, Conflict, NotFound
 from router.models import (
@@ -116,7 +116,7 @@ def strategy_rank(
 
 
 def candidate_agents(
-    conn: Connection,
+    conn: Connection | Tx,
     conversation: Any,
     spec: QueueSpec,
     *,
@@ -223,8 +223,8 @@ _SUMMARY_COLUMNS = _summary_columns(Conversation.id, Conversation.contact_id)
 _RETURNING_SUMMARY = _summary_columns(
     literal_column("conversations.id"), literal_column("conversations.contact_id")
 )
-_SUMMARY = select(*_SUMMARY_COLUMNS).where(Conversation.id == bindparam("cid"))
-_ROTATE = (
+_SUMMARY = prepared(select(*_SUMMARY_COLUMNS).where(Conversation.id == bindparam("cid")))
+_ROTATE = prepared(
     update(table(Agent))
     .where(table(Agent).c.id == bindparam("p_agent"))
     .values(rr_position=select(func.coalesce(func.max(Agent.rr_position), 0) + 1).scalar_subquery())
@@ -254,21 +254,23 @@ def _summary(row: Any) -> dict[str, Any]:
 
 
 # queued -> offered/assigned, returning the summary the agent is sent (one round trip)
-_MOVE_QUEUED = {
-    target: update(Conversation)
-    .where(
-        Conversation.id == bindparam("cid"),
-        Conversation.state == S.QUEUED.value,
-    )
-    .values(
-        state=target.value,
-        updated_at=bindparam("now"),
-        **({"assigned_agent_id": bindparam("p_agent")} if target == S.ASSIGNED else {}),
-    )
-    .returning(*_RETURNING_SUMMARY)
-    for target in (S.OFFERED, S.ASSIGNED)
-}
-_NEW_OFFER = insert(table(Offer)).returning(table(Offer).c.id)
+_MOVE_QUEUED = prepared_each(
+    {
+        target: update(Conversation)
+        .where(
+            Conversation.id == bindparam("cid"),
+            Conversation.state == S.QUEUED.value,
+        )
+        .values(
+            state=target.value,
+            updated_at=bindparam("now"),
+            **({"assigned_agent_id": bindparam("p_agent")} if target == S.ASSIGNED else {}),
+        )
+        .returning(*_RETURNING_SUMMARY)
+        for target in (S.OFFERED, S.ASSIGNED)
+    }
+)
+_NEW_OFFER = prepared(insert(table(Offer)).returning(table(Offer).c.id))
 
 
 # offers that still hold the agent's capacity and end by a decision or their expiry
@@ -599,23 +601,25 @@ def expire_offer(tx: Tx, offer_id: int, queues: dict[str, QueueSpec]) -> int | N
     return int(offer.conversation_id)
 
 
-_WITHDRAW = (
+_WITHDRAW = prepared(
     update(Offer)
     .where(Offer.agent_id == bindparam("p_agent"), Offer.state == OfferState.PENDING.value)
     .values(state=OfferState.WITHDRAWN.value, decided_at=bindparam("now"), reason=bindparam("why"))
     .returning(Offer.id, Offer.conversation_id, Offer.agent_id, Offer.channel)
 )
-_PRESENCE_OF = select(Agent.presence).where(Agent.id == bindparam("p_agent"))
-_SET_PRESENCE = {
-    online: update(Agent)
-    .where(Agent.id == bindparam("p_agent"))
-    .values(
-        presence=bindparam("presence"),
-        presence_changed_at=bindparam("now"),
-        **({"missed_offers": 0} if online else {}),
-    )
-    for online in (True, False)
-}
+_PRESENCE_OF = prepared(select(Agent.presence).where(Agent.id == bindparam("p_agent")))
+_SET_PRESENCE = prepared_each(
+    {
+        online: update(Agent)
+        .where(Agent.id == bindparam("p_agent"))
+        .values(
+            presence=bindparam("presence"),
+            presence_changed_at=bindparam("now"),
+            **({"missed_offers": 0} if online else {}),
+        )
+        for online in (True, False)
+    }
+)
 
 
 def withdraw_offers(tx: Tx, agent_id: int, reason: str) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, bindparam, delete, select, update
 
 from router.assignment import sla
 from router.assignment.capacity import holds_while_waiting, release
@@ -24,7 +24,7 @@ from router.assignment.timers import (
     set_timer,
     take_timer,
 )
-from router.db import Tx
+from router.db import Tx, prepared
 from router.events import add_event, agent_stream, queue_stream
 from router.exceptions import Conflict, InvalidInput, NotFound
 from router.models import Agent, AgentConnection, Conversation, Inbox, Timer, table
@@ -91,6 +91,13 @@ def _plan(spec: QueueSpec, plan: str) -> tuple[OverflowStep, ...]:
     return spec.after_hours_overflow if plan == "after_hours" else spec.overflow
 
 
+_ENTERED = prepared(
+    update(Conversation)
+    .where(Conversation.id == bindparam("cid"))
+    .values(queue_entered_at=bindparam("now"), overflow_step=0, data=bindparam("data"))
+)
+
+
 def enter_queue(
     tx: Tx,
     conversation_id: int,
@@ -131,11 +138,7 @@ def enter_queue(
             )
             data["after_hours_replied"] = True
     data["overflow_plan"] = plan
-    tx.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id)
-        .values(queue_entered_at=tx.now, overflow_step=0, data=data)
-    )
+    tx.execute(_ENTERED, {"cid": conversation_id, "now": tx.now, "data": data})
     steps = _plan(spec, plan)
     if not steps:
         if row.queue_entered_at is not None:  # it was in a queue before: its step may be armed

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, String, and_, bindparam, cast, func, select
 from sqlalchemy.orm import aliased
 
 from router.assignment.core import candidate_agents, strategy_rank, try_offer
-from router.db import Tx
+from router.db import Tx, prepared
 from router.models import Agent, AgentLoad, AgentSkill, Conversation, Offer, User
 from router.types import AgentPresence, ConversationState, OfferState
 from routing_rules import QueueSpec
@@ -33,6 +33,7 @@ from routing_rules import QueueSpec
 __all__ = ["dispatch_batch", "eligibility", "plan_batch"]
 
 BATCH = 500
+Reads = Connection | Tx  # a read's connection (plan_batch) or the writer's transaction
 SMALL = 32  # at most this many waiting: per-conversation indexed candidate queries
 
 _WAITING = (
@@ -101,6 +102,9 @@ _BUSY_SLICE = (
     .order_by(Agent.idle_since, Agent.id)
     .limit(bindparam("n"))
 )
+# the dispatch runs it in the writer's transaction on SQLite (router.db.prepared); the agent
+# slices cannot be: aggregate_strings renders its separator when executed
+prepared(_WAITING)
 _DECLINED = select(Offer.conversation_id, Offer.agent_id).where(
     Offer.conversation_id.in_(bindparam("ids", expanding=True)),
     Offer.state.in_([OfferState.REJECTED.value, OfferState.EXPIRED.value]),
@@ -162,7 +166,7 @@ class _Candidate:
             self.rr_position = 1 << 62  # rotated to the back (the database holds the real value)
 
 
-def _pool(conn: Connection, limit: int | None = None) -> list[_Candidate]:
+def _pool(conn: Reads, limit: int | None = None) -> list[_Candidate]:
     """Agents who could take something: all of them, or the ``limit`` longest idle (an
     index walk, so a run with few waiting does not read thousands of agents)."""
     if limit is None:
@@ -191,7 +195,7 @@ def _pool(conn: Connection, limit: int | None = None) -> list[_Candidate]:
     return sorted(agents, key=_Candidate.idle_key)
 
 
-def _declined(conn: Connection, ids: Iterable[int]) -> set[tuple[int, int]]:
+def _declined(conn: Reads, ids: Iterable[int]) -> set[tuple[int, int]]:
     return {
         (int(r.conversation_id), int(r.agent_id))
         for r in conn.execute(_DECLINED, {"ids": list(ids)})
@@ -264,7 +268,7 @@ def _pick(
 Attempt = Callable[[Any, int, QueueSpec], bool]
 
 
-def _candidates(conn: Connection, row: Any, ways: Ways, exclude: set[int]) -> list[int]:
+def _candidates(conn: Reads, row: Any, ways: Ways, exclude: set[int]) -> list[int]:
     """Indexed candidate query for one conversation: its preferred agent only while it waits
     for them (whether or not they declined it before), else the best eligible agents (by its
     own queue first, then by queues an overflow step added)."""
@@ -277,7 +281,7 @@ def _candidates(conn: Connection, row: Any, ways: Ways, exclude: set[int]) -> li
     return list(dict.fromkeys(found))
 
 
-def _match(conn: Connection, queues: dict[str, QueueSpec], limit: int, attempt: Attempt) -> int:
+def _match(conn: Reads, queues: dict[str, QueueSpec], limit: int, attempt: Attempt) -> int:
     """Match waiting conversations to agents in queue order and call ``attempt`` for each
     match (it returns whether an offer was made). Two passes: first nobody is offered a
     conversation they declined before; then, for what is still waiting and was declined,
@@ -364,7 +368,7 @@ def dispatch_batch(
             made.append(result)
         return result is not None
 
-    _match(tx.conn, queues, limit, attempt)
+    _match(tx, queues, limit, attempt)  # the writer's prepared statements on SQLite
     return made
 
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from router.assignment.timers import (
     FRT_BREACH,
@@ -27,7 +27,7 @@ from router.assignment.timers import (
     clear_timers,
     replace_timers,
 )
-from router.db import Tx
+from router.db import Tx, prepared
 from router.events import SUPERVISORS, add_event, agent_stream, queue_stream
 from router.models import Conversation
 from router.types import ConversationState, EventKind
@@ -109,6 +109,17 @@ def _has_timers(c: Any) -> bool:
     return c.sla_first_response_due_at is not None or c.sla_resolution_due_at is not None
 
 
+_SET_DUE = prepared(
+    update(Conversation)
+    .where(Conversation.id == bindparam("cid"))
+    .values(
+        sla_first_response_due_at=bindparam("sla_first_response_due_at"),
+        sla_resolution_due_at=bindparam("sla_resolution_due_at"),
+        sla_due_at=bindparam("sla_due_at"),
+    )
+)
+
+
 def arm(tx: Tx, c: Any, ruleset: Ruleset, queue: str) -> None:
     """(Re)compute the due times of conversation ``c`` (its current row) for ``queue``'s SLA
     and arm the timers not yet fired."""
@@ -148,7 +159,7 @@ def arm(tx: Tx, c: Any, ruleset: Ruleset, queue: str) -> None:
         "sla_due_at": _earliest(frt_due, res_due),
     }
     if any(getattr(c, k) != v for k, v in values.items()):
-        tx.execute(update(Conversation).where(Conversation.id == c.id).values(**values))
+        tx.execute(_SET_DUE, {"cid": c.id, **values})
 
 
 def fire(tx: Tx, conversation: Any, kind: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, select
 
-from router.db import Tx
+from router.db import Tx, prepared
 from router.models import Timer, table
 from routing_rules import Ruleset
 
@@ -40,6 +40,9 @@ RES_WARNING, RES_BREACH = "sla_resolution_warning", "sla_resolution_breach"
 SLA_TIMERS = (FRT_WARNING, FRT_BREACH, RES_WARNING, RES_BREACH)
 
 _timers = table(Timer)
+_NEW_TIMER = prepared(_timers.insert())
+_CLEAR_ALL = prepared(delete(_timers).where(_timers.c.conversation_id == bindparam("cid")))
+_CLEAR_KINDS = _CLEAR_ALL.where(_timers.c.kind.in_(bindparam("kinds", expanding=True)))
 
 
 def active_ruleset(context: Mapping[str, Any]) -> Ruleset | None:
@@ -59,10 +62,9 @@ def set_timer(
 ) -> None:
     """Arm (or re-arm) the conversation's timer of this kind."""
     clear_timers(tx, conversation_id, kind)
-    tx.execute(
-        _timers.insert().values(
-            conversation_id=conversation_id, kind=kind, due_at=due, data=data or {}
-        )
+    tx.append(
+        _NEW_TIMER,
+        {"conversation_id": conversation_id, "kind": kind, "due_at": due, "data": data or {}},
     )
 
 
@@ -77,8 +79,8 @@ def replace_timers(
     if kinds:
         clear_timers(tx, conversation_id, *kinds)
     if timers:
-        tx.execute(
-            _timers.insert(),
+        tx.append(
+            _NEW_TIMER,
             [
                 {"conversation_id": conversation_id, "kind": k, "due_at": due, "data": data}
                 for k, due, data in timers
@@ -88,10 +90,10 @@ def replace_timers(
 
 def clear_timers(tx: Tx, conversation_id: int, *kinds: str) -> None:
     """Clear the conversation's timers of ``kinds`` (all of them when none is named)."""
-    query = delete(_timers).where(_timers.c.conversation_id == conversation_id)
     if kinds:
-        query = query.where(_timers.c.kind.in_(kinds))
-    tx.execute(query)
+        tx.execute(_CLEAR_KINDS, {"cid": conversation_id, "kinds": list(kinds)})
+    else:
+        tx.execute(_CLEAR_ALL, {"cid": conversation_id})
 
 
 def due_timers(conn: Connection, now: datetime, limit: int = 500) -> list[int]:

@@ -1,0 +1,124 @@
+"""Prepared statements (``router.db.prepared``): on SQLite the writer runs them on the driver;
+what they store and return must be exactly what SQLAlchemy stores and returns."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound
+
+from router.agents import create_agent, parse_capacity
+from router.auth import create_user
+from router.db import _PLANS, Tx, prepared
+from router.models import Agent, Offer, StreamEvent, table
+from router.runtime import Runtime
+from router.types import OfferState
+
+_events = table(StreamEvent)
+_NEW_EVENT = prepared(insert(_events).returning(_events.c.id))
+_EVENT = prepared(
+    select(_events.c.id, _events.c.payload, _events.c.at).where(_events.c.id == bindparam("id"))
+)
+_EVENTS_AFTER = prepared(
+    select(_events.c.id).where(_events.c.id > bindparam("id")).order_by(_events.c.id)
+)
+# a constant in the statement (the state) besides the given parameters
+_PENDING_OF = prepared(
+    select(Offer.id).where(
+        Offer.agent_id == bindparam("agent"), Offer.state == OfferState.PENDING.value
+    )
+)
+_RENAME = prepared(
+    update(Agent).where(Agent.id == bindparam("agent")).values(display_name=bindparam("name"))
+)
+_SAME_NOT_PREPARED = select(_events.c.id, _events.c.payload, _events.c.at).where(
+    _events.c.id == bindparam("id")
+)
+# an expanding IN cannot be compiled once: it runs through SQLAlchemy
+_SOME = prepared(select(_events.c.id).where(_events.c.id.in_(bindparam("ids", expanding=True))))
+
+
+async def _agent(runtime: Runtime) -> int:
+    def add(tx: Tx) -> int:
+        user_id, _ = create_user(tx, "anna", "agent")
+        return create_agent(tx, user_id, "Anna", {}, parse_capacity("webchat=2"))
+
+    return int(await runtime.db.write(add))
+
+
+async def test_rows_read_back_exactly_as_through_sqlalchemy(runtime: Runtime) -> None:
+    at = datetime(2026, 11, 26, 8, 30, 15, 123456, tzinfo=UTC)
+    facts: dict[str, Any] = {"message": {"text": "Grüße"}, "n": 3, "ok": True, "none": None}
+
+    def store(tx: Tx) -> tuple[Any, Any, Any]:
+        params = {"stream": "test", "seq": 1, "at": at, "type": "t", "payload": facts}
+        new_id = tx.execute(_NEW_EVENT, params).scalar_one()
+        fast = tx.execute(_EVENT, {"id": new_id}).one()
+        slow = tx.conn.execute(_SAME_NOT_PREPARED, {"id": new_id}).one()
+        return new_id, fast, slow
+
+    new_id, fast, slow = await runtime.db.write(store)
+    assert tuple(fast) == tuple(slow) == (new_id, facts, at)
+    assert fast.at.tzinfo is not None and fast.payload["message"]["text"] == "Grüße"
+    assert fast._mapping == {"id": new_id, "payload": facts, "at": at}
+    # stored alike: SQLAlchemy reads what the driver wrote
+    assert await runtime.db.read(lambda c: c.execute(_EVENT, {"id": new_id}).one()) == fast
+    if runtime.db.dialect == "sqlite":  # and it was the driver's path
+        assert any(key[0] == id(_EVENT) and plan is not None for key, plan in _PLANS.items())
+
+
+async def test_results_answer_like_sqlalchemys(runtime: Runtime) -> None:
+    agent_id = await _agent(runtime)
+
+    def probe(tx: Tx) -> dict[str, Any]:
+        ids = [
+            tx.execute(
+                _NEW_EVENT, {"stream": "t", "seq": n, "at": tx.now, "type": "t", "payload": {}}
+            ).scalar_one()
+            for n in range(3)
+        ]
+        out: dict[str, Any] = {"ids": ids}
+        out["after"] = [r.id for r in tx.execute(_EVENTS_AFTER, {"id": ids[0]})]
+        out["all"] = [tuple(r) for r in tx.execute(_EVENTS_AFTER, {"id": ids[1]}).all()]
+        out["first"] = tx.execute(_EVENTS_AFTER, {"id": ids[0]}).first().id
+        out["none"] = tx.execute(_EVENTS_AFTER, {"id": ids[2]}).first()
+        out["scalar"] = tx.execute(_EVENTS_AFTER, {"id": ids[2]}).scalar()
+        out["one_or_none"] = tx.execute(_EVENTS_AFTER, {"id": ids[2]}).scalar_one_or_none()
+        with pytest.raises(MultipleResultsFound):
+            tx.execute(_EVENTS_AFTER, {"id": ids[0]}).one()
+        with pytest.raises(NoResultFound):
+            tx.execute(_EVENTS_AFTER, {"id": ids[2]}).scalar_one()
+        out["pending"] = tx.execute(_PENDING_OF, {"agent": agent_id}).all()
+        out["renamed"] = tx.execute(_RENAME, {"agent": agent_id, "name": "Anna S."}).rowcount
+        out["missing"] = tx.execute(_RENAME, {"agent": agent_id + 99, "name": "x"}).rowcount
+        out["some"] = sorted(r.id for r in tx.execute(_SOME, {"ids": ids[:2]}))
+        return out
+
+    out = await runtime.db.write(probe)
+    ids = out["ids"]
+    assert out["after"] == ids[1:] and out["all"] == [(ids[2],)] and out["first"] == ids[1]
+    assert out["none"] is None and out["scalar"] is None and out["one_or_none"] is None
+    assert out["pending"] == [] and out["renamed"] == 1 and out["missing"] == 0
+    assert out["some"] == ids[:2]
+    name = await runtime.db.read(
+        lambda c: c.execute(select(Agent.display_name).where(Agent.id == agent_id)).scalar_one()
+    )
+    assert name == "Anna S."
+
+
+async def test_a_prepared_write_rolls_back_with_its_savepoint(runtime: Runtime) -> None:
+    agent_id = await _agent(runtime)
+
+    def fail(tx: Tx) -> None:
+        tx.execute(_RENAME, {"agent": agent_id, "name": "half done"})
+        raise RuntimeError("after the update")
+
+    with pytest.raises(RuntimeError):
+        await runtime.db.write(fail)
+    name = await runtime.db.read(
+        lambda c: c.execute(select(Agent.display_name).where(Agent.id == agent_id)).scalar_one()
+    )
+    assert name == "Anna"
