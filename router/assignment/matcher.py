@@ -21,8 +21,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, bindparam, cast, func, select
+from sqlalchemy import Connection, String, and_, bindparam, cast, select
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql.functions import FunctionElement
 
 from router.assignment.core import candidate_agents, strategy_rank, try_offer
 from router.db import Tx, prepared
@@ -56,18 +58,35 @@ _WAITING = (
     .limit(bindparam("limit"))
 )
 _LOAD = aliased(AgentLoad)
+
+
+class _joined(FunctionElement[str]):
+    """The group's values joined with commas. Like ``func.aggregate_strings`` but with the
+    separator written into the SQL rather than bound when executed, so the statements that
+    use it can be prepared (router.db.prepared)."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(_joined, "sqlite")
+def _joined_sqlite(element: _joined, compiler: Any, **kw: Any) -> str:
+    return f"group_concat({compiler.process(element.clauses, **kw)}, ',')"
+
+
+@compiles(_joined, "postgresql")
+def _joined_postgresql(element: _joined, compiler: Any, **kw: Any) -> str:
+    return f"string_agg({compiler.process(element.clauses, **kw)}, ',')"
+
+
 # Skills and loads ride along as "name:level,..." and "channel:used:cap,...": one query.
 _SKILL_LIST = (
-    select(func.aggregate_strings(AgentSkill.skill + ":" + cast(AgentSkill.level, String), ","))
+    select(_joined(AgentSkill.skill + ":" + cast(AgentSkill.level, String)))
     .where(AgentSkill.agent_id == Agent.id)
     .scalar_subquery()
 )
 _LOAD_LIST = (
-    select(
-        func.aggregate_strings(
-            _LOAD.channel + ":" + cast(_LOAD.used, String) + ":" + cast(_LOAD.cap, String), ","
-        )
-    )
+    select(_joined(_LOAD.channel + ":" + cast(_LOAD.used, String) + ":" + cast(_LOAD.cap, String)))
     .where(_LOAD.agent_id == Agent.id)
     .scalar_subquery()
 )
@@ -102,9 +121,11 @@ _BUSY_SLICE = (
     .order_by(Agent.idle_since, Agent.id)
     .limit(bindparam("n"))
 )
-# the dispatch runs it in the writer's transaction on SQLite (router.db.prepared); the agent
-# slices cannot be: aggregate_strings renders its separator when executed
+# the dispatch runs them in the writer's transaction on SQLite (router.db.prepared)
 prepared(_WAITING)
+prepared(_FREE_AGENTS)
+prepared(_IDLE_SLICE)
+prepared(_BUSY_SLICE)
 _DECLINED = select(Offer.conversation_id, Offer.agent_id).where(
     Offer.conversation_id.in_(bindparam("ids", expanding=True)),
     Offer.state.in_([OfferState.REJECTED.value, OfferState.EXPIRED.value]),
