@@ -625,6 +625,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"PostgreSQL + Redis, two processes: {ratio:.2f}x one (target >= 1.6x)")
         print("cpu: how busy the machine's cores were during the run, everything included")
+        # With every core busy at the CPU one process's run cost per message (servers,
+        # databases, fakes and load generator together), no number of processes on this
+        # machine can go faster than the one process's rate / its busy share.
+        busy = results[("PG+Redis 1", "full")]["cpu_busy"]
+        print(
+            f"this machine's ceiling for any number of processes: {1 / busy:.2f}x one "
+            f"(one process left {1 - busy:.0%} of the cores idle)"
+        )
     clean = all(
         r["lost"] == 0 and r["duplicated"] == 0 and r["over_capacity"] == 0 and r["refused"] == 0
         for r in results.values()
