@@ -31,8 +31,6 @@ from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
 from router.abandon import abandon_gone_visitors, gone_visitors
-from router.assignment.matcher import BATCH as MATCH_BATCH
-from router.assignment.matcher import dispatch_batch
 from router.assignment.service import Assignment
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
@@ -508,14 +506,9 @@ class Runtime:
         if ruleset is None:
             return False
         results = route_batch(tx, ruleset)
-        made = dispatch_batch(tx, self.assignment.queues())
-
-        def after() -> None:
-            self._observe_routed(results, tx.now)
-            self.assignment.decisions += len(made)
-
-        tx.on_commit(after)
-        return len(results) < ROUTE_BATCH and len(made) < MATCH_BATCH
+        tx.on_commit(lambda: self._observe_routed(results, tx.now))
+        offered_all = self.assignment.dispatch_in(tx)
+        return len(results) < ROUTE_BATCH and offered_all
 
     def _on_rules_activated(self, ruleset: Any) -> None:
         """New members or skills may make waiting work eligible: offer it now."""

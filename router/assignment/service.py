@@ -165,7 +165,7 @@ class Assignment:
 
         def run(tx: Tx) -> Any:
             result = fn(tx, *args, **kwargs)
-            tx.at_batch_end(self._dispatch_in, settled)
+            tx.at_batch_end(self.dispatch_in, settled)
             return result
 
         result = await self.db.write(run)
@@ -173,8 +173,9 @@ class Assignment:
             await self.dispatch()
         return result
 
-    def _dispatch_in(self, tx: Tx) -> bool:
-        """The batch-end dispatch of ``_write_and_dispatch``: True when no work is left."""
+    def dispatch_in(self, tx: Tx) -> bool:
+        """Offer waiting work in ``tx`` itself (SQLite's batch end: after agent actions, and
+        after the routing of a commit's ingests). True when no work is left."""
         made = dispatch_batch(tx, self.queues())
 
         def count() -> None:
