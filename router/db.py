@@ -25,8 +25,6 @@ and ``FOR UPDATE SKIP LOCKED``, never by in-process locks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import queue
 import random
@@ -35,7 +33,7 @@ from collections import defaultdict, namedtuple
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -55,7 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from adapters.clock import Clock, SystemClock
-from router.models import EventStream, StreamEvent, table
+from router.models import EventStream, StreamEvent, UTCDateTime, table
 
 __all__ = [
     "Database",
@@ -205,23 +203,10 @@ class Tx:
         else:
             self._raw.executemany(plan.sql, [plan.values(r) for r in rows])
 
-    @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
+    def savepoint(self) -> _Savepoint:
         """A nested transaction: on an exception, its statements *and* the stream events and
         after-commit callbacks it buffered are rolled back; the exception propagates."""
-        events_mark = {stream: len(items) for stream, items in self._events.items()}
-        after_mark = len(self._after)
-        with _savepoint(self.conn, self._raw):
-            try:
-                yield
-            except BaseException:
-                for stream in list(self._events):
-                    if stream in events_mark:
-                        del self._events[stream][events_mark[stream] :]
-                    else:
-                        del self._events[stream]
-                del self._after[after_mark:]
-                raise
+        return _Savepoint(self.conn, self._raw, self)
 
     def flush_streams(self) -> None:
         """Number and store the buffered stream events. Streams are locked in sorted order,
@@ -262,8 +247,6 @@ class Tx:
             self.records.extend(records)
         self._events.clear()
 
-
-_savepoints = itertools.count()
 
 # -- prepared statements: the writer's hot path on SQLite ----------------------------------
 # SQLAlchemy spends several times SQLite's own work on each statement it runs (parameters
@@ -405,7 +388,9 @@ def _compile_plan(statement: Any, dialect: Any, params: dict[str, Any]) -> _Plan
     binds: list[tuple[str | None, Any, Any]] = []
     for name in compiled.positiontup:
         if name in params:
-            binds.append((name, processors.get(name), None))
+            bind = compiled.binds.get(name)
+            fast = bind is not None and isinstance(bind.type, UTCDateTime)
+            binds.append((name, _utc_text if fast else processors.get(name), None))
             continue
         bind = compiled.binds.get(name)
         if bind is None or bind.callable is not None or bind.required:
@@ -429,6 +414,18 @@ def _compile_plan(statement: Any, dialect: Any, params: dict[str, Any]) -> _Plan
     return _Plan(compiled.string, binds, row, column_processors)
 
 
+def _utc_text(value: datetime | None) -> str | None:
+    """What SQLAlchemy stores for a ``UTCDateTime`` on SQLite (naive UTC text with
+    microseconds, its ``DATETIME`` format), in one step instead of its two processors."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime stored; use the injected clock")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
+
+
 _ROW_CLASSES: dict[tuple[str, ...], Any] = {}
 
 
@@ -449,28 +446,67 @@ def _row_class(names: tuple[str, ...]) -> Any:
     return _ROW_CLASSES[names]
 
 
-@contextlib.contextmanager
-def _savepoint(conn: Connection, raw: Any) -> Iterator[None]:
-    """SAVEPOINT ... RELEASE, or ROLLBACK TO on an exception (which propagates). On SQLite
-    straight on its connection (SQLAlchemy's own costs several statements' worth)."""
-    if raw is None:
-        nested = conn.begin_nested()
-        try:
-            yield
-        except BaseException:
-            nested.rollback()
-            raise
-        nested.commit()
-        return
-    name = f"omniroute_sp_{next(_savepoints)}"
-    raw.execute(f"SAVEPOINT {name}")
-    try:
-        yield
-    except BaseException:
-        raw.execute(f"ROLLBACK TO SAVEPOINT {name}")
-        raw.execute(f"RELEASE SAVEPOINT {name}")
-        raise
-    raw.execute(f"RELEASE SAVEPOINT {name}")
+class _Savepoint:
+    """SAVEPOINT ... RELEASE, or ROLLBACK TO on an exception (which propagates); with a
+    ``tx``, its buffered stream events and after-commit callbacks are rolled back too. On
+    SQLite straight on its connection (SQLAlchemy's own costs several statements' worth),
+    named by nesting depth so that the driver's statement cache keeps the three statements."""
+
+    __slots__ = ("_after_mark", "_depth", "_events_mark", "_nested", "conn", "raw", "tx")
+
+    def __init__(self, conn: Connection, raw: Any, tx: Tx | None = None) -> None:
+        self.conn = conn
+        self.raw = raw
+        self.tx = tx
+
+    def __enter__(self) -> None:
+        tx = self.tx
+        if tx is not None:
+            self._events_mark = {stream: len(items) for stream, items in tx._events.items()}
+            self._after_mark = len(tx._after)
+        if self.raw is None:
+            self._nested = self.conn.begin_nested()
+            return
+        depth = self._depth = _SAVEPOINT_DEPTH.get(id(self.raw), 0)
+        _SAVEPOINT_DEPTH[id(self.raw)] = depth + 1
+        self.raw.execute(_savepoint_sql(depth)[0])
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        if self.raw is None:
+            if kind is None:
+                self._nested.commit()
+            else:
+                self._nested.rollback()
+        else:
+            _SAVEPOINT_DEPTH[id(self.raw)] = self._depth
+            _, rollback, release = _savepoint_sql(self._depth)
+            if kind is not None:
+                self.raw.execute(rollback)
+            self.raw.execute(release)
+        tx = self.tx
+        if kind is not None and tx is not None:
+            marks = self._events_mark
+            for stream in list(tx._events):
+                if stream in marks:
+                    del tx._events[stream][marks[stream] :]
+                else:
+                    del tx._events[stream]
+            del tx._after[self._after_mark :]
+
+
+# the savepoints open on each SQLite connection (by id: a driver connection takes no
+# attributes); only the writer's thread uses its connection
+_SAVEPOINT_DEPTH: dict[int, int] = {}
+_SAVEPOINT_SQL: list[tuple[str, str, str]] = []
+
+
+def _savepoint_sql(depth: int) -> tuple[str, str, str]:
+    while len(_SAVEPOINT_SQL) <= depth:
+        name = f"omniroute_sp_{len(_SAVEPOINT_SQL)}"
+        _SAVEPOINT_SQL.append(
+            (f"SAVEPOINT {name}", f"ROLLBACK TO SAVEPOINT {name}", f"RELEASE SAVEPOINT {name}")
+        )
+    return _SAVEPOINT_SQL[depth]
 
 
 def _run_batch_end(conn: Connection, now: datetime, txs: list[Tx]) -> None:
@@ -486,7 +522,7 @@ def _run_batch_end(conn: Connection, now: datetime, txs: list[Tx]) -> None:
     for fn, (owner, dones) in wanted.items():
         etx = Tx(conn, now, owner.dialect, owner.context)
         try:
-            with _savepoint(conn, etx._raw):
+            with _Savepoint(conn, etx._raw):
                 result = fn(etx)
                 etx.flush_streams()
         except Exception:
@@ -766,7 +802,7 @@ class Database:
                 for job in batch:
                     tx = Tx(conn, self.clock.now(), "sqlite", self.context)
                     try:
-                        with _savepoint(conn, tx._raw):
+                        with _Savepoint(conn, tx._raw):
                             result = job.fn(tx, *job.args, **job.kwargs)
                             tx.flush_streams()
                         outcomes.append((job, True, (result, tx)))

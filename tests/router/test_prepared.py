@@ -3,16 +3,16 @@ what they store and return must be exactly what SQLAlchemy stores and returns.""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.exc import MultipleResultsFound, NoResultFound
+from sqlalchemy import bindparam, insert, select, text, update
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound, StatementError
 
 from router.agents import create_agent, parse_capacity
 from router.auth import create_user
-from router.db import _PLANS, Tx, prepared
+from router.db import _PLANS, _SAVEPOINT_SQL, Tx, prepared
 from router.models import Agent, Offer, StreamEvent, table
 from router.runtime import Runtime
 from router.types import OfferState
@@ -34,6 +34,7 @@ _PENDING_OF = prepared(
 _RENAME = prepared(
     update(Agent).where(Agent.id == bindparam("agent")).values(display_name=bindparam("name"))
 )
+_NAME_OF = prepared(select(Agent.display_name).where(Agent.id == bindparam("agent")))
 _SAME_NOT_PREPARED = select(_events.c.id, _events.c.payload, _events.c.at).where(
     _events.c.id == bindparam("id")
 )
@@ -122,3 +123,76 @@ async def test_a_prepared_write_rolls_back_with_its_savepoint(runtime: Runtime) 
         lambda c: c.execute(select(Agent.display_name).where(Agent.id == agent_id)).scalar_one()
     )
     assert name == "Anna"
+
+
+async def test_nested_savepoints_roll_back_alone_and_reuse_their_names(runtime: Runtime) -> None:
+    """Savepoints are named by depth (the driver keeps their statements): siblings reuse a
+    name, a failed inner one undoes only its own writes and buffered stream events, and the
+    depth is right again after a failure."""
+    agent_id = await _agent(runtime)
+
+    def nest(tx: Tx) -> list[str]:
+        seen = []
+        for n in range(50):  # siblings at the same depth
+            with tx.savepoint():
+                tx.execute(_RENAME, {"agent": agent_id, "name": f"outer {n}"})
+                try:
+                    with tx.savepoint():
+                        tx.execute(_RENAME, {"agent": agent_id, "name": f"inner {n}"})
+                        tx.emit("test:nested", "dropped", {"n": n})
+                        raise LookupError
+                except LookupError:
+                    pass
+                seen.append(tx.execute(_NAME_OF, {"agent": agent_id}).scalar_one())
+        tx.emit("test:nested", "kept", {})
+        return seen
+
+    seen = await runtime.db.write(nest)
+    assert seen == [f"outer {n}" for n in range(50)]
+    events = await runtime.db.stream_events("test:nested", 0)
+    assert [e.type for e in events] == ["kept"]
+    name = await runtime.db.read(lambda c: c.execute(_NAME_OF, {"agent": agent_id}).scalar_one())
+    assert name == "outer 49"
+    if runtime.db.dialect == "sqlite":  # a few names in all, not one per savepoint
+        assert len(_SAVEPOINT_SQL) < 10
+
+
+async def test_datetimes_are_stored_as_sqlalchemy_stores_them(runtime: Runtime) -> None:
+    """The prepared path's own datetime binding writes the same text (SQLite) or value
+    (PostgreSQL) as SQLAlchemy's processors, from any time zone; a naive one is refused."""
+    eastern = timezone(timedelta(hours=-5))
+    moments = [
+        datetime(2026, 11, 26, 8, 30, 15, 123456, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),  # no microseconds: still written out
+        datetime(2026, 3, 3, 22, 2, 3, 7, tzinfo=eastern),  # the next day in UTC
+    ]
+
+    def store(tx: Tx) -> list[tuple[int, int]]:
+        pairs = []
+        for n, at in enumerate(moments):
+            params = {"stream": "dt", "seq": 2 * n, "at": at, "type": "t", "payload": {}}
+            fast = tx.execute(_NEW_EVENT, params).scalar_one()
+            params = {**params, "seq": 2 * n + 1}
+            slow = tx.conn.execute(insert(_events).returning(_events.c.id), params).scalar_one()
+            pairs.append((fast, slow))
+        return pairs
+
+    def naive(tx: Tx) -> None:
+        params = {"stream": "dt", "seq": 99, "at": datetime(2026, 1, 1), "type": "t"}
+        tx.execute(_NEW_EVENT, {**params, "payload": {}})
+
+    pairs = await runtime.db.write(store)
+    with pytest.raises((ValueError, StatementError), match="naive"):
+        await runtime.db.write(naive)
+
+    def stored(conn: Any) -> list[tuple[Any, Any]]:
+        raw = text("SELECT at FROM stream_events WHERE id = :id")
+        return [
+            (conn.execute(raw, {"id": a}).scalar_one(), conn.execute(raw, {"id": b}).scalar_one())
+            for a, b in pairs
+        ]
+
+    for (fast, slow), at in zip(await runtime.db.read(stored), moments, strict=True):
+        assert fast == slow
+        if runtime.db.dialect == "sqlite":
+            assert fast == at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
