@@ -25,6 +25,7 @@ and ``FOR UPDATE SKIP LOCKED``, never by in-process locks.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import random
@@ -37,8 +38,13 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ColumnElement,
     Connection,
     Engine,
+    Text,
+    TypeDecorator,
     bindparam,
     create_engine,
     event,
@@ -47,10 +53,13 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from adapters.clock import Clock, SystemClock
 from router.models import EventStream, StreamEvent, UTCDateTime, table
@@ -223,10 +232,10 @@ class Tx:
                     seq = self.conn.execute(_APPEND_ONE, params).scalar_one()
                 self.records.append(StreamRecord(stream, seq, type_, self.now, payload))
                 continue
-            last = self.conn.execute(_BUMP_STREAM, {"s": stream, "n": n}).scalar()
+            last = self.execute(_BUMP_STREAM, {"s": stream, "n": n}).scalar()
             if last is None:
                 insert_ignore(self.conn, EventStream, {"stream": stream, "last_seq": 0})
-                last = self.conn.execute(_BUMP_STREAM, {"s": stream, "n": n}).scalar_one()
+                last = self.execute(_BUMP_STREAM, {"s": stream, "n": n}).scalar_one()
             first = last - n + 1
             records = [
                 StreamRecord(stream, first + i, t, self.now, p) for i, (t, p) in enumerate(events)
@@ -273,6 +282,52 @@ def prepared_each(statements: dict[K, S]) -> dict[K, S]:
     for statement in statements.values():
         prepared(statement)
     return statements
+
+
+class _IdList(TypeDecorator[list[int]]):
+    """A list of ids bound as one value: JSON text on SQLite (read with ``json_each``), an
+    array on PostgreSQL."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.ARRAY(BigInteger))
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        ids = [int(v) for v in value]
+        return ids if dialect.name == "postgresql" else json.dumps(ids)
+
+
+class any_of(ColumnElement[bool]):
+    """``column IN (the ids given as parameter name)``. Unlike an expanding ``IN`` its SQL
+    does not depend on how many ids there are, so a statement using it can be prepared."""
+
+    type = Boolean()
+    inherit_cache = True
+    _is_implicitly_boolean = True  # a condition as it is: no "= 1" after it on SQLite
+    _traverse_internals = [
+        ("column", InternalTraversal.dp_clauseelement),
+        ("ids", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, column: Any, name: str) -> None:
+        self.column = column
+        self.ids = bindparam(name, type_=_IdList())
+
+
+@compiles(any_of, "sqlite")
+def _any_of_sqlite(element: any_of, compiler: Any, **kw: Any) -> str:
+    column, ids = compiler.process(element.column, **kw), compiler.process(element.ids, **kw)
+    return f"{column} IN (SELECT value FROM json_each({ids}))"
+
+
+@compiles(any_of)
+def _any_of_array(element: any_of, compiler: Any, **kw: Any) -> str:
+    column, ids = compiler.process(element.column, **kw), compiler.process(element.ids, **kw)
+    return f"{column} = ANY({ids})"
 
 
 # the stream statements above (SQLite numbers and stores a commit's events with them)

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, and_, bindparam, case, func, insert, select, 
 
 from router.assignment import flow, sla
 from router.csat import last_score
-from router.db import Tx, prepared
+from router.db import Tx, any_of, prepared
 from router.events import add_event
 from router.models import (
     Agent,
@@ -77,13 +77,13 @@ _NEW = prepared(
     .limit(bindparam("limit"))
 )
 _ONE = prepared(_CONVERSATION.where(Conversation.id == bindparam("cid")))
-_FIRST_IN = select(Message.conversation_id, Message.text, Message.subject, Message.data).where(
-    Message.id.in_(
-        select(func.min(Message.id))
-        .where(
-            Message.conversation_id.in_(bindparam("ids", expanding=True)), Message.direction == "in"
+_FIRST_IN = prepared(
+    select(Message.conversation_id, Message.text, Message.subject, Message.data).where(
+        Message.id.in_(
+            select(func.min(Message.id))
+            .where(any_of(Message.conversation_id, "ids"), Message.direction == "in")
+            .group_by(Message.conversation_id)
         )
-        .group_by(Message.conversation_id)
     )
 )
 _BY_EXTERNAL = prepared(
@@ -91,10 +91,10 @@ _BY_EXTERNAL = prepared(
         Message.conversation_id == bindparam("cid"), Message.external_id == bindparam("external")
     )
 )
-_EMAILS = (
-    select(ContactIdentity.contact_id, func.min(ContactIdentity.address))
+_EMAILS = prepared(
+    select(ContactIdentity.contact_id, func.min(ContactIdentity.address).label("address"))
     .where(
-        ContactIdentity.contact_id.in_(bindparam("ids", expanding=True)),
+        any_of(ContactIdentity.contact_id, "ids"),
         ContactIdentity.kind == "email",
         ContactIdentity.verified.is_(True),
     )

@@ -27,7 +27,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.functions import FunctionElement
 
 from router.assignment.core import candidate_agents, strategy_rank, try_offer
-from router.db import Tx, prepared
+from router.db import Tx, any_of, prepared
 from router.models import Agent, AgentLoad, AgentSkill, Conversation, Offer, User
 from router.types import AgentPresence, ConversationState, OfferState
 from routing_rules import QueueSpec
@@ -126,10 +126,14 @@ prepared(_WAITING)
 prepared(_FREE_AGENTS)
 prepared(_IDLE_SLICE)
 prepared(_BUSY_SLICE)
-_DECLINED = select(Offer.conversation_id, Offer.agent_id).where(
-    Offer.conversation_id.in_(bindparam("ids", expanding=True)),
-    Offer.state.in_([OfferState.REJECTED.value, OfferState.EXPIRED.value]),
+# The offers of the waiting conversations, by their index: a condition on the state in SQL
+# let SQLite walk the state index instead, through every offer ever declined or expired.
+_OFFERS_OF = prepared(
+    select(Offer.conversation_id, Offer.agent_id, Offer.state).where(
+        any_of(Offer.conversation_id, "ids")
+    )
 )
+_DECLINED_STATES = frozenset((OfferState.REJECTED.value, OfferState.EXPIRED.value))
 
 
 @dataclass
@@ -219,7 +223,8 @@ def _pool(conn: Reads, limit: int | None = None) -> list[_Candidate]:
 def _declined(conn: Reads, ids: Iterable[int]) -> set[tuple[int, int]]:
     return {
         (int(r.conversation_id), int(r.agent_id))
-        for r in conn.execute(_DECLINED, {"ids": list(ids)})
+        for r in conn.execute(_OFFERS_OF, {"ids": list(ids)})
+        if r.state in _DECLINED_STATES
     }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from adapters.clock import FakeClock
 from router.assignment.core import accept_offer
@@ -340,3 +341,24 @@ async def test_each_offer_carries_its_own_conversation_summary(
     for summary in summaries.values():
         assert summary["contact_name"] == names[summary["contact_id"]]
         assert summary["state"] == "offered" and summary["queue"] == "general"
+
+
+def test_the_declined_lookup_walks_the_conversations_offers_only() -> None:
+    """Which waiting conversations an agent declined is read through the offers' conversation
+    index: a condition on the state let SQLite walk the state index instead, through every
+    offer ever declined or expired (a read that grew with the history, once per dispatch)."""
+    import sqlite3
+
+    from sqlalchemy.dialects import sqlite
+
+    from router.assignment.matcher import _OFFERS_OF
+    from router.models import Base
+
+    con = sqlite3.connect(":memory:")
+    for table_ in Base.metadata.sorted_tables:
+        con.execute(str(CreateTable(table_).compile(dialect=sqlite.dialect())))
+        for index in table_.indexes:
+            con.execute(str(CreateIndex(index).compile(dialect=sqlite.dialect())))
+    sql = str(_OFFERS_OF.compile(dialect=sqlite.dialect()))
+    plan = " / ".join(row[3] for row in con.execute("EXPLAIN QUERY PLAN " + sql, ["[1, 2]"]))
+    assert "ix_offers_conversation" in plan and "ix_offers_due" not in plan, plan

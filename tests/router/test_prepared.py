@@ -12,7 +12,7 @@ from sqlalchemy.exc import MultipleResultsFound, NoResultFound, StatementError
 
 from router.agents import create_agent, parse_capacity
 from router.auth import create_user
-from router.db import _PLANS, _SAVEPOINT_SQL, Tx, prepared
+from router.db import _PLANS, _SAVEPOINT_SQL, Tx, any_of, prepared
 from router.models import Agent, Offer, StreamEvent, table
 from router.runtime import Runtime
 from router.types import OfferState
@@ -38,6 +38,8 @@ _NAME_OF = prepared(select(Agent.display_name).where(Agent.id == bindparam("agen
 _SAME_NOT_PREPARED = select(_events.c.id, _events.c.payload, _events.c.at).where(
     _events.c.id == bindparam("id")
 )
+# ids bound as one value: the same SQL for any number of them
+_ANY = prepared(select(_events.c.id).where(any_of(_events.c.id, "ids")).order_by(_events.c.id))
 # an expanding IN cannot be compiled once: it runs through SQLAlchemy
 _SOME = prepared(select(_events.c.id).where(_events.c.id.in_(bindparam("ids", expanding=True))))
 
@@ -196,3 +198,29 @@ async def test_datetimes_are_stored_as_sqlalchemy_stores_them(runtime: Runtime) 
         assert fast == slow
         if runtime.db.dialect == "sqlite":
             assert fast == at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+async def test_any_of_binds_its_ids_as_one_value(runtime: Runtime) -> None:
+    def probe(tx: Tx) -> dict[str, Any]:
+        ids = [
+            tx.execute(
+                _NEW_EVENT, {"stream": "any", "seq": n, "at": tx.now, "type": "t", "payload": {}}
+            ).scalar_one()
+            for n in range(4)
+        ]
+        return {
+            "ids": ids,
+            "some": [r.id for r in tx.execute(_ANY, {"ids": [ids[3], ids[1], 10**9]})],
+            "none": tx.execute(_ANY, {"ids": []}).all(),
+            "all": [r.id for r in tx.execute(_ANY, {"ids": ids})],
+        }
+
+    out = await runtime.db.write(probe)
+    ids = out["ids"]
+    assert out["some"] == [ids[1], ids[3]] and out["none"] == [] and out["all"] == ids
+    # and through SQLAlchemy (a reader) alike
+    read = await runtime.db.read(lambda c: [r.id for r in c.execute(_ANY, {"ids": ids[:2]})])
+    assert read == ids[:2]
+    if runtime.db.dialect == "sqlite":  # one plan, on the driver's path
+        plans = [plan for key, plan in _PLANS.items() if key[0] == id(_ANY)]
+        assert len(plans) == 1 and plans[0] is not None
