@@ -26,6 +26,7 @@ from tests.router.test_console import (
     visitor_says,
 )
 from tests.router.test_live import make_agent
+from tests.router.test_voice import eventually
 from tests.support import (
     CHANNELS,
     client_for,
@@ -121,10 +122,15 @@ async def test_a_supervisor_watches_queues_reassigns_and_sees_csat(
     await sup.shot("drained")
     # a web-chat visitor is helped by anna, then rates the help in the widget
     await visitor_says(visitor, server.base, "Can you help me?")
-    chat = await runtime.db.read(
-        lambda c: c.execute(
-            select(Conversation.id).where(Conversation.channel == "webchat")
-        ).scalar_one()
+    # routed first (on PostgreSQL routing follows the visitor's acknowledged message)
+    chat = await eventually(
+        lambda: runtime.db.read(
+            lambda c: c.execute(
+                select(Conversation.id).where(
+                    Conversation.channel == "webchat", Conversation.state != "new"
+                )
+            ).scalar_one_or_none()
+        )
     )
     anna = int(owner)
     await runtime.assignment.assign(chat, anna, by="sue", override=True)
