@@ -813,6 +813,11 @@ class Database:
                     except DBAPIError as exc:
                         if exc.connection_invalidated and attempt < 7:
                             continue  # a stale pooled connection, before any commit: retry
+                        if _client_state_error(exc) and attempt < 7:
+                            # a connection the server terminated can first fail this way
+                            # (asyncpg's own state, not a disconnect): drop it and retry
+                            await conn.invalidate()
+                            continue
                         raise
                     await conn.commit()  # a failure here is not retried: it may have landed
             except DBAPIError as exc:
@@ -927,6 +932,12 @@ class Database:
             return [StreamRecord(r.stream, r.seq, r.type, r.at, r.payload) for r in rows]
 
         return await self.read(load)
+
+
+def _client_state_error(exc: DBAPIError) -> bool:
+    """asyncpg's protocol refused a statement because of its own state ("another operation
+    is in progress"): the connection is unusable and nothing was sent."""
+    return type(exc.orig).__name__ == "InternalClientError"
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

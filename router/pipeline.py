@@ -28,7 +28,13 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    OperationalError,
+)
 
 from channels.base import InboundMessage, ParsedItem, Reject, Sender, StatusUpdate
 from channels.threading import token_conversation
@@ -762,7 +768,7 @@ def _accept_items(
             if seen is None:
                 raise
             outcomes.append(IngestOutcome(seen[0], seen[1], duplicate=True))
-        except (OperationalError, InterfaceError):
+        except (OperationalError, InterfaceError, InternalError):
             raise  # the database, not the item: fail the delivery so the provider retries
         except DBAPIError as exc:
             if is_retryable(exc):
