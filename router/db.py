@@ -442,12 +442,11 @@ def _compile_plan(statement: Any, dialect: Any, params: dict[str, Any]) -> _Plan
     processors = compiled._bind_processors
     binds: list[tuple[str | None, Any, Any]] = []
     for name in compiled.positiontup:
+        bind = compiled.binds.get(name)
         if name in params:
-            bind = compiled.binds.get(name)
             fast = bind is not None and isinstance(bind.type, UTCDateTime)
             binds.append((name, _utc_text if fast else processors.get(name), None))
             continue
-        bind = compiled.binds.get(name)
         if bind is None or bind.callable is not None or bind.required:
             return None
         process = processors.get(name)

@@ -44,6 +44,16 @@ _ANY = prepared(select(_events.c.id).where(any_of(_events.c.id, "ids")).order_by
 _SOME = prepared(select(_events.c.id).where(_events.c.id.in_(bindparam("ids", expanding=True))))
 
 
+def _new_events(tx: Tx, stream: str, count: int) -> list[int]:
+    """``count`` stream events stored through the prepared insert; their ids in order."""
+    return [
+        tx.execute(
+            _NEW_EVENT, {"stream": stream, "seq": n, "at": tx.now, "type": "t", "payload": {}}
+        ).scalar_one()
+        for n in range(count)
+    ]
+
+
 async def _agent(runtime: Runtime) -> int:
     def add(tx: Tx) -> int:
         user_id, _ = create_user(tx, "anna", "agent")
@@ -77,12 +87,7 @@ async def test_results_answer_like_sqlalchemys(runtime: Runtime) -> None:
     agent_id = await _agent(runtime)
 
     def probe(tx: Tx) -> dict[str, Any]:
-        ids = [
-            tx.execute(
-                _NEW_EVENT, {"stream": "t", "seq": n, "at": tx.now, "type": "t", "payload": {}}
-            ).scalar_one()
-            for n in range(3)
-        ]
+        ids = _new_events(tx, "t", 3)
         out: dict[str, Any] = {"ids": ids}
         out["after"] = [r.id for r in tx.execute(_EVENTS_AFTER, {"id": ids[0]})]
         out["all"] = [tuple(r) for r in tx.execute(_EVENTS_AFTER, {"id": ids[1]}).all()]
@@ -202,12 +207,7 @@ async def test_datetimes_are_stored_as_sqlalchemy_stores_them(runtime: Runtime) 
 
 async def test_any_of_binds_its_ids_as_one_value(runtime: Runtime) -> None:
     def probe(tx: Tx) -> dict[str, Any]:
-        ids = [
-            tx.execute(
-                _NEW_EVENT, {"stream": "any", "seq": n, "at": tx.now, "type": "t", "payload": {}}
-            ).scalar_one()
-            for n in range(4)
-        ]
+        ids = _new_events(tx, "any", 4)
         return {
             "ids": ids,
             "some": [r.id for r in tx.execute(_ANY, {"ids": [ids[3], ids[1], 10**9]})],
