@@ -6,7 +6,7 @@ raw baseline in the same run: a bare Starlette app that parses the same frames a
 them to the same agent sockets without persistence. Both servers run as separate processes;
 this process is the load generator (visitors and agents over real websockets).
 
-Reported: messages/s at full speed, p50/p99 ingest-to-agent latency at a fixed rate, lost
+Reported: messages/s at full speed (the median of alternating rounds), p50/p99 ingest-to-agent latency at a fixed rate, lost
 and duplicated messages (must be 0), and the ratios. Targets (SQLite, synchronous=FULL):
 full speed >= 0.25x the baseline's messages/s; at 200 messages/s p99 within 25x the baseline.
 
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -300,6 +301,10 @@ async def drive(
     }
 
 
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
 def measure(server: Any, messages: int, rate: float | None, label: str) -> dict[str, Any]:
     base = server.start()
     try:
@@ -314,7 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="full-speed rounds per server")
+    parser.add_argument(
+        "--ws-compression",
+        action="store_true",
+        help="both servers negotiate per-message deflate (omniroute's default is off)",
+    )
     args = parser.parse_args(argv)
+    if args.ws_compression:  # read by `omniroute serve` and by the baseline (inherited)
+        os.environ["OMNIROUTE_WS_COMPRESSION"] = "true"
     if args.baseline_server:
         serve_baseline(baseline_app(), args.baseline_server)
         return 0
@@ -322,27 +335,49 @@ def main(argv: list[str] | None = None) -> int:
     full = 60 if args.smoke else args.messages
     fixed_rate = 50.0 if args.smoke else 200.0
     fixed = 50 if args.smoke else int(fixed_rate * 10)
-    results = {}
-    for name, make in (
-        ("baseline", lambda: Baseline(agents)),
-        ("omniroute", lambda: Omniroute(agents)),
-    ):
-        results[(name, "full")] = measure(make(), full, None, f"{name}-full")
-        results[(name, "fixed")] = measure(make(), fixed, fixed_rate, f"{name}-fixed")
-    print(f"e2e web chat -> agent offers; {agents} agents; SQLite synchronous=FULL")
+    rounds_wanted = 1 if args.smoke else args.rounds
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    # This VM's speed drifts by up to 2x within a minute: full speed alternates the two
+    # servers over several rounds and takes the median ratio of the rounds.
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for i in range(rounds_wanted):
+        rounds.append(
+            {
+                "baseline": measure(Baseline(agents), full, None, f"baseline-full{i}"),
+                "omniroute": measure(Omniroute(agents), full, None, f"omniroute-full{i}"),
+            }
+        )
+    for name in ("baseline", "omniroute"):
+        runs = [r[name] for r in rounds]
+        results[(name, "full")] = {
+            **min(runs, key=lambda r: abs(r["per_second"] - _median(runs, "per_second"))),
+            "lost": sum(r["lost"] for r in runs),
+            "duplicated": sum(r["duplicated"] for r in runs),
+            "messages": sum(r["messages"] for r in runs),
+        }
+    results[("baseline", "fixed")] = measure(Baseline(agents), fixed, fixed_rate, "baseline-fixed")
+    results[("omniroute", "fixed")] = measure(
+        Omniroute(agents), fixed, fixed_rate, "omniroute-fixed"
+    )
+    print(
+        f"e2e web chat -> agent offers; {agents} agents; SQLite synchronous=FULL; "
+        f"websocket compression {'on' if args.ws_compression else 'off'} on both servers"
+    )
     print(f"{'run':<22}{'msgs':>7}{'msg/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'lost':>6}{'dup':>5}")
     for (name, kind), r in results.items():
         print(
             f"{name + ' ' + kind:<22}{r['messages']:>7}{r['per_second']:>10.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['lost']:>6}{r['duplicated']:>5}"
         )
-    throughput = results[("omniroute", "full")]["per_second"] / max(
-        results[("baseline", "full")]["per_second"], 1e-9
-    )
+    ratios = [r["omniroute"]["per_second"] / max(r["baseline"]["per_second"], 1e-9) for r in rounds]
+    throughput = statistics.median(ratios)
     latency = results[("omniroute", "fixed")]["p99_ms"] / max(
         results[("baseline", "fixed")]["p99_ms"], 1e-9
     )
     clean = all(r["lost"] == 0 and r["duplicated"] == 0 for r in results.values())
-    print(f"full-speed ratio: {throughput:.2f}x the baseline (target >= 0.25x)")
+    print(
+        f"full-speed ratio: {throughput:.2f}x the baseline (target >= 0.25x); median of "
+        f"{len(ratios)} alternating rounds: {', '.join(f'{r:.2f}x' for r in ratios)}"
+    )
     print(f"p99 at {fixed_rate:.0f} msg/s: {latency:.1f}x the baseline (target <= 25x)")
     print(f"lost and duplicated: {'0 and 0' if clean else 'NOT ZERO'}")
     if not clean:

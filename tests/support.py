@@ -247,7 +247,11 @@ async def live_server(runtime: Runtime, port: int = 0) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="off", log_level="warning", ws_max_size=1 << 20, ws_ping_interval=None
+        app,
+        lifespan="off",
+        log_level="warning",
+        ws_ping_interval=None,
+        **runtime.settings.websocket_options(),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

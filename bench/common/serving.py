@@ -128,7 +128,20 @@ def serve_baseline(app: Any, port: int) -> None:
     """Serve a benchmark's raw baseline app (what ``--baseline-server PORT`` runs)."""
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws_ping_interval=None)
+    from router.settings import websocket_options
+
+    # the same websocket transport as `omniroute serve`, so the ratio compares the work
+    # behind the sockets and not the framing; a benchmark that sets OMNIROUTE_WS_COMPRESSION
+    # for both servers compares them with per-message deflate
+    compression = os.environ.get("OMNIROUTE_WS_COMPRESSION", "").lower() in ("1", "true", "yes")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws_ping_interval=None,
+        **websocket_options(compression=compression),
+    )
 
 
 def spawn_baseline(script: str) -> tuple[subprocess.Popen[bytes], int]:

@@ -21,6 +21,7 @@ from router.auth import create_user
 from router.db import StreamRecord, Tx
 from router.models import ContactHint, Conversation, EventStream, Message
 from router.runtime import Runtime
+from router.settings import WS_MAX_FRAME_BYTES
 from tests.support import (
     AGENT_RULES,
     WEB_CHANNELS,
@@ -338,6 +339,43 @@ async def test_bad_visitor_input_and_limits(live: tuple[Runtime, str]) -> None:
         == 0
     )
     await visitor.close()
+
+
+async def test_no_compression_by_default_and_giant_frames_close_the_socket(
+    live: tuple[Runtime, str],
+) -> None:
+    runtime, base = live
+    _, token = await make_agent(runtime, "anna")
+    agent, _ = await connect_agent(base, token)
+    visitor, _ = await connect_visitor(base)
+    for client in (agent, visitor):
+        # the websockets client offers per-message deflate; the server declines it
+        assert client.ws.response is not None
+        assert client.ws.response.headers.get("Sec-WebSocket-Extensions") is None
+    await visitor.send({"type": "message", "client_id": cid(), "text": "x" * WS_MAX_FRAME_BYTES})
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await visitor.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009  # not read whole
+    stored = await runtime.db.read(
+        lambda c: c.execute(select(func.count()).select_from(Message)).scalar_one()
+    )
+    assert stored == 0
+    assert await agent.command("ping") == {}  # the agent's socket is unaffected
+    await agent.close()
+
+
+async def test_compression_is_negotiated_when_enabled(tmp_path: Path, sqlite_url: str) -> None:
+    settings = make_settings(
+        tmp_path / "conf", sqlite_url, channels=WEB_CHANNELS, rules=AGENT_RULES, ws_compression=True
+    )
+    async with started_runtime(settings) as runtime, live_server(runtime) as base:
+        visitor, welcome = await connect_visitor(base)
+        assert visitor.ws.response is not None
+        assert "permessage-deflate" in visitor.ws.response.headers["Sec-WebSocket-Extensions"]
+        await visitor.send({"type": "message", "client_id": cid(), "text": "compressed " * 50})
+        ack = await visitor.wait_for(lambda f: f.get("type") == "ack")
+        assert ack["message_id"] > 0 and len(welcome["token"]) == 43
+        await visitor.close()
 
 
 async def test_visitor_message_flood_is_closed_with_1008(tmp_path: Path, sqlite_url: str) -> None:

@@ -173,6 +173,9 @@ async def test_datetimes_are_stored_as_sqlalchemy_stores_them(runtime: Runtime) 
         datetime(2026, 1, 1, tzinfo=UTC),  # no microseconds: still written out
         datetime(2026, 3, 3, 22, 2, 3, 7, tzinfo=eastern),  # the next day in UTC
     ]
+    # the binding remembers the last datetime it wrote: the same object again, then the same
+    # instant as another object in another zone, then a different one
+    moments += [moments[0], moments[0].astimezone(eastern), moments[1]]
 
     def store(tx: Tx) -> list[tuple[int, int]]:
         pairs = []
