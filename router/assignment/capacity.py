@@ -9,15 +9,24 @@ Every change appends an AgentStatusEvent with the load after it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, case, update
 
 from router.agents import record_status
 from router.db import Tx, prepared
 from router.models import Agent, AgentLoad, table
 
-__all__ = ["LIVE_CHANNELS", "CapacityFull", "claim", "holds_while_waiting", "release", "take"]
+__all__ = [
+    "LIVE_CHANNELS",
+    "CapacityFull",
+    "claim",
+    "holds_while_waiting",
+    "release",
+    "release_many",
+    "take",
+]
 
 #: Channels whose conversations keep holding capacity while waiting for the customer.
 LIVE_CHANNELS = frozenset({"webchat", "voice"})
@@ -37,8 +46,12 @@ _TAKE = prepared(
     .returning(*_AFTER)
 )
 _TAKE_FORCED = prepared(update(_load).where(*_KEY).values(used=_load.c.used + 1).returning(*_AFTER))
+# n units back, never below zero
 _GIVE = prepared(
-    update(_load).where(*_KEY, _load.c.used > 0).values(used=_load.c.used - 1).returning(*_AFTER)
+    update(_load)
+    .where(*_KEY, _load.c.used > 0)
+    .values(used=case((_load.c.used > bindparam("n"), _load.c.used - bindparam("n")), else_=0))
+    .returning(*_AFTER)
 )
 
 
@@ -94,9 +107,15 @@ def claim(
 def release(tx: Tx, agent_id: int, channel: str, reason: str) -> None:
     """Give back one unit of ``channel`` and ``total`` (never below zero); the agent is idle
     from now on when nothing is left."""
+    release_many(tx, agent_id, {channel: 1}, reason)
+
+
+def release_many(tx: Tx, agent_id: int, units: Mapping[str, int], reason: str) -> None:
+    """Give back ``units`` per channel, and their sum of ``total``, in one statement per
+    counter and one status event however many units (an agent's offers withdrawn at once)."""
     load: dict[str, list[int]] = {}
-    for key in (channel, "total"):
-        row = tx.execute(_GIVE, {"p_agent": agent_id, "p_channel": key}).first()
+    for key, n in (*units.items(), ("total", sum(units.values()))):
+        row = tx.execute(_GIVE, {"p_agent": agent_id, "p_channel": key, "n": n}).first()
         if row is not None:
             load[key] = [int(row.used), int(row.cap)]
     if load.get("total", [1])[0] == 0:

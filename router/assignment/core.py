@@ -14,6 +14,7 @@ offer per conversation; conversation moves are conditional on the state they lea
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -34,10 +35,10 @@ from sqlalchemy.orm import aliased
 
 from router.agents import record_status
 from router.assignment import flow
-from router.assignment.capacity import CapacityFull, claim, release, take
+from router.assignment.capacity import CapacityFull, claim, release, release_many, take
 from router.assignment.timers import PREFERRED, clear_timers, current_ruleset
 from router.csat import send_survey
-from router.db import Tx, prepared, prepared_each
+from router.db import Tx, any_of, prepared, prepared_each
 from router.events import SUPERVISORS, add_event, agent_stream
 from router.exceptions import CapacityExceeded, Conflict, NotFound
 from router.models import (
@@ -490,20 +491,25 @@ def accept_offer(tx: Tx, agent_id: int, offer_id: int) -> dict[str, Any]:
     return {"conversation_id": conversation_id, "offer_id": offer_id}
 
 
-def _return_to_queue(tx: Tx, conversation_id: int, agent_id: int) -> None:
-    """An offer ended without an accept: back to the queue. If it was reserved for this agent
-    (preferred, sticky or a transfer to them), the reservation ends now."""
-    tx.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.state == S.OFFERED.value)
-        .values(state=S.QUEUED.value, updated_at=tx.now)
-    )
-    if tx.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.preferred_agent_id == agent_id)
-        .values(preferred_agent_id=None)
-    ).rowcount:
-        clear_timers(tx, conversation_id, PREFERRED)
+_BACK_TO_QUEUE = prepared(
+    update(Conversation)
+    .where(any_of(Conversation.id, "ids"), Conversation.state == S.OFFERED.value)
+    .values(state=S.QUEUED.value, updated_at=bindparam("now"))
+)
+_END_RESERVATION = prepared(
+    update(Conversation)
+    .where(any_of(Conversation.id, "ids"), Conversation.preferred_agent_id == bindparam("p_agent"))
+    .values(preferred_agent_id=None)
+    .returning(Conversation.id)
+)
+
+
+def _return_to_queue(tx: Tx, conversation_ids: list[int], agent_id: int) -> None:
+    """Offers ended without an accept: the conversations go back to the queue. One that was
+    reserved for this agent (preferred, sticky or a transfer to them) loses the reservation."""
+    tx.execute(_BACK_TO_QUEUE, {"ids": conversation_ids, "now": tx.now})
+    for row in tx.execute(_END_RESERVATION, {"ids": conversation_ids, "p_agent": agent_id}):
+        clear_timers(tx, int(row.id), PREFERRED)
 
 
 def reject_offer(tx: Tx, agent_id: int, offer_id: int, reason: str | None) -> int:
@@ -522,7 +528,7 @@ def reject_offer(tx: Tx, agent_id: int, offer_id: int, reason: str | None) -> in
     if row is None:
         raise Conflict("the offer is no longer pending")
     release(tx, agent_id, row.channel, "offer_rejected")
-    _return_to_queue(tx, row.conversation_id, agent_id)
+    _return_to_queue(tx, [row.conversation_id], agent_id)
     add_event(
         tx,
         row.conversation_id,
@@ -536,22 +542,32 @@ def reject_offer(tx: Tx, agent_id: int, offer_id: int, reason: str | None) -> in
 
 
 def end_offer(tx: Tx, offer: Any, state: OfferState, kind: EventKind, reason: str) -> None:
-    release(tx, offer.agent_id, offer.channel, f"offer_{state.value}")
-    _return_to_queue(tx, offer.conversation_id, offer.agent_id)
-    add_event(
-        tx,
-        offer.conversation_id,
-        kind,
-        Actor.SYSTEM,
-        agent_id=offer.agent_id,
-        offer_id=offer.id,
-        reason=reason,
-    )
-    tx.emit(
-        agent_stream(offer.agent_id),
-        "offer_withdrawn",
-        {"offer_id": offer.id, "conversation_id": offer.conversation_id, "reason": reason},
-    )
+    end_offers(tx, offer.agent_id, [offer], state, kind, reason)
+
+
+def end_offers(
+    tx: Tx, agent_id: int, offers: list[Any], state: OfferState, kind: EventKind, reason: str
+) -> None:
+    """Offers of one agent ended (their rows already updated): capacity back, conversations
+    back to their queue, in statements per agent rather than per offer, so that a whole floor
+    of agents dropping at once does not stall the writer; an event and a frame per offer."""
+    release_many(tx, agent_id, Counter(o.channel for o in offers), f"offer_{state.value}")
+    _return_to_queue(tx, [int(o.conversation_id) for o in offers], agent_id)
+    for offer in offers:
+        add_event(
+            tx,
+            offer.conversation_id,
+            kind,
+            Actor.SYSTEM,
+            agent_id=agent_id,
+            offer_id=offer.id,
+            reason=reason,
+        )
+        tx.emit(
+            agent_stream(agent_id),
+            "offer_withdrawn",
+            {"offer_id": offer.id, "conversation_id": offer.conversation_id, "reason": reason},
+        )
 
 
 def due_offers(conn: Connection, now: Any, limit: int = 500) -> list[int]:
@@ -624,8 +640,8 @@ _SET_PRESENCE = prepared_each(
 
 def withdraw_offers(tx: Tx, agent_id: int, reason: str) -> list[int]:
     pending = tx.execute(_WITHDRAW, {"p_agent": agent_id, "now": tx.now, "why": reason[:64]}).all()
-    for offer in pending:
-        end_offer(tx, offer, OfferState.WITHDRAWN, EventKind.OFFER_WITHDRAWN, reason)
+    if pending:
+        end_offers(tx, agent_id, pending, OfferState.WITHDRAWN, EventKind.OFFER_WITHDRAWN, reason)
     return [int(o.conversation_id) for o in pending]
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from adapters.clock import FakeClock
+from router.agents import load_snapshot
 from router.assignment.core import accept_offer
 from router.exceptions import Conflict
 from router.models import (
@@ -241,6 +242,38 @@ async def test_socket_loss_withdraws_offers_at_once_and_presence_waits_for_the_g
         )
         == "offline"
     )
+
+
+async def test_a_socket_loss_withdraws_many_offers_in_bulk(
+    rt: tuple[Runtime, httpx.AsyncClient],
+) -> None:
+    """Every pending offer goes at once: capacity back to zero per channel and in total, one
+    status event for the lot, the conversations queued (a reservation for the agent ends),
+    and an event and a frame per offer."""
+    runtime, client = rt
+    anna, _ = await make_agent(runtime, "anna", capacity="sms=3,total=3")
+    connection = await runtime.assignment.connect(anna)
+    conversations = [await customer(runtime, client, n) for n in range(3)]
+    assert len(await offers(runtime, Offer.state == "pending")) == 3
+    await runtime.db.write(
+        lambda tx: tx.execute(
+            update(Conversation)
+            .where(Conversation.id == conversations[0])
+            .values(preferred_agent_id=anna)
+        )
+    )
+    await runtime.assignment.disconnect(anna, connection)
+    assert [o.state for o in await offers(runtime)] == ["withdrawn"] * 3
+    queued = await rows(runtime, Conversation)
+    assert [(c.state, c.preferred_agent_id) for c in queued] == [("queued", None)] * 3
+    loads = await runtime.db.read(lambda c: load_snapshot(c, anna))
+    assert (loads["sms"], loads["total"]) == ([0, 3], [0, 3])
+    status = await rows(runtime, AgentStatusEvent, AgentStatusEvent.reason == "offer_withdrawn")
+    assert [s.load for s in status] == [{"sms": [0, 3], "total": [0, 3]}]
+    events = await rows(runtime, ConversationEvent, ConversationEvent.kind == "offer_withdrawn")
+    assert sorted(e.conversation_id for e in events) == conversations
+    frames = await rows(runtime, StreamEvent, StreamEvent.type == "offer_withdrawn")
+    assert sorted(f.payload["conversation_id"] for f in frames) == conversations
 
 
 async def test_a_customer_reply_never_pushes_a_full_agent_over_capacity(
