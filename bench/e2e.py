@@ -6,9 +6,13 @@ raw baseline in the same run: a bare Starlette app that parses the same frames a
 them to the same agent sockets without persistence. Both servers run as separate processes;
 this process is the load generator (visitors and agents over real websockets).
 
-Reported: messages/s at full speed (the median of alternating rounds), p50/p99 ingest-to-agent latency at a fixed rate, lost
-and duplicated messages (must be 0), and the ratios. Targets (SQLite, synchronous=FULL):
-full speed >= 0.25x the baseline's messages/s; at 200 messages/s p99 within 25x the baseline.
+Reported: messages/s at full speed (the median of alternating rounds), p50/p99
+ingest-to-agent latency at a fixed rate, lost and duplicated messages (must be 0), and the
+ratios; then, omniroute alone, how long new visitors wait for their acknowledgement while
+every agent, each holding many offers, drops at once.
+
+Targets (SQLite, synchronous=FULL): full speed >= 0.25x the baseline's messages/s; at
+200 messages/s p99 within 25x the baseline.
 
     python bench/e2e.py            # full run
     python bench/e2e.py --smoke    # seconds; run by `make test`
@@ -301,6 +305,40 @@ async def drive(
     }
 
 
+async def drop_all(base: str, tokens: list[str], messages: int) -> dict[str, Any]:
+    """Every agent holds offers (``messages`` spread over them), then every agent's socket
+    drops at once: how long do new visitors wait for their acknowledgement meanwhile? The
+    writer withdraws all those offers in the same moment."""
+    run = Run(expected=messages)
+    agents, readers = await open_agents(base, tokens, run)
+    visitors = await open_visitors(base, messages)
+    await paced(messages, None, lambda i: _send_one(visitors[i], f"bench drop-{i}"))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(run.done.wait(), 60)
+    probes = await open_visitors(base, 30)
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*(ws.close() for ws in agents))
+    waits = []
+    for i, ws in enumerate(probes):  # one every 50 ms for about 1.5 s
+        started = time.perf_counter()
+        await _send_one(ws, f"probe {i}")
+        waits.append((time.perf_counter() - started) * 1000)
+        await asyncio.sleep(0.05)
+    await stop_reading([], [*visitors, *probes])
+    return {
+        "offers": len(run.received),
+        "max_ms": max(waits),
+        "median_ms": statistics.median(waits),
+    }
+
+
+async def _send_one(ws: Any, text: str) -> None:
+    await ws.send(json.dumps({"type": "message", "client_id": str(uuid.uuid4()), "text": text}))
+    while json.loads(await ws.recv()).get("type") != "ack":
+        pass
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
@@ -361,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"e2e web chat -> agent offers; {agents} agents; SQLite synchronous=FULL; "
-        f"websocket compression {'on' if args.ws_compression else 'off'} on both servers"
+        f"websocket compression: {'on' if args.ws_compression else 'off'} (both servers)"
     )
     print(f"{'run':<22}{'msgs':>7}{'msg/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'lost':>6}{'dup':>5}")
     for (name, kind), r in results.items():
@@ -380,6 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"p99 at {fixed_rate:.0f} msg/s: {latency:.1f}x the baseline (target <= 25x)")
     print(f"lost and duplicated: {'0 and 0' if clean else 'NOT ZERO'}")
+    server = Omniroute(agents)
+    base = server.start()
+    try:
+        drop = asyncio.run(drop_all(base, server.tokens, full))
+    finally:
+        server.stop()
+    print(
+        f"mass disconnect: {agents} agents holding {drop['offers']} offers drop at once; a new "
+        f"visitor's acknowledgement meanwhile: slowest {drop['max_ms']:.0f} ms, "
+        f"median {drop['median_ms']:.0f} ms"
+    )
     if not clean:
         return 1
     if args.smoke:
