@@ -30,6 +30,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections import defaultdict, namedtuple
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,8 @@ _APPEND_ONE = (
     .returning(_stream_events.c.seq)
 )
 MAX_BATCH = 256
+# A batch that takes longer is logged: every write queued behind it waited that long.
+SLOW_BATCH_SECONDS = 1.0
 _STOP = object()
 
 
@@ -655,6 +658,7 @@ class Database:
         pool_size: int = 10,
         max_overflow: int = 10,
         on_records: Callable[[list[StreamRecord]], Awaitable[None] | None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.url = make_url(url)
         self.clock = clock or SystemClock()
@@ -665,6 +669,9 @@ class Database:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
         self.sqlite_synchronous = sqlite_synchronous.upper()
         self.on_records = on_records
+        # SQLite: called from the writer thread after each committed batch with the number
+        # of writes and the seconds it took (metrics)
+        self.on_batch = on_batch
         self._pool_size, self._max_overflow = pool_size, max_overflow
         self._async_engine: AsyncEngine | None = None
         self._writer_engine: Engine | None = None
@@ -881,6 +888,7 @@ class Database:
             conn.close()
 
     def _run_batch(self, conn: Connection, batch: list[_Job]) -> None:
+        started = time.perf_counter()
         outcomes: list[tuple[_Job, bool, Any]] = []
         try:
             with conn.begin():
@@ -905,6 +913,18 @@ class Database:
         self.writes += sum(1 for _, ok, _ in outcomes if ok)
         for job, ok, value in outcomes:
             job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
+        elapsed = time.perf_counter() - started
+        if elapsed >= SLOW_BATCH_SECONDS:
+            log.warning(
+                "SQLite writer: a batch of %d writes took %.2f s; writes queued behind it waited",
+                len(batch),
+                elapsed,
+            )
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(batch), elapsed)
+            except Exception:
+                log.exception("on_batch callback failed")
 
     # -- reads --------------------------------------------------------------------------
     async def read(self, fn: Callable[..., T], *args: Any) -> T:

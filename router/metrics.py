@@ -113,6 +113,13 @@ class Metrics:
             registry=r,
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
         )
+        self.write_batch = Histogram(
+            "omniroute_db_write_batch_seconds",
+            "SQLite: each batch of writes committed together, from its first statement to "
+            "its commit (writes queued behind a batch wait for it)",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
         self._database = _FromDatabase()
         r.register(self._database)
 

@@ -139,6 +139,7 @@ class Runtime:
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
             on_records=self._publish_records,
+            on_batch=lambda _writes, seconds: self.metrics.write_batch.observe(seconds),
         )
         self.rules = RulesService(
             self.db,

@@ -4,14 +4,19 @@ concurrent writers, and a rolled-back write leaves no trace in any stream."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from router import db as db_module
 from router.db import StreamRecord, Tx
 from router.models import EventStream, StreamEvent
 from router.runtime import Runtime
+from tests.support import make_settings, started_runtime
 
 
 async def test_sequences_are_gapless_under_concurrent_writes(runtime: Runtime) -> None:
@@ -139,3 +144,50 @@ async def test_failed_batch_end_work_leaves_the_jobs_committed(runtime: Runtime)
     assert done == []  # the caller sees the work was not done
     assert len(await runtime.db.stream_events("jobs", 0)) == 1
     assert await runtime.db.stream_events("boom", 0) == []
+
+
+async def test_each_batch_is_timed_and_a_slow_one_is_logged(
+    tmp_path: Path,
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SQLite's writer (PostgreSQL has no batches) reports every committed batch (writes,
+    seconds) to /metrics, and logs one that took longer than ``SLOW_BATCH_SECONDS``:
+    everything queued behind it waited."""
+    async with started_runtime(make_settings(tmp_path / "conf", sqlite_url)) as runtime:
+        await _timed_batches(runtime, monkeypatch, caplog)
+
+
+async def _timed_batches(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[int, float]] = []
+    metric = runtime.db.on_batch
+    assert metric is not None
+
+    def capture(writes: int, seconds: float) -> None:
+        seen.append((writes, seconds))
+        metric(writes, seconds)
+
+    runtime.db.on_batch = capture
+
+    def total() -> float:
+        value = runtime.metrics.registry.get_sample_value("omniroute_db_write_batch_seconds_sum")
+        return float(value or 0.0)
+
+    before = total()
+
+    def slow(tx: Tx) -> None:
+        time.sleep(0.5)
+        tx.emit("slow", "e", {})
+
+    monkeypatch.setattr(db_module, "SLOW_BATCH_SECONDS", 0.4)
+    with caplog.at_level(logging.WARNING, logger="router.db"):
+        await runtime.db.write(slow)
+        await runtime.db.write(lambda tx: tx.emit("fast", "e", {}))
+    assert [w for w, _ in seen] == [1, 1] and seen[0][1] >= 0.5 > 0.4 > seen[1][1]
+    slow_lines = [r.getMessage() for r in caplog.records if "writer: a batch" in r.getMessage()]
+    assert len(slow_lines) == 1 and "a batch of 1 writes took" in slow_lines[0]
+    assert total() - before >= 0.5
+    assert b"omniroute_db_write_batch_seconds_bucket" in runtime.metrics.render()
