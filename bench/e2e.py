@@ -339,10 +339,6 @@ async def _send_one(ws: Any, text: str) -> None:
         pass
 
 
-def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(r[key] for r in runs))
-
-
 def measure(server: Any, messages: int, rate: float | None, label: str) -> dict[str, Any]:
     base = server.start()
     try:
@@ -387,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name in ("baseline", "omniroute"):
         runs = [r[name] for r in rounds]
+        middle = statistics.median(r["per_second"] for r in runs)
         results[(name, "full")] = {
-            **min(runs, key=lambda r: abs(r["per_second"] - _median(runs, "per_second"))),
+            **min(runs, key=lambda r: abs(r["per_second"] - middle)),
             "lost": sum(r["lost"] for r in runs),
             "duplicated": sum(r["duplicated"] for r in runs),
             "messages": sum(r["messages"] for r in runs),

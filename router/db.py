@@ -384,7 +384,7 @@ class _Plan:
     and its rows are built by functions generated for it (:func:`_generate`): a generic loop
     over the binds and columns cost about as much as SQLite's own work on a short insert."""
 
-    __slots__ = ("binds", "make_row", "row", "sql", "values")
+    __slots__ = ("make_row", "sql", "values")
 
     def __init__(
         self,
@@ -393,9 +393,9 @@ class _Plan:
         row: Any,
         processors: list[Any] | None,
     ) -> None:
+        # binds: (parameter name or None for a constant, bind processor, constant) each;
+        # row: a named-tuple class, or None when the statement returns no rows
         self.sql = sql
-        self.binds = binds  # (parameter name or None for a constant, bind processor, constant)
-        self.row = row  # a named-tuple class, or None when the statement returns no rows
         self.values: Callable[[dict[str, Any]], tuple[Any, ...]] = _generate(
             "params",
             [
@@ -429,9 +429,10 @@ def _generate(arg: str, items: list[str], names: dict[str, Any], make: Any = Non
     """``lambda arg: (item, ...)`` (or ``make(item, ...)``) compiled from trusted pieces:
     parameter names (through ``repr``), column positions and generated local names."""
     body = ", ".join(items)
-    source = f"lambda {arg}: make({body})" if make is not None else f"lambda {arg}: ({body},)"
-    if not items:
-        source = f"lambda {arg}: make()" if make is not None else f"lambda {arg}: ()"
+    if make is not None:
+        source = f"lambda {arg}: make({body})"
+    else:  # a tuple, even of one item or of none
+        source = f"lambda {arg}: ({body}{',' if items else ''})"
     return eval(source, {"__builtins__": {}, "make": make, **names})
 
 

@@ -127,13 +127,16 @@ def serve_omniroute(
 def serve_baseline(app: Any, port: int) -> None:
     """Serve a benchmark's raw baseline app (what ``--baseline-server PORT`` runs)."""
     import uvicorn
+    from pydantic import TypeAdapter
 
     from router.settings import websocket_options
 
     # the same websocket transport as `omniroute serve`, so the ratio compares the work
     # behind the sockets and not the framing; a benchmark that sets OMNIROUTE_WS_COMPRESSION
-    # for both servers compares them with per-message deflate
-    compression = os.environ.get("OMNIROUTE_WS_COMPRESSION", "").lower() in ("1", "true", "yes")
+    # for both servers compares them with per-message deflate (read as omniroute reads it)
+    compression = TypeAdapter(bool).validate_python(
+        os.environ.get("OMNIROUTE_WS_COMPRESSION", "false")
+    )
     uvicorn.run(
         app,
         host="127.0.0.1",
