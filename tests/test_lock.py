@@ -86,9 +86,7 @@ def _extra_requirements(req: Requirement) -> list[Requirement]:
 
 
 @pytest.mark.parametrize(("lock", "extra"), [(SERVE, False), (DEV, True)], ids=["serve", "dev"])
-def test_every_requirement_of_pyproject_is_pinned_within_its_range(
-    lock: Path, extra: bool
-) -> None:
+def test_every_requirement_of_pyproject_is_pinned_within_its_range(lock: Path, extra: bool) -> None:
     pins = _read_lock(lock)
     problems = []
     for req in _direct(extra):
