@@ -209,10 +209,13 @@ class TemporarySendError(Exception):
 class PermanentSendError(Exception):
     """Will never succeed (blocked, invalid recipient, window closed): the message fails."""
 
-    def __init__(self, reason: str, code: str | None = None) -> None:
+    def __init__(self, reason: str, code: str | None = None, *, opted_out: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        # The provider says the recipient opted out of messages (e.g. replied STOP): the
+        # core marks every identity with that address so nothing more is sent to it.
+        self.opted_out = opted_out
 
 
 # -- the contract -------------------------------------------------------------------

@@ -164,6 +164,8 @@ class Runtime:
             backoff_base=settings.outbox_backoff_base,
             backoff_max=settings.outbox_backoff_max,
             dead_after=settings.heartbeat_interval * 3,
+            concurrency=settings.outbox_concurrency,
+            per_inbox=settings.outbox_per_inbox,
             on_sent=self._count_sent,
         )
         self.db.context["ruleset"] = lambda: self.rules.active

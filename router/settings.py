@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     outbox_max_attempts: int = Field(12, ge=1)
     outbox_backoff_base: float = Field(1.0, gt=0)
     outbox_backoff_max: float = Field(600.0, gt=0)
+    outbox_concurrency: int = Field(
+        64, ge=1, description="sends in flight at once in one process, all inboxes together"
+    )
+    outbox_per_inbox: int = Field(
+        8, ge=1, description="sends in flight at once in one process for one inbox"
+    )
     presence_grace: float = Field(
         60.0, ge=0, description="after a socket loss, presence goes offline after this"
     )
