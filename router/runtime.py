@@ -16,13 +16,12 @@ import json
 import logging
 import os
 import secrets
-import socket
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, select, update
 
 from adapters.blobs import LocalBlobs
 from adapters.bus import Bus, make_bus
@@ -31,7 +30,7 @@ from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
 from router.abandon import abandon_gone_visitors, gone_visitors
-from router.assignment.service import Assignment
+from router.assignment.service import Assignment, register_process
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
@@ -93,20 +92,7 @@ def _secretish(model: InboxConfig, field: str) -> bool:
 
 def _register(tx: Tx, process_id: str) -> None:
     tx.execute(delete(Process).where(Process.id == process_id))
-    tx.execute(
-        insert(Process).values(
-            id=process_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            started_at=tx.now,
-            heartbeat_at=tx.now,
-            last_error={},
-        )
-    )
-
-
-def _heartbeat(tx: Tx, process_id: str) -> None:
-    tx.execute(update(Process).where(Process.id == process_id).values(heartbeat_at=tx.now))
+    register_process(tx, process_id)
 
 
 def _emit_to_visitor(tx: Tx, address: str, message_id: int) -> None:
@@ -559,7 +545,9 @@ class Runtime:
             )
 
     async def _heartbeat(self) -> None:
-        await self.db.write(_heartbeat, self.process_id)
+        # The heartbeat also re-asserts this process's agent sockets: after a database
+        # outage others may have judged it dead and deleted them (docs/delivery.md).
+        await self.assignment.reassert()
         self.metrics.outbox_backlog.set(await self.db.read(backlog))
 
     async def _publish_records(self, records: list[StreamRecord]) -> None:
