@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.clock import Clock
@@ -27,6 +28,7 @@ from router.api import (
     users,
     webhooks,
 )
+from router.db import storage_failure
 from router.exceptions import OmnirouteError
 from router.runtime import Runtime
 from router.sessions import Sessions
@@ -110,6 +112,21 @@ def create_app(
     @app.exception_handler(OmnirouteError)
     async def _omniroute_error(_: Request, exc: OmnirouteError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        # Nothing was stored (the transaction did not commit): the caller should retry; a
+        # provider retries a webhook that did not get its 2xx. No details: they may hold data.
+        reason = storage_failure(exc)
+        log.error("request failed on the database: %s", reason or type(exc.orig).__name__)
+        return JSONResponse(
+            {
+                "error": "unavailable",
+                "message": "the database cannot take this right now; nothing was stored: retry",
+            },
+            status_code=503,
+            headers={"retry-after": "5"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -415,7 +415,7 @@ def serve() -> None:
     runtime = Runtime(settings)
     try:
         runtime.take_sqlite_lock()
-        asyncio.run(runtime.preflight())
+        asyncio.run(runtime.preflight(wait=settings.db_wait))
     except OmnirouteError as exc:
         _fail_usage(exc.message)
     uvicorn.run(

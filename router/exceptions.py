@@ -2,6 +2,7 @@
 
 OmnirouteError
 ├── ConfigError            settings, channels.yaml: names the field, never a secret
+│   └── DatabaseUnreachable  the database does not answer (yet): `serve` waits for it
 ├── NotFound               an id that does not exist (HTTP 404)
 ├── Forbidden              authenticated but not allowed (HTTP 403)
 ├── Unauthorized           missing or wrong credentials (HTTP 401)
@@ -23,6 +24,7 @@ __all__ = [
     "ChannelUnavailable",
     "ConfigError",
     "Conflict",
+    "DatabaseUnreachable",
     "Forbidden",
     "InvalidInput",
     "NotFound",
@@ -50,6 +52,10 @@ class OmnirouteError(Exception):
 
 class ConfigError(OmnirouteError):
     code = "config"
+
+
+class DatabaseUnreachable(ConfigError):
+    code = "database_unreachable"
 
 
 class NotFound(OmnirouteError):

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
 from router.events import visitor_stream
-from router.exceptions import AlreadyRunning, ConfigError, InvalidInput
+from router.exceptions import AlreadyRunning, ConfigError, DatabaseUnreachable, InvalidInput
 from router.failpoints import configure as configure_failpoints
 from router.failpoints import failpoint
 from router.leases import release as release_lease
@@ -304,20 +305,41 @@ class Runtime:
         try:
             revision = await db.read(current_revision)
         except Exception as exc:
-            raise ConfigError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+            raise DatabaseUnreachable(
+                f"cannot reach the database: {type(exc).__name__}: {exc}"
+            ) from None
         if revision != head_revision():
             raise ConfigError(
                 f"the database is at migration {revision or 'none'}, this omniroute needs {head_revision()}: run `omniroute db upgrade`"
             )
 
-    async def preflight(self) -> None:
-        """Fail early with one clear message: database reachable and migrated, files valid."""
-        db = Database(self.settings.database_url)
-        await db.start()
-        try:
-            await self._check_schema(db)
-        finally:
-            await db.close()
+    async def preflight(self, *, wait: float | None = None) -> None:
+        """Fail early with one clear message: database reachable and migrated, files valid.
+
+        A PostgreSQL database that does not answer is waited for (backoff up to 30 s between
+        tries, each logged), for ``wait`` seconds (None: for as long as it takes): a server
+        started with, or before, its database comes up when it does."""
+        pause, waited = 1.0, 0.0
+        while True:
+            db = Database(self.settings.database_url)
+            try:
+                await db.start()
+                await self._check_schema(db)
+                break
+            except DatabaseUnreachable as exc:
+                if self.settings.is_sqlite or (wait is not None and waited >= wait):
+                    raise
+                log.warning(
+                    "waiting for the database at %s (%s); next try in %.0f s",
+                    db.url.render_as_string(hide_password=True),
+                    exc.message.removeprefix("cannot reach the database: ")[:200],
+                    pause,
+                )
+            finally:
+                await db.close()
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 30.0)
         if self.settings.channels_path is not None:
             try:
                 load_channels(
@@ -365,6 +387,11 @@ class Runtime:
         reasons = []
         if not self.started:
             reasons.append("starting")
+        failed = self.db.write_failed
+        window = 3 * self.settings.heartbeat_interval  # the heartbeat writes that often
+        if failed is not None and time.monotonic() - failed[0] < window:
+            # disk full, read-only, I/O errors: reads may still work, writes do not
+            reasons.append(f"database cannot write: {failed[1]}")
         if not await self.db.ping():
             reasons.append("database unreachable")
         elif await self.db.read(current_revision) != head_revision():

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         60.0, ge=0, description="after a socket loss, presence goes offline after this"
     )
     stream_retention_days: float = Field(7.0, gt=0)
+    db_wait: float | None = Field(
+        None,
+        ge=0,
+        description="how long `serve` waits at start for a PostgreSQL that does not answer "
+        "(seconds; unset: as long as it takes)",
+    )
 
     # limits
     message_max_chars: int = Field(10_000, ge=1)
