@@ -243,8 +243,10 @@ class ChannelContext:
     deliver: Callable[[list[ParsedItem]], Awaitable[Any]] | None = None
     blobs: BlobStore | None = None
     push: Callable[[OutboundMessage], Awaitable[SendReceipt]] | None = (
-        None  # live delivery (web chat)
+        None  # live delivery (web chat): at most once per message
     )
+    # whether ``push`` delivered this message already (its receipt), for an uncertain send
+    pushed: Callable[[OutboundMessage], Awaitable[SendReceipt | None]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # test-only overrides and the like
     state: StateStore | None = None
     secret: bytes = b""  # per-deployment key for channel-level tokens (thread tokens)

@@ -96,9 +96,26 @@ def _register(tx: Tx, process_id: str) -> None:
     register_process(tx, process_id)
 
 
+_ON_VISITOR_STREAM = "on_visitor_stream"
+
+
 def _emit_to_visitor(tx: Tx, address: str, message_id: int) -> None:
+    """The message on the visitor's stream, once: a marker on the message commits with the
+    event, so a resend after a crash inside the send does not show it twice."""
     row = tx.execute(select(Message).where(Message.id == message_id)).one()
+    if (row.data or {}).get(_ON_VISITOR_STREAM):
+        return
     tx.emit(visitor_stream(address), "message", visitor_payload(row))
+    tx.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(data={**(row.data or {}), _ON_VISITOR_STREAM: True})
+    )
+
+
+def _on_visitor_stream(conn: Any, message_id: int) -> bool:
+    data = conn.execute(select(Message.data).where(Message.id == message_id)).scalar_one_or_none()
+    return bool((data or {}).get(_ON_VISITOR_STREAM))
 
 
 def _unregister(tx: Tx, process_id: str) -> None:
@@ -435,6 +452,7 @@ class Runtime:
                 now=self.clock.now,
                 deliver=self._deliver_for(slug),
                 push=self._push_live,
+                pushed=self._pushed,
                 blobs=self.blobs,
                 state=InboxState(self.db, info.id),
                 secret=self.channel_secret,
@@ -474,9 +492,14 @@ class Runtime:
         return deliver
 
     async def _push_live(self, message: OutboundMessage) -> SendReceipt:
-        """Live delivery (web chat): a committed event on the visitor's stream."""
+        """Live delivery (web chat): a committed event on the visitor's stream, once."""
         await self.db.write(_emit_to_visitor, message.recipient.address, message.message_id)
         return SendReceipt(f"live-{message.message_id}", status="delivered")
+
+    async def _pushed(self, message: OutboundMessage) -> SendReceipt | None:
+        if await self.db.read(_on_visitor_stream, message.message_id):
+            return SendReceipt(f"live-{message.message_id}", status="delivered")
+        return None
 
     def channel_for_inbox_id(self, inbox_id: int) -> Channel | None:
         slug = self._inbox_by_id.get(inbox_id)

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
 from sqlalchemy import select, update
@@ -202,3 +203,52 @@ async def test_an_outcome_is_recorded_after_the_database_comes_back(tmp_path: Pa
             finally:
                 worker.cancel()
                 await asyncio.gather(worker, return_exceptions=True)
+
+
+async def test_a_web_chat_reply_resent_after_a_crash_reaches_the_visitor_once(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A web-chat reply whose push committed but whose sender died before recording it:
+    recovery finds it on the visitor's stream and does not push it again (before, the
+    visitor's stream carried it twice: two sequence numbers, one message id)."""
+    from channels.webchat import WebChatChannel, new_visitor_token, visitor_address
+    from router.events import visitor_stream
+    from router.models import StreamEvent
+    from router.outbox import _load_claimed
+    from tests.support import WEB_CHANNELS
+
+    settings = make_settings(tmp_path / "conf", db_url, channels=WEB_CHANNELS)
+    async with started_runtime(settings) as runtime:
+        web = runtime.channels["web"]
+        assert isinstance(web, WebChatChannel)
+        address = visitor_address(new_visitor_token())
+        assert address is not None
+        outcomes = await runtime.ingest("web", [web.inbound(address, str(uuid4()), "hello")])
+        await runtime.after_ingest(outcomes)
+        await settle(runtime)
+        (row,) = await rows(runtime, Outbox)  # the welcome, to the visitor
+        (job,) = await runtime.db.read(_load_claimed, [row.id], runtime.clock.now())
+        await web.send(job.message)  # the dead process's push did land
+
+        def died_inside_the_send(tx: Tx) -> None:
+            tx.execute(
+                update(Outbox)
+                .where(Outbox.id == row.id)
+                .values(state="sending", claimed_by="dead-process", claimed_at=tx.now)
+            )
+
+        await runtime.db.write(died_inside_the_send)
+        assert await runtime.outbox.recover_uncertain() == 1
+        await runtime.outbox.process_due()
+        web.uncertain_policy = UncertainPolicy.RESEND  # type: ignore[misc]  # an admin's choice
+        await runtime.db.write(died_inside_the_send)
+        await runtime.outbox.recover_uncertain()
+        await runtime.outbox.process_due()
+        (after,) = await rows(runtime, Outbox)
+        events = [
+            e
+            for e in await rows(runtime, StreamEvent, StreamEvent.stream == visitor_stream(address))
+            if e.type == "message"
+        ]
+        assert after.state == "sent"
+        assert len(events) == 1  # once, whatever the policy
