@@ -31,6 +31,7 @@ from router.exceptions import OmnirouteError
 from router.runtime import Runtime
 from router.sessions import Sessions
 from router.settings import Settings, load_settings
+from router.ws_frames import quiet_invalid_utf8
 
 __all__ = ["create_app"]
 
@@ -122,6 +123,7 @@ def create_app(
         )
 
     app.add_middleware(SecurityHeaders)
+    quiet_invalid_utf8()
 
     for module in (
         health,

@@ -76,7 +76,7 @@ async def test_visitor_to_agent_and_back(live: tuple[Runtime, str]) -> None:
     visitor, hello = await connect_visitor(
         base, name="Vera", email="vera@example.com", language="de"
     )
-    assert len(hello["token"]) == 43 and hello["history"] == []
+    assert len(hello["token"]) == 64 and hello["history"] == []
     first = cid()
     await visitor.send(
         {"type": "message", "client_id": first, "text": "Hello, <b>is anyone there?</b>"}
@@ -374,7 +374,7 @@ async def test_compression_is_negotiated_when_enabled(tmp_path: Path, sqlite_url
         assert "permessage-deflate" in visitor.ws.response.headers["Sec-WebSocket-Extensions"]
         await visitor.send({"type": "message", "client_id": cid(), "text": "compressed " * 50})
         ack = await visitor.wait_for(lambda f: f.get("type") == "ack")
-        assert ack["message_id"] > 0 and len(welcome["token"]) == 43
+        assert ack["message_id"] > 0 and len(welcome["token"]) == 64
         await visitor.close()
 
 
