@@ -18,6 +18,7 @@ import websockets
 from sqlalchemy import func, select
 
 from adapters.clock import FakeClock
+from router import pipeline
 from router.auth import create_user
 from router.models import Message, Quarantine
 from router.runtime import Runtime
@@ -131,6 +132,34 @@ async def test_the_visitor_socket_answers_hostile_frames_and_acks_nothing_unstor
     assert isinstance(ack["message_id"], int)
     await visitor.close()
     assert errors_logged == []
+
+
+async def test_a_message_that_failed_to_store_is_not_acknowledged(
+    live: tuple[Runtime, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever makes an item fail inside the ingest (here an injected fault), it is
+    quarantined and the visitor gets ``not_stored``, never an ack without a message id."""
+    runtime, base = live
+    real = pipeline.ingest_message
+
+    def failing(tx: Any, inbox: Any, msg: Any) -> Any:
+        if msg.text == "this one breaks":
+            raise ValueError("injected fault")
+        return real(tx, inbox, msg)
+
+    monkeypatch.setattr(pipeline, "ingest_message", failing)
+    visitor, _ = await connect_visitor(base)
+    broken = str(uuid.uuid4())
+    await visitor.send({"type": "message", "client_id": broken, "text": "this one breaks"})
+    error = await _error(visitor)
+    assert (error["code"], error["client_id"]) == ("not_stored", broken)
+    await visitor.send({"type": "message", "client_id": str(uuid.uuid4()), "text": "fine"})
+    ack = await visitor.wait_for(lambda f: f.get("type") == "ack")
+    assert isinstance(ack["message_id"], int)
+    assert [f for f in visitor.frames if f.get("type") == "ack"] == [ack]
+    reasons = await runtime.db.read(lambda c: c.execute(select(Quarantine.reason)).scalars().all())
+    assert len(reasons) == 1 and "injected fault" in reasons[0]  # kept for an admin
+    await visitor.close()
 
 
 async def test_a_name_that_cannot_be_stored_is_refused_in_the_hello(
