@@ -27,7 +27,7 @@ from router.api import (
     users,
     webhooks,
 )
-from router.exceptions import OmnirouteError
+from router.exceptions import OmnirouteError, RateLimited
 from router.runtime import Runtime
 from router.sessions import Sessions
 from router.settings import Settings, load_settings
@@ -110,7 +110,8 @@ def create_app(
 
     @app.exception_handler(OmnirouteError)
     async def _omniroute_error(_: Request, exc: OmnirouteError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

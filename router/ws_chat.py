@@ -31,7 +31,7 @@ from router.hub import Session
 from router.models import ContactIdentity, Conversation, Message
 from router.ratelimit import RateLimiter
 from router.runtime import Runtime
-from router.sessions import origin_of
+from router.sessions import origin_of, own_origins
 from router.timeline import visitor_history
 from router.types import OPEN_STATES
 from router.visitor_identity import finish_proof, sign_in, start_proof
@@ -118,9 +118,9 @@ async def _chat_socket(ws: WebSocket) -> None:
         await ws.close(code=1008)  # before accept: an HTTP 403
         return
     origin = (ws.headers.get("origin") or "").lower()
-    allowed = {origin_of(o) for o in channel.config.allowed_origins} | {
-        origin_of(runtime.settings.public_base_url)
-    }
+    allowed = {origin_of(o) for o in channel.config.allowed_origins} | own_origins(
+        runtime.settings.public_base_url
+    )
     if origin not in allowed:
         log.info("web chat upgrade from a foreign origin %r refused", origin)
         await ws.close(code=1008)  # 403

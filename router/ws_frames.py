@@ -51,7 +51,7 @@ class BadFrame(OmnirouteError):
         out: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
         for key in echo:
             value = (self.request or {}).get(key)
-            if isinstance(value, str) and _storable(value) or isinstance(value, int):
+            if (isinstance(value, str) and _storable(value)) or isinstance(value, int):
                 out[key] = value
         return out
 

@@ -257,7 +257,11 @@ async def test_bad_agent_input_gets_clear_errors(live: tuple[Runtime, str]) -> N
     for hello, message in [
         ({"type": "hello", "token": "wrong"}, "invalid token"),
         # no token: only the console's session cookie, from our own pages
-        ({"type": "hello"}, "the session cookie is accepted only from this site's own pages"),
+        (
+            {"type": "hello"},
+            "the session cookie is accepted only from this site's own pages: "
+            "open http://testserver/console/login",
+        ),
         ({"type": "hello", "token": 5}, 'the first frame must be {"type": "hello", "token": ...}'),
         (
             {"type": "accept", "offer_id": 1},
