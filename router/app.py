@@ -101,7 +101,10 @@ def create_app(
         summary="Omnichannel contact-center router",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        # served by router/pages.py from local assets under our CSP (FastAPI's own pages
+        # load Swagger UI and ReDoc from a CDN with an inline script)
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.sessions = Sessions(
