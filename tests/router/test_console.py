@@ -403,16 +403,19 @@ async def test_customer_names_and_file_names_are_bidi_isolated(
     page = agent.page
     await page.wait_for_selector("#offers li.offer", timeout=20_000)
     offer = page.locator("#offers li.offer strong")
-    assert await offer.locator("bdi.name").text_content() == f"{RLO}Mallory"
     # the override stays inside the name: what follows it is drawn in its own order
-    assert (await offer.evaluate(VISUAL)).endswith(" · Email · general")
+    drawn = await offer.evaluate(VISUAL)
+    assert drawn.endswith(" · Email · general"), drawn
+    assert await offer.locator("bdi.name").text_content() == f"{RLO}Mallory"
     await page.click("#offers li.offer .accept")
     attachment = page.locator("#timeline a.attachment")
     await attachment.wait_for(timeout=15_000)
     await agent.shot("bidi")
     shown = await attachment.evaluate(VISUAL)
-    assert shown == "Attachment: invoice[U+202E]gnp.exe", shown
-    assert shown.endswith(".exe") and RLO not in await attachment.inner_text()
+    assert shown.endswith(".exe"), shown  # not "invoiceexe.png"
+    assert (
+        shown == "Attachment: invoice[U+202E]gnp.exe" and RLO not in await attachment.inner_text()
+    )
     assert await page.locator("#timeline .subject").get_attribute("dir") == "auto"
     assert await page.locator("#timeline .text").first.get_attribute("dir") == "auto"
     assert (await page.locator("#title").evaluate(VISUAL)).endswith(" · Email")
