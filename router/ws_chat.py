@@ -4,8 +4,9 @@ Origins not in the inbox's ``allowed_origins`` (or our own public origin) get 40
 the upgrade. The first frame is a ``hello`` with the visitor's token if the widget has one;
 a new visitor gets a fresh signed token in the ``welcome``, and a token this server never
 minted is refused with a ``token_rejected`` error (the visitor starts anew, counted by the
-new-visitor limit). Each message carries a client
-UUID; the server acks after the commit and dedupes a resend on ``(inbox, visitor, client_id)``.
+new-visitor limit). Each message carries a client UUID; the server acks after the commit,
+only with the stored message's id, and dedupes a resend on ``(inbox, visitor, client_id)``.
+Frames are read by ``router.ws_frames`` (binary, too deep or unstorable text: an error).
 Token buckets per IP and per visitor limit connections, new visitors and messages: beyond
 them the socket is closed with 1008 and a reason.
 """
@@ -160,13 +161,16 @@ async def _chat_socket(ws: WebSocket) -> None:
             # a token this server never issued (made up, or from another deployment):
             # said plainly, then the visitor is a new one, counted like any other
             log.info("web chat %s: a visitor token this server never issued refused", slug)
-            await send(
-                {
-                    "type": "error",
-                    "code": "token_rejected",
-                    "message": "this chat token was not issued here: a new chat starts",
-                }
-            )
+            try:
+                await send(
+                    {
+                        "type": "error",
+                        "code": "token_rejected",
+                        "message": "this chat token was not issued here: a new chat starts",
+                    }
+                )
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                return
         if not limits.new_visitors.allow(ip):
             await ws.close(1008, "rate limit: too many new visitors")
             return

@@ -6,7 +6,8 @@ as on the agent socket); the user needs the supervisor role. The socket sends a
 and load per channel) at once and again whenever it changed (checked every
 ``OMNIROUTE_SUPERVISOR_SNAPSHOT_INTERVAL``, 1 s), and forwards the supervisors' stream
 events (CSAT answers, presence changes, SLA warnings and breaches, abandoned calls) as
-they happen.
+they happen. It answers ``ping`` with ``pong`` and anything else with an ``error`` frame
+(frames are read by ``router.ws_frames``).
 """
 
 from __future__ import annotations
