@@ -1,14 +1,18 @@
 """Web chat: visitors on your site talk to agents through ``/ws/chat`` and ``/widget.js``.
 
-The visitor's identity is an unguessable token (256 bits) that the widget keeps; the
-server only ever stores its SHA-256 (the identity address), so a database reader or an
-agent cannot impersonate a visitor. A visitor's typed name and email are hints: stored,
+The visitor's identity is an unguessable token (256 random bits) that the widget keeps;
+the server only ever stores its SHA-256 (the identity address), so a database reader or an
+agent cannot impersonate a visitor. Tokens carry the server's signature (a truncated
+HMAC-SHA256 of the random part), so a token the server never minted is told apart without
+a lookup and cannot pose as a returning visitor. A visitor's typed name and email are hints: stored,
 shown as unverified, never used to link contacts or reveal history.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -29,9 +33,12 @@ from channels.base import (
     UncertainPolicy,
 )
 
-__all__ = ["WebChatChannel", "WebChatConfig", "new_visitor_token", "visitor_address"]
+__all__ = ["WebChatChannel", "WebChatConfig", "minted", "new_visitor_token", "visitor_address"]
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
+# Signed tokens (64 characters) and, from before tokens were signed, plain random ones (43)
+_TOKEN = re.compile(r"^(?:[A-Za-z0-9_-]{64}|[A-Za-z0-9_-]{43})$")
+_NONCE, _TAG = 32, 16
+_SIGNED_LENGTH = (_NONCE + _TAG) * 4 // 3
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 _LANGUAGE = re.compile(r"^[a-z]{2}$")
@@ -57,12 +64,28 @@ class WebChatConfig(InboxConfig):
     verify_sms_inbox: str | None = None
 
 
-def new_visitor_token() -> str:
-    return secrets.token_urlsafe(32)  # 256 bits
+def _tag(key: bytes, nonce: bytes) -> bytes:
+    return hmac.new(key, b"webchat visitor token:" + nonce, hashlib.sha256).digest()[:_TAG]
+
+
+def new_visitor_token(key: bytes) -> str:
+    """A new visitor token: 256 random bits and their 128-bit HMAC under ``key``, base64url
+    (64 characters)."""
+    nonce = secrets.token_bytes(_NONCE)
+    return base64.urlsafe_b64encode(nonce + _tag(key, nonce)).decode()
+
+
+def minted(key: bytes, token: str) -> bool:
+    """Whether ``token`` is one :func:`new_visitor_token` made with ``key`` (constant time)."""
+    if len(token) != _SIGNED_LENGTH or not _TOKEN.match(token):
+        return False
+    raw = base64.urlsafe_b64decode(token)
+    return hmac.compare_digest(raw[_NONCE:], _tag(key, raw[:_NONCE]))
 
 
 def visitor_address(token: str) -> str | None:
-    """The stored identity of a visitor token (its SHA-256), or None for a malformed token."""
+    """The stored identity of a visitor token (its SHA-256), or None for a malformed token.
+    Says nothing about who minted it (see :func:`minted`)."""
     if not _TOKEN.match(token):
         return None
     return "v_" + hashlib.sha256(token.encode()).hexdigest()[:40]

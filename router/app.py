@@ -29,10 +29,11 @@ from router.api import (
     webhooks,
 )
 from router.db import storage_failure
-from router.exceptions import OmnirouteError
+from router.exceptions import OmnirouteError, RateLimited
 from router.runtime import Runtime
 from router.sessions import Sessions
 from router.settings import Settings, load_settings
+from router.ws_frames import quiet_invalid_utf8
 
 __all__ = ["create_app"]
 
@@ -102,7 +103,10 @@ def create_app(
         summary="Omnichannel contact-center router",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        # served by router/pages.py from local assets under our CSP (FastAPI's own pages
+        # load Swagger UI and ReDoc from a CDN with an inline script)
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.sessions = Sessions(
@@ -111,7 +115,8 @@ def create_app(
 
     @app.exception_handler(OmnirouteError)
     async def _omniroute_error(_: Request, exc: OmnirouteError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(DBAPIError)
     async def _database_error(_: Request, exc: DBAPIError) -> JSONResponse:
@@ -139,6 +144,7 @@ def create_app(
         )
 
     app.add_middleware(SecurityHeaders)
+    quiet_invalid_utf8()
 
     for module in (
         health,

@@ -506,6 +506,8 @@ def demo(
 ) -> None:
     """Run the demo on SQLite with no other service: migrate, load the examples, seed an admin
     and three agents, print their tokens, serve. (``make run`` runs this.)"""
+    from urllib.parse import urlsplit
+
     from router.migrate import upgrade
 
     _demo_environment(var.resolve())
@@ -518,6 +520,11 @@ def demo(
     typer.echo(f"  agent console: {base}/console   (sign in with an agent token below)")
     typer.echo(f"  minimal page:  {base}/demo/agent")
     typer.echo(f"  API docs:      {base}/docs")
+    host = urlsplit(base).hostname
+    if host in ("127.0.0.1", "localhost"):
+        # the console and the widget accept the loopback aliases of their own origin
+        alias = base.replace(host, "localhost" if host == "127.0.0.1" else "127.0.0.1", 1)
+        typer.echo(f"  (or the same with {alias}: both name this machine)")
     for name, role, token in accounts:
         typer.echo(f"  {role:<6} {name:<6} token: {token}")
     typer.echo(

@@ -46,7 +46,7 @@ async def login(body: Login, request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     sessions = _sessions(request)
     if not sessions.same_origin(request, required=False):
-        raise Forbidden("sign in from this site's own page")
+        raise Forbidden(f"sign in from this site's own page: open {sessions.login_url}")
     ip = request.client.host if request.client else "?"
     if not sessions.attempts.allow(ip):
         return JSONResponse(

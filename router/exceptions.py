@@ -10,6 +10,7 @@ OmnirouteError
 │   └── RulesRejected      a ruleset that fails validation or would orphan work
 ├── Conflict               the state changed underneath (HTTP 409): lost a race, stale
 ├── CapacityExceeded       the agent has no free capacity for this (HTTP 409)
+├── RateLimited            too many attempts; ``retry_after`` seconds (HTTP 429, Retry-After)
 ├── AlreadyRunning         a second `serve` on one SQLite file
 └── ChannelUnavailable     the inbox is disabled or its channel is not configured
 """
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "OmnirouteError",
+    "RateLimited",
     "RulesRejected",
     "Unauthorized",
     "Unavailable",
@@ -90,6 +92,17 @@ class Conflict(OmnirouteError):
 class CapacityExceeded(OmnirouteError):
     status = 409
     code = "capacity"
+
+
+class RateLimited(OmnirouteError):
+    """Too many attempts: answered with 429 and a ``Retry-After`` of ``retry_after`` seconds."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
 
 
 class AlreadyRunning(OmnirouteError):

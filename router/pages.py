@@ -1,12 +1,16 @@
-"""Static pages and assets: the widget, the demo pages. A strict Content-Security-Policy
-(no inline script or style) on every page we serve."""
+"""Static pages and assets: the widget, the demo pages, the API docs (``/docs``,
+``/redoc``). A strict Content-Security-Policy (no inline script or style) on every page we
+serve; every script and stylesheet comes from this server."""
 
 from __future__ import annotations
 
+import importlib.util
+import secrets
+from functools import cache
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from router.exceptions import NotFound
 
@@ -26,7 +30,26 @@ _ASSETS = {
     "console-common.js": "application/javascript",
     "console-login.js": "application/javascript",
     "supervisor.js": "application/javascript",
+    "docs-swagger.js": "application/javascript",
+    "docs-redoc.js": "application/javascript",
 }
+# Swagger UI and ReDoc as the pinned fastapi-offline package (MIT) ships them: with 1.7.7,
+# swagger-ui-dist 5.32.6 (Apache-2.0) and redoc 2.5.3 (MIT). The docs work offline and no
+# script from a CDN ever runs on the console's origin (docs/security.md).
+_DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "application/javascript",
+    "swagger-ui.css": "text/css",
+    "redoc.standalone.js": "application/javascript",
+}
+
+
+@cache
+def _docs_assets() -> Path:
+    # found without importing the package (its module builds an app we do not use)
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("fastapi-offline is not installed (it is in requirements/serve.txt)")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 
 def page(name: str) -> Response:
@@ -77,3 +100,30 @@ async def demo_chat() -> Response:
 @router.get("/demo/agent")
 async def demo_agent() -> Response:
     return page("demo-agent.html")
+
+
+@router.get("/docs")
+async def swagger_ui() -> Response:
+    """Swagger UI over ``/openapi.json``, from local assets under the console's policy."""
+    return page("docs.html")
+
+
+@router.get("/redoc")
+async def redoc() -> Response:
+    """ReDoc over ``/openapi.json``: scripts as everywhere (``script-src 'self'``); the
+    ``<style>`` elements ReDoc writes carry this response's nonce."""
+    nonce = secrets.token_urlsafe(18)
+    html = (STATIC / "redoc.html").read_text().replace("{nonce}", nonce)
+    csp = CSP.replace("style-src 'self';", f"style-src 'self' 'nonce-{nonce}';")
+    return HTMLResponse(html, headers={"Content-Security-Policy": csp, "Cache-Control": "no-store"})
+
+
+@router.get("/static/docs/{name}")
+async def docs_asset(name: str) -> Response:
+    if name not in _DOCS_ASSETS:
+        raise NotFound("no such asset")
+    return FileResponse(
+        _docs_assets() / name,
+        media_type=_DOCS_ASSETS[name],
+        headers={"Cache-Control": "public, max-age=86400"},
+    )

@@ -34,3 +34,12 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         tokens, updated = self._buckets[key]
         return min(self.capacity, tokens + (now - updated) * self.rate) < 1.0
+
+    def retry_after(self, key: str, now: float | None = None) -> float:
+        """Seconds until ``key`` has a token again (0 when it has one now)."""
+        if key not in self._buckets:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens, updated = self._buckets[key]
+        tokens = min(self.capacity, tokens + (now - updated) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate

@@ -27,16 +27,35 @@ from router.exceptions import Forbidden, Unauthorized
 from router.models import User, UserSession
 from router.ratelimit import RateLimiter
 
-__all__ = ["COOKIE", "CSRF_HEADER", "Sessions", "hello_principal", "origin_of"]
+__all__ = ["COOKIE", "CSRF_HEADER", "Sessions", "hello_principal", "origin_of", "own_origins"]
 
 COOKIE = "omniroute_session"
 CSRF_HEADER = "x-csrf-token"
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+PASSWORD_CHANGES = 5  # attempts to change the password, per account (and process) ...
+PASSWORD_WINDOW = 15 * 60  # ... in this many seconds
 
 
 def origin_of(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+
+
+def own_origins(public_base_url: str) -> frozenset[str]:
+    """The origins of our own pages: that of ``public_base_url`` and, when its host is a
+    loopback name or address, the other loopback aliases with the same scheme and port (the
+    demo serves http://127.0.0.1:8080, and a browser opened at http://localhost:8080 is on
+    the same machine, the same server)."""
+    parts = urlsplit(public_base_url)
+    origin = origin_of(public_base_url)
+    host = (parts.hostname or "").lower()
+    if f"[{host}]" not in _LOOPBACK and host not in _LOOPBACK:
+        return frozenset({origin})
+    port = f":{parts.port}" if parts.port is not None else ""
+    return frozenset({origin, *(f"{parts.scheme}://{alias}{port}".lower() for alias in _LOOPBACK)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +102,13 @@ class Sessions:
         self.db = db
         self.secret = secret
         self.origin = origin_of(public_base_url)
+        self.origins = own_origins(public_base_url)
+        self.login_url = f"{public_base_url.rstrip('/')}/console/login"
         self.secure = self.origin.startswith("https://")
         self.hours = hours
         self.attempts = RateLimiter(10, 60)  # sign-in attempts per IP per minute
+        # password changes per account (router/api/me.py)
+        self.password_changes = RateLimiter(PASSWORD_CHANGES, PASSWORD_WINDOW)
 
     def csrf(self, token: str) -> str:
         return hmac.new(self.secret, b"csrf:" + token.encode(), hashlib.sha256).hexdigest()
@@ -125,7 +148,7 @@ class Sessions:
         origin = connection.headers.get("origin")
         if origin is None:
             return not required
-        return origin.lower() == self.origin
+        return origin.lower() in self.origins
 
     async def principal(self, connection: HTTPConnection) -> Principal | None:
         """The cookie's user for an API request; state-changing requests must prove they
@@ -154,7 +177,10 @@ async def hello_principal(
     if token is None:
         sessions: Sessions = connection.app.state.sessions
         if not sessions.same_origin(connection, required=True):
-            raise Forbidden("the session cookie is accepted only from this site's own pages")
+            raise Forbidden(
+                "the session cookie is accepted only from this site's own pages: "
+                f"open {sessions.login_url}"
+            )
         found = await sessions.from_cookie(connection)
         if found is None:
             raise Unauthorized("not signed in: send a token or sign in to the console")

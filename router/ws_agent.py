@@ -33,13 +33,13 @@ from router.runtime import Runtime
 from router.sessions import hello_principal
 from router.timeline import contact_timeline
 from router.types import AgentPresence, OfferState, Role
+from router.ws_frames import BadFrame, receive
 
 __all__ = ["agent_state", "router"]
 
 router = APIRouter()
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
-MAX_FRAME = 64 * 1024
 
 
 def agent_state(conn: Connection, agent_id: int) -> dict[str, Any]:
@@ -253,14 +253,14 @@ class AgentConnection:
 
 async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, Any]]:
     try:
-        raw = await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT)
+        hello = await asyncio.wait_for(receive(ws), HELLO_TIMEOUT)
     except TimeoutError:
         raise Unauthorized("send hello with your token first") from None
-    try:
-        hello = json.loads(raw)
-    except ValueError:
-        raise Unauthorized("the first frame must be a JSON hello") from None
-    if not isinstance(hello, dict) or hello.get("type") != "hello":
+    except BadFrame as exc:
+        if exc.code == "invalid":
+            raise Unauthorized("the first frame must be a JSON hello") from None
+        raise
+    if hello.get("type") != "hello":
         raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
     principal = await hello_principal(ws, runtime.db, hello)
     if principal.agent_id is None:
@@ -338,27 +338,10 @@ def _seq(value: Any) -> int | None:
 
 async def _command_loop(ws: WebSocket, conn: AgentConnection) -> None:
     while True:
-        raw = await ws.receive_text()
-        if len(raw) > MAX_FRAME:
-            await conn.send(
-                {
-                    "type": "error",
-                    "code": "too_large",
-                    "message": f"frames are limited to {MAX_FRAME} bytes",
-                }
-            )
-            continue
         try:
-            cmd = json.loads(raw)
-        except ValueError:
-            await conn.send(
-                {"type": "error", "code": "invalid", "message": "frames must be JSON objects"}
-            )
-            continue
-        if not isinstance(cmd, dict):
-            await conn.send(
-                {"type": "error", "code": "invalid", "message": "frames must be JSON objects"}
-            )
+            cmd = await receive(ws)
+        except BadFrame as exc:
+            await conn.send(exc.frame("id"))
             continue
         request_id = cmd.get("id")
         if cmd.get("type") == "logout":

@@ -2,8 +2,11 @@
 
 Origins not in the inbox's ``allowed_origins`` (or our own public origin) get 403 before
 the upgrade. The first frame is a ``hello`` with the visitor's token if the widget has one;
-a new visitor gets a fresh 256-bit token in the ``welcome``. Each message carries a client
-UUID; the server acks after the commit and dedupes a resend on ``(inbox, visitor, client_id)``.
+a new visitor gets a fresh signed token in the ``welcome``, and a token this server never
+minted is refused with a ``token_rejected`` error (the visitor starts anew, counted by the
+new-visitor limit). Each message carries a client UUID; the server acks after the commit,
+only with the stored message's id, and dedupes a resend on ``(inbox, visitor, client_id)``.
+Frames are read by ``router.ws_frames`` (binary, too deep or unstorable text: an error).
 Token buckets per IP and per visitor limit connections, new visitors and messages: beyond
 them the socket is closed with 1008 and a reason.
 """
@@ -20,7 +23,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from sqlalchemy import Connection, select
 from starlette.websockets import WebSocketDisconnected
 
-from channels.webchat import WebChatChannel, new_visitor_token, visitor_address
+from channels.webchat import WebChatChannel, minted, new_visitor_token, visitor_address
 from router.abandon import visitor_back, visitor_left, waiting_chats
 from router.csat import visitor_answer
 from router.events import agent_stream, visitor_stream
@@ -29,10 +32,11 @@ from router.hub import Session
 from router.models import ContactIdentity, Conversation, Message
 from router.ratelimit import RateLimiter
 from router.runtime import Runtime
-from router.sessions import origin_of
+from router.sessions import origin_of, own_origins
 from router.timeline import visitor_history
 from router.types import OPEN_STATES
 from router.visitor_identity import finish_proof, sign_in, start_proof
+from router.ws_frames import BadFrame, receive
 
 __all__ = ["router"]
 
@@ -40,7 +44,6 @@ router = APIRouter()
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0
 _sockets: dict[str, int] = {}  # open visitor sockets in this process, by visitor
-MAX_FRAME = 64 * 1024
 
 
 class _Limits:
@@ -87,6 +90,20 @@ def _assigned_agent(conn: Connection, identity_id: int) -> int | None:
     ).scalar_one_or_none()
 
 
+async def _returning(runtime: Runtime, token: object) -> str | None:
+    """The visitor address of a returning visitor's token: a token this server minted (its
+    signature checks), or one issued before tokens were signed whose visitor the database
+    knows. None for anything else: a made-up token is no way around the new-visitor limit."""
+    if not isinstance(token, str):
+        return None
+    address = visitor_address(token)
+    if address is None:
+        return None
+    if minted(runtime.channel_secret, token):
+        return address
+    return address if await runtime.db.read(_identity, address) is not None else None
+
+
 @router.websocket("/ws/chat")
 async def chat_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
@@ -102,9 +119,9 @@ async def _chat_socket(ws: WebSocket) -> None:
         await ws.close(code=1008)  # before accept: an HTTP 403
         return
     origin = (ws.headers.get("origin") or "").lower()
-    allowed = {origin_of(o) for o in channel.config.allowed_origins} | {
-        origin_of(runtime.settings.public_base_url)
-    }
+    allowed = {origin_of(o) for o in channel.config.allowed_origins} | own_origins(
+        runtime.settings.public_base_url
+    )
     if origin not in allowed:
         log.info("web chat upgrade from a foreign origin %r refused", origin)
         await ws.close(code=1008)  # 403
@@ -122,30 +139,49 @@ async def _chat_socket(ws: WebSocket) -> None:
             await ws.send_text(json.dumps(frame, default=str))
 
     try:
-        raw = await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT)
-        hello = json.loads(raw)
-        if not isinstance(hello, dict) or hello.get("type") != "hello":
-            raise ValueError
-    except (TimeoutError, ValueError):
+        hello = await asyncio.wait_for(receive(ws), HELLO_TIMEOUT)
+        if hello.get("type") != "hello":
+            raise BadFrame("invalid", 'the first frame must be {"type": "hello"}')
+    except TimeoutError:
         with contextlib.suppress(Exception):
+            await ws.close(1008, 'the first frame must be {"type": "hello"}')
+        return
+    except BadFrame as exc:
+        with contextlib.suppress(Exception):
+            await send(exc.frame())
             await ws.close(1008, 'the first frame must be {"type": "hello"}')
         return
     except WebSocketDisconnect:
         return
     token = hello.get("token")
-    address = visitor_address(token) if isinstance(token, str) else None
+    address = await _returning(runtime, token) if token is not None else None
+    rejected = token is not None and address is None
     if address is None:
+        if rejected:
+            # a token this server never issued (made up, or from another deployment):
+            # said plainly, then the visitor is a new one, counted like any other
+            log.info("web chat %s: a visitor token this server never issued refused", slug)
+            try:
+                await send(
+                    {
+                        "type": "error",
+                        "code": "token_rejected",
+                        "message": "this chat token was not issued here: a new chat starts",
+                    }
+                )
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                return
         if not limits.new_visitors.allow(ip):
             await ws.close(1008, "rate limit: too many new visitors")
             return
-        token = new_visitor_token()
+        token = new_visitor_token(runtime.channel_secret)
         address = visitor_address(token)
         assert address is not None
     name = hello.get("name") if isinstance(hello.get("name"), str) else None
     email = hello.get("email") if isinstance(hello.get("email"), str) else None
     language = hello.get("language") if isinstance(hello.get("language"), str) else None
     stream = visitor_stream(address)
-    resume = hello.get("last_seq")
+    resume = None if rejected else hello.get("last_seq")
     session = Session(runtime.db, runtime.bus, send)
     try:
         opened = await session.open(
@@ -183,23 +219,12 @@ async def _chat_socket(ws: WebSocket) -> None:
             await send(frame)
         session.start()
         while True:
-            raw = await ws.receive_text()
-            if len(raw) > MAX_FRAME:
-                await send(
-                    {"type": "error", "code": "too_large", "message": "the frame is too large"}
-                )
-                continue
             try:
-                frame = json.loads(raw)
-            except ValueError:
-                await send(
-                    {"type": "error", "code": "invalid", "message": "frames must be JSON objects"}
-                )
-                continue
-            if not isinstance(frame, dict):
-                await send(
-                    {"type": "error", "code": "invalid", "message": "frames must be JSON objects"}
-                )
+                frame = await receive(ws)
+            except BadFrame as exc:
+                # refused before anything is stored: a message that cannot be stored is
+                # never acknowledged (its client_id comes back with the error)
+                await send(exc.frame("client_id"))
                 continue
             kind = frame.get("type")
             if kind == "message":
@@ -233,14 +258,26 @@ async def _chat_socket(ws: WebSocket) -> None:
                 outcomes = await runtime.ingest(slug, [item])
                 failpoint("after_visitor_commit")
                 outcome = outcomes[0] if outcomes else None
-                await send(
-                    {
-                        "type": "ack",
-                        "client_id": frame["client_id"],
-                        "message_id": outcome.message_id if outcome else None,
-                        "duplicate": bool(outcome and outcome.duplicate),
-                    }
-                )
+                if outcome is None or outcome.message_id is None:
+                    # quarantined with its reason for an admin: the visitor must not
+                    # believe it arrived, so no ack (and no resend: it would fail again)
+                    await send(
+                        {
+                            "type": "error",
+                            "code": "not_stored",
+                            "client_id": frame["client_id"],
+                            "message": "the message could not be stored and did not reach us",
+                        }
+                    )
+                else:
+                    await send(
+                        {
+                            "type": "ack",
+                            "client_id": frame["client_id"],
+                            "message_id": outcome.message_id,
+                            "duplicate": outcome.duplicate,
+                        }
+                    )
                 await runtime.after_ingest(outcomes)
             elif kind == "typing":
                 identity_id = identity_id or await runtime.db.read(_identity, address)

@@ -6,14 +6,14 @@ as on the agent socket); the user needs the supervisor role. The socket sends a
 and load per channel) at once and again whenever it changed (checked every
 ``OMNIROUTE_SUPERVISOR_SNAPSHOT_INTERVAL``, 1 s), and forwards the supervisors' stream
 events (CSAT answers, presence changes, SLA warnings and breaches, abandoned calls) as
-they happen.
+they happen. It answers ``ping`` with ``pong`` and anything else with an ``error`` frame
+(frames are read by ``router.ws_frames``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import weakref
 from datetime import datetime
@@ -34,6 +34,7 @@ from router.runtime import Runtime
 from router.serialize import shared_frame_text
 from router.sessions import hello_principal
 from router.types import OPEN_STATES, Role
+from router.ws_frames import BadFrame, receive
 
 __all__ = ["dashboard", "router"]
 
@@ -130,11 +131,11 @@ async def _supervisor_socket(ws: WebSocket) -> None:
             await ws.send_text(shared_frame_text(frame))
 
     try:
-        hello = json.loads(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT))
-        if not isinstance(hello, dict) or hello.get("type") != "hello":
+        hello = await asyncio.wait_for(receive(ws), HELLO_TIMEOUT)
+        if hello.get("type") != "hello":
             raise Unauthorized('the first frame must be {"type": "hello"}')
         principal = await _principal(ws, runtime, hello)
-    except (TimeoutError, ValueError):
+    except TimeoutError:
         with contextlib.suppress(Exception):
             await ws.close(1008, 'the first frame must be {"type": "hello"}')
         return
@@ -163,9 +164,24 @@ async def _supervisor_socket(ws: WebSocket) -> None:
 
         pusher = asyncio.create_task(push(), name="supervisor-snapshots")
         while True:  # the socket only listens for pings (and for the client leaving)
-            raw = await ws.receive_text()
-            if raw == '{"type": "ping"}' or raw == '{"type":"ping"}':
+            try:
+                frame = await receive(ws)
+            except BadFrame as exc:
+                await send(exc.frame())
+                continue
+            if frame.get("type") == "ping":
                 await send({"type": "pong"})
+            else:
+                kind = frame.get("type")
+                await send(
+                    {
+                        "type": "error",
+                        "code": "invalid",
+                        "message": f'unknown frame type "{kind}"'
+                        if isinstance(kind, str)
+                        else 'a frame needs a "type"',
+                    }
+                )
     except (WebSocketDisconnect, WebSocketDisconnected):
         pass
     finally:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from router.api.deps import get_runtime, require
 from router.auth import Principal, set_password, verify_password
-from router.exceptions import Forbidden
+from router.exceptions import Forbidden, RateLimited
+from router.ratelimit import RateLimiter
 from router.runtime import Runtime
+from router.sessions import PASSWORD_CHANGES, PASSWORD_WINDOW
 from router.types import Role
 
 router = APIRouter(prefix="/api/me", tags=["me"])
@@ -31,12 +34,29 @@ async def me(user: Principal = Depends(require(Role.AGENT))) -> dict[str, Any]:
     }
 
 
-@router.post("/password", summary="Set or change my password (argon2)")
+@router.post(
+    "/password",
+    summary="Set or change my password (argon2)",
+    description=f"Limited to {PASSWORD_CHANGES} attempts per account in "
+    f"{PASSWORD_WINDOW // 60} minutes (429 with Retry-After beyond).",
+)
 async def change_password(
     change: PasswordChange,
+    request: Request,
     runtime: Runtime = Depends(get_runtime),
     user: Principal = Depends(require(Role.AGENT)),
 ) -> dict[str, bool]:
+    # Every attempt counts, right or wrong, before the current password is checked: a
+    # stolen session must not be a way to try passwords (docs/security.md).
+    limiter: RateLimiter = request.app.state.sessions.password_changes
+    key = str(user.user_id)
+    if not limiter.allow(key):
+        wait = max(1, math.ceil(limiter.retry_after(key)))
+        raise RateLimited(
+            f"too many password changes for this account: try again in {math.ceil(wait / 60)} "
+            "minutes",
+            retry_after=wait,
+        )
     if user.password_changed_at is not None:
         ok = (
             change.current is not None

@@ -12,10 +12,12 @@
   var attached = [];  // uploads for the next reply: {blob_key, filename, content_type, size}
   var CHANNEL = {email: "Email", sms: "SMS", voice: "Phone", webchat: "Web chat", messenger: "Messenger", whatsapp: "WhatsApp"};
 
-  var el = window.omrConsole.el, api = window.omrConsole.api;
+  var ui = window.omrConsole, el = ui.el, bdi = ui.bdi, line = ui.line, api = ui.api;
   function setStatus(text) { $("status").textContent = text || ""; }
   function channelLabel(c) { return CHANNEL[c] || c || ""; }
   function addressLabel(kind, address) { return kind === "webchat" ? "web-chat visitor" : address; }
+  // customer-controlled: shown isolated (console-common.js)
+  function nameNode(name) { return bdi(name || "Customer", "name"); }
 
   // -- REST (cookie + CSRF header) -------------------------------------------------------
 
@@ -95,8 +97,8 @@
     Object.keys(offers).forEach(function (id) {
       var o = offers[id], c = o.conversation || {};
       var li = el("li", "offer"); li.dataset.offer = id;
-      li.appendChild(el("strong", null, (c.contact_name || "Customer") + " · " + channelLabel(c.channel) + " · " + (c.queue || "")));
-      li.appendChild(el("div", "preview", c.preview || ""));
+      li.appendChild(line("strong", null, [nameNode(c.contact_name), " · " + channelLabel(c.channel) + " · " + (c.queue || "")]));
+      li.appendChild(ui.block("div", "preview", c.preview || ""));
       var countdown = el("span", "countdown"); countdown.dataset.expires = o.expires_at || "";
       li.appendChild(countdown);
       var accept = el("button", "accept", "Accept"), reject = el("button", "reject", "Reject");
@@ -123,7 +125,7 @@
     Object.keys(conversations).forEach(function (id) {
       var c = conversations[id], n = Number(id);
       var li = el("li", "conversation" + (n === current ? " current" : "")); li.dataset.conversation = id;
-      li.appendChild(el("strong", null, (c.contact_name || "Customer") + " "));
+      li.appendChild(line("strong", null, [nameNode(c.contact_name), " "]));
       li.appendChild(el("span", null, channelLabel(c.channel) + " · " + (c.state || "")));
       if (unread[n]) { li.appendChild(el("span", "unread", unread[n])); }
       if (sla[n]) { li.appendChild(el("div", "sla-" + sla[n], sla[n] === "breach" ? "SLA breached" : "SLA at risk")); }
@@ -146,7 +148,7 @@
     current = id; unread[id] = 0; renderConversations();
     $("empty").hidden = true; $("view").hidden = false;
     var c = conversations[id] || {};
-    $("title").textContent = (c.contact_name || "Customer") + " · " + channelLabel(c.channel);
+    $("title").replaceChildren(nameNode(c.contact_name), document.createTextNode(" · " + channelLabel(c.channel)));
     $("conversation-meta").textContent = "#" + id + " · " + (c.queue || "") + " · " + (c.state || "");
     $("tags").value = (c.tags || []).join(", ");
     $("reply").value = localStorage.getItem("omr-draft-" + id) || "";
@@ -173,10 +175,10 @@
     li.id = "msg-" + m.id;
     var label = channelLabel(m.channel) + " · " + (m.author || "") + (m.is_auto ? " · automatic" : "") + (m.is_note ? " · internal note" : "");
     li.appendChild(el("span", "meta", label + " · " + new Date(m.created_at).toLocaleString()));
-    if (m.subject) { li.appendChild(el("strong", "subject", m.subject)); }
-    li.appendChild(el("div", "text", m.text));
+    if (m.subject) { li.appendChild(ui.block("strong", "subject", m.subject)); }
+    li.appendChild(ui.block("div", "text", m.text));
     (m.attachments || []).forEach(function (a, i) {
-      var link = el("a", "attachment", "Attachment: " + (a.filename || "attachment"));
+      var link = line("a", "attachment", ["Attachment: ", ui.fileName(a.filename || "attachment")]);
       if (a.blob_key) { link.href = "/api/messages/" + encodeURIComponent(m.id) + "/attachments/" + i; link.setAttribute("download", ""); }
       li.appendChild(link);
     });
@@ -195,13 +197,13 @@
       var dl = $("contact"); dl.replaceChildren();
       [["Name", c.name], ["Email", c.email], ["Phone", c.phone], ["Language", c.language], ["Tier", c.tier], ["VIP", c.vip ? "yes" : "no"]].forEach(function (row) {
         if (row[1] === null || row[1] === undefined) { return; }
-        dl.appendChild(el("dt", null, row[0])); dl.appendChild(el("dd", null, row[1]));
+        dl.appendChild(el("dt", null, row[0])); dl.appendChild(ui.block("dd", null, row[1]));
       });
       var ids = $("identities"); ids.replaceChildren();
       c.identities.forEach(function (i) {
-        ids.appendChild(el("li", i.verified ? "verified" : "unverified", (i.verified ? "✔ " : "? ") + i.kind + " " + addressLabel(i.kind, i.address) + (i.verified ? "" : " (unverified)")));
+        ids.appendChild(line("li", i.verified ? "verified" : "unverified", [(i.verified ? "✔ " : "? ") + i.kind + " ", bdi(addressLabel(i.kind, i.address), "address"), i.verified ? "" : " (unverified)"]));
       });
-      c.unverified_hints.forEach(function (h) { ids.appendChild(el("li", "unverified", "? " + h.kind + " " + h.value + " (unverified hint)")); });
+      c.unverified_hints.forEach(function (h) { ids.appendChild(line("li", "unverified", ["? " + h.kind + " ", bdi(h.value, "address"), " (unverified hint)"])); });
     }).catch(function (e) { setStatus(e.message); });
     api("GET", "/api/conversations?contact_id=" + encodeURIComponent(contactId) + "&limit=20").then(function (page) {
       if (current !== conversationId) { return; }
@@ -217,7 +219,7 @@
       var select = $("via"); select.replaceChildren();
       options.identities.forEach(function (i) {
         i.inboxes.forEach(function (inbox) {
-          var option = el("option", null, channelLabel(inbox.channel) + " · " + addressLabel(i.kind, i.address) + (i.verified ? "" : " (unverified)") + (inbox.window !== "open" ? " · window " + inbox.window : "") + (i.opted_out ? " · opted out" : ""));
+          var option = el("option", null, channelLabel(inbox.channel) + " · " + ui.isolated(addressLabel(i.kind, i.address)) + (i.verified ? "" : " (unverified)") + (inbox.window !== "open" ? " · window " + inbox.window : "") + (i.opted_out ? " · opted out" : ""));
           option.value = i.identity_id + "|" + inbox.inbox;
           option.disabled = !i.allowed || i.opted_out || inbox.window === "closed";
           option.selected = Boolean(inbox["default"]);
@@ -303,7 +305,7 @@
   function renderAttached() {
     var list = $("attached"); list.replaceChildren();
     attached.forEach(function (a, i) {
-      var li = el("li", null, a.filename + " "), remove = el("button", null, "remove");
+      var li = line("li", null, [ui.fileName(a.filename), " "]), remove = el("button", null, "remove");
       remove.type = "button";
       remove.addEventListener("click", function () { attached.splice(i, 1); renderAttached(); });
       li.appendChild(remove); list.appendChild(li);
@@ -314,7 +316,7 @@
   $("attach").addEventListener("change", function () {
     Array.prototype.forEach.call($("attach").files, function (file) {
       window.omrConsole.upload(file).then(function (a) { attached.push(a); renderAttached(); })
-        .catch(function (e) { setStatus(file.name + ": " + e.message); });
+        .catch(function (e) { setStatus(ui.isolated(file.name) + ": " + e.message); });
     });
     $("attach").value = "";
   });

@@ -28,8 +28,10 @@
     Object.keys(offers).forEach(function (id) {
       var o = offers[id], c = o.conversation;
       var li = el("li", "offer");
-      li.appendChild(el("strong", null, (c.contact_name || "Customer") + " · " + c.channel + " · " + c.queue));
-      li.appendChild(el("div", "preview", c.preview));
+      var who = el("strong"); who.appendChild(el("bdi", null, c.contact_name || "Customer"));  // isolated
+      who.appendChild(document.createTextNode(" · " + c.channel + " · " + c.queue));
+      li.appendChild(who);
+      var preview = el("div", "preview", c.preview); preview.dir = "auto"; li.appendChild(preview);
       li.appendChild(el("div", "expires", "expires " + new Date(o.expires_at).toLocaleTimeString()));
       var accept = el("button", "accept", "Accept"); accept.dataset.offer = id;
       var reject = el("button", "reject", "Reject"); reject.dataset.offer = id;
@@ -43,7 +45,9 @@
     var list = $("conversations"); list.replaceChildren();
     Object.keys(conversations).forEach(function (id) {
       var c = conversations[id];
-      var li = el("li", "conversation" + (Number(id) === current ? " current" : ""), "#" + id + " " + (c.contact_name || "Customer") + " (" + c.channel + ", " + c.state + ")");
+      var li = el("li", "conversation" + (Number(id) === current ? " current" : ""), "#" + id + " ");
+      li.appendChild(el("bdi", null, c.contact_name || "Customer"));  // isolated
+      li.appendChild(document.createTextNode(" (" + c.channel + ", " + c.state + ")"));
       li.addEventListener("click", function () { openConversation(Number(id)); });
       list.appendChild(li);
     });
@@ -60,7 +64,7 @@
     var li = el("li", "message " + (m.direction === "in" ? "in" : "out") + (m.is_note ? " note" : "") + (m.is_auto ? " auto" : ""));
     li.id = "msg-" + m.id;
     li.appendChild(el("span", "meta", (m.channel || "") + " · " + (m.author || "") + (m.is_auto ? " (automatic)" : "") + (m.is_note ? " (note)" : "")));
-    li.appendChild(el("div", "text", m.text));
+    var text = el("div", "text", m.text); text.dir = "auto"; li.appendChild(text);
     li.appendChild(el("span", "status", m.direction === "out" ? m.delivery_status : ""));
     $("timeline").appendChild(li);
     $("timeline").scrollTop = $("timeline").scrollHeight;

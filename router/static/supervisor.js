@@ -6,7 +6,7 @@
   var ws = null, retry = 500, agents = [], refreshTimer = null;
   var SVG = "http://www.w3.org/2000/svg";
 
-  var el = window.omrConsole.el, api = window.omrConsole.api;
+  var ui = window.omrConsole, el = ui.el, api = ui.api;
   function cell(text, cls) { return el("td", cls, text); }
   function setStatus(text) { $("status").textContent = text || ""; }
   function seconds(s) {
@@ -53,7 +53,8 @@
     var body = $("agents"); body.replaceChildren();
     list.forEach(function (a) {
       var tr = el("tr"); tr.dataset.agent = a.user;
-      tr.appendChild(cell(a.name + " (" + a.user + ")"));
+      var who = el("td"); who.appendChild(ui.bdi(a.name, "name")); who.appendChild(document.createTextNode(" (" + a.user + ")"));
+      tr.appendChild(who);
       var td = el("td"), select = el("select", "presence");
       ["online", "away", "offline"].forEach(function (p) {
         var option = el("option", null, p); option.value = p; option.selected = a.presence === p; select.appendChild(option);
@@ -103,7 +104,11 @@
       detail.timeline.messages.forEach(function (m) {
         var li = el("li", "msg " + (m.direction === "in" ? "in" : "out") + (m.is_note ? " note" : ""));
         li.appendChild(el("span", "meta", (m.channel || "") + " · " + m.author));
-        li.appendChild(el("div", "text", m.text));
+        if (m.subject) { li.appendChild(ui.block("strong", "subject", m.subject)); }
+        li.appendChild(ui.block("div", "text", m.text));
+        (m.attachments || []).forEach(function (a) {
+          li.appendChild(ui.line("div", "attachment", ["Attachment: ", ui.fileName(a.filename || "attachment")]));
+        });
         list.appendChild(li);
       });
     }).catch(function (e) { setStatus(e.message); });

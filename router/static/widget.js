@@ -80,7 +80,9 @@
     item.id = "omr-" + id;
     if (message.client_id) { item.setAttribute("data-client", message.client_id); }
     if (message.pending) { item.classList.add("omr-pending"); }
-    item.appendChild(el("span", "omr-text", message.text));
+    var text = el("span", "omr-text", message.text);
+    text.dir = "auto";  // isolated: a right-to-left message or a stray override stays inside
+    item.appendChild(text);
     if (message.survey && typeof message.survey.min === "number" && typeof message.survey.max === "number") {
       var scores = el("div", "omr-survey");
       for (var n = message.survey.min; n <= message.survey.max; n++) {
@@ -111,8 +113,8 @@
     ws.addEventListener("open", function () {
       var hello = {type: "hello", language: (navigator.language || "").slice(0, 2).toLowerCase()};
       if (state.token) { hello.token = state.token; hello.last_seq = state.lastSeq; }
-      if (nameInput.value) { hello.name = nameInput.value; }
-      if (emailInput.value) { hello.email = emailInput.value; }
+      if (nameInput.value) { hello.name = wellFormed(nameInput.value); }
+      if (emailInput.value) { hello.email = wellFormed(emailInput.value); }
       ws.send(JSON.stringify(hello));
     });
     ws.addEventListener("message", function (event) {
@@ -141,6 +143,16 @@
         typing.textContent = "An agent is typing…"; typing.hidden = false;
         clearTimeout(typingTimer); typingTimer = setTimeout(function () { typing.hidden = true; }, 4000);
       } else if (frame.type === "error") {
+        if (frame.code === "token_rejected") {  // not a token of this server: a new chat starts
+          state.token = null; state.lastSeq = null; save();
+          return;
+        }
+        if (frame.client_id) {  // that message was refused and not stored: never resent
+          state.pending = state.pending.filter(function (p) { return p.client_id !== frame.client_id; });
+          save();
+          var refused = document.querySelector('[data-client="' + CSS.escape(frame.client_id) + '"]');
+          if (refused) { refused.classList.remove("omr-pending"); refused.classList.add("omr-failed"); }
+        }
         showError(frame.message || "Something went wrong");
       }
     });
@@ -153,6 +165,14 @@
     });
   }
 
+  /* Text the server can store: a lone UTF-16 surrogate (a paste cut in the middle of an
+   * emoji by the length limit) would be refused, so it becomes U+FFFD. */
+  function wellFormed(text) {
+    if (text.toWellFormed) { return text.toWellFormed(); }
+    return text.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(^|[^\ud800-\udbff])[\udc00-\udfff]/g, function (m, before) {
+      return before === undefined ? "\ufffd" : before + "\ufffd";
+    });
+  }
   function messageFrame(p) {
     var frame = {type: "message", client_id: p.client_id, text: p.text};
     if (p.name) { frame.name = p.name; }
@@ -161,13 +181,13 @@
   }
   form.addEventListener("submit", function (event) {
     event.preventDefault();
-    var text = input.value.trim();
+    var text = wellFormed(input.value.trim());
     if (!text) { return; }
     showError("");
     var pending = {client_id: uuid(), text: text};
     if (!prechat.hidden) {  // the pre-chat answers travel with the first message
-      if (nameInput.value.trim()) { pending.name = nameInput.value.trim(); }
-      if (emailInput.value.trim()) { pending.email = emailInput.value.trim(); }
+      if (nameInput.value.trim()) { pending.name = wellFormed(nameInput.value.trim()); }
+      if (emailInput.value.trim()) { pending.email = wellFormed(emailInput.value.trim()); }
     }
     state.pending.push(pending); save();
     render({client_id: pending.client_id, direction: "in", text: text, pending: true});

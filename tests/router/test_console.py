@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from channels.webchat import WebChatChannel
-from router.auth import set_password
+from router.auth import create_user, set_password
 from router.models import ContactIdentity
 from router.runtime import Runtime
 from tests import peers
@@ -357,4 +357,97 @@ async def test_customer_written_html_is_shown_as_text_and_runs_nothing(
         assert await watched.page.evaluate("window.__xss") is None
         assert watched.dialogs == []
         assert await watched.page.locator(".omr-messages").locator(INJECTED).count() == 0
+    assert agent.errors == [] and visitor.errors == []
+
+
+# The text of an element in the order the browser draws it: each character's box, left to
+# right (lines top to bottom). Zero-width characters (the bidi controls) drop out.
+VISUAL = """
+(root) => {
+  const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+  const chars = [];
+  for (let node; (node = walker.nextNode()); ) {
+    for (let i = 0; i < node.data.length; i++) {
+      const range = document.createRange();
+      range.setStart(node, i); range.setEnd(node, i + 1);
+      const box = range.getBoundingClientRect();
+      if (box.width > 0) chars.push([box.left, box.top, node.data[i]]);
+    }
+  }
+  chars.sort((a, b) => Math.abs(a[1] - b[1]) > 4 ? a[1] - b[1] : a[0] - b[0]);
+  return chars.map((c) => c[2]).join("");
+}
+"""
+RLO = "\u202e"
+
+
+async def test_customer_names_and_file_names_are_bidi_isolated(
+    server: Server, browser: Browser, request: pytest.FixtureRequest
+) -> None:
+    """A right-to-left override in a name stays inside the name (the rest of the line reads
+    as it should), and one in a file name is shown, so ``invoice<RLO>gnp.exe`` is displayed
+    ending in ``.exe``, not as ``invoiceexe.png``; in the console and the dashboard."""
+    agent, _ = await open_pages(browser, request)
+    await sign_in(agent, server.base)
+    async with client_for(server.runtime) as client:
+        mail = fake_message(
+            "bidi-1",
+            "mallory@example.com",
+            "please pay the attached invoice",
+            kind="email",
+            name=f"{RLO}Mallory",
+            subject=f"Invoice {RLO}fdp.exe",
+            attachments=[{"filename": f"invoice{RLO}gnp.exe", "content_type": "image/png"}],
+        )
+        assert (await post_fake(client, "mail", mail)).status_code == 200
+    page = agent.page
+    await page.wait_for_selector("#offers li.offer", timeout=20_000)
+    offer = page.locator("#offers li.offer strong")
+    # the override stays inside the name: what follows it is drawn in its own order
+    drawn = await offer.evaluate(VISUAL)
+    assert drawn.endswith(" · Email · general"), drawn
+    assert await offer.locator("bdi.name").text_content() == f"{RLO}Mallory"
+    await page.click("#offers li.offer .accept")
+    attachment = page.locator("#timeline a.attachment")
+    await attachment.wait_for(timeout=15_000)
+    await agent.shot("bidi")
+    shown = await attachment.evaluate(VISUAL)
+    assert shown.endswith(".exe"), shown  # not "invoiceexe.png"
+    assert (
+        shown == "Attachment: invoice[U+202E]gnp.exe" and RLO not in await attachment.inner_text()
+    )
+    assert await page.locator("#timeline .subject").get_attribute("dir") == "auto"
+    assert await page.locator("#timeline .text").first.get_attribute("dir") == "auto"
+    assert (await page.locator("#title").evaluate(VISUAL)).endswith(" · Email")
+    assert agent.errors == []
+    # the supervisor's dashboard monitors the same conversation: the same display rules
+    await server.runtime.db.write(lambda tx: create_user(tx, "sue", "supervisor"))
+    await server.runtime.db.write(set_password, "sue", PASSWORD)
+    context = await browser.new_context(viewport={"width": 1280, "height": 800})
+    sup = Watched(await context.new_page(), "supervisor", agent.directory)
+    await sup.page.goto(server.base + "/console/login")
+    await sup.page.fill("#username", "sue")
+    await sup.page.fill("#password", PASSWORD)
+    await sup.page.click("#sign-in")
+    await sup.page.wait_for_selector("#open tr[data-conversation] button.monitor")
+    await sup.page.click("#open tr[data-conversation] button.monitor")
+    monitored = sup.page.locator("#monitor .attachment")
+    await monitored.wait_for()
+    assert (await monitored.evaluate(VISUAL)).endswith("invoice[U+202E]gnp.exe")
+    await sup.shot("bidi")
+    assert sup.errors == []
+
+
+async def test_the_demo_works_when_opened_at_localhost(
+    server: Server, browser: Browser, request: pytest.FixtureRequest
+) -> None:
+    """Configured as http://127.0.0.1:PORT (the demo's default), the console and the demo
+    chat opened at http://localhost:PORT (the host of the README's curl) sign in, connect
+    and talk to each other."""
+    agent, visitor = await open_pages(browser, request)
+    localhost = f"http://localhost:{server.port}"
+    await sign_in(agent, localhost)  # signed in, and the agent socket is connected
+    await visitor_says(visitor, localhost, "Hello from localhost")
+    await accept_first_offer(agent, "Hello from localhost")
+    await agent.shot("localhost")
     assert agent.errors == [] and visitor.errors == []

@@ -76,7 +76,7 @@ async def test_visitor_to_agent_and_back(live: tuple[Runtime, str]) -> None:
     visitor, hello = await connect_visitor(
         base, name="Vera", email="vera@example.com", language="de"
     )
-    assert len(hello["token"]) == 43 and hello["history"] == []
+    assert len(hello["token"]) == 64 and hello["history"] == []
     first = cid()
     await visitor.send(
         {"type": "message", "client_id": first, "text": "Hello, <b>is anyone there?</b>"}
@@ -257,7 +257,11 @@ async def test_bad_agent_input_gets_clear_errors(live: tuple[Runtime, str]) -> N
     for hello, message in [
         ({"type": "hello", "token": "wrong"}, "invalid token"),
         # no token: only the console's session cookie, from our own pages
-        ({"type": "hello"}, "the session cookie is accepted only from this site's own pages"),
+        (
+            {"type": "hello"},
+            "the session cookie is accepted only from this site's own pages: "
+            "open http://testserver/console/login",
+        ),
         ({"type": "hello", "token": 5}, 'the first frame must be {"type": "hello", "token": ...}'),
         (
             {"type": "accept", "offer_id": 1},
@@ -374,7 +378,7 @@ async def test_compression_is_negotiated_when_enabled(tmp_path: Path, sqlite_url
         assert "permessage-deflate" in visitor.ws.response.headers["Sec-WebSocket-Extensions"]
         await visitor.send({"type": "message", "client_id": cid(), "text": "compressed " * 50})
         ack = await visitor.wait_for(lambda f: f.get("type") == "ack")
-        assert ack["message_id"] > 0 and len(welcome["token"]) == 43
+        assert ack["message_id"] > 0 and len(welcome["token"]) == 64
         await visitor.close()
 
 

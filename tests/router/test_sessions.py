@@ -19,6 +19,7 @@ from tests.router.test_live import make_agent
 from tests.support import (
     WEB_CHANNELS,
     client_for,
+    connect_visitor,
     free_port,
     live_server,
     make_settings,
@@ -150,3 +151,105 @@ async def test_a_secure_cookie_over_https(tmp_path: Path, db_url: str) -> None:
         await runtime.db.write(set_password, "anna", PASSWORD)
         login = await client.post("/console/login", json={"username": "anna", "password": PASSWORD})
         assert "secure" in login.headers["set-cookie"].lower()
+
+
+async def test_password_changes_are_limited_per_account(site: tuple[Runtime, str]) -> None:
+    """Five attempts per account in 15 minutes, right or wrong: a stolen session cannot
+    try current passwords one after another. The sixth gets 429 with Retry-After, even
+    with the right password; another account is not affected."""
+    runtime, base = site
+    await make_agent(runtime, "ben")
+    await runtime.db.write(set_password, "ben", PASSWORD)
+    client, csrf = await signed_in(base)
+    async with contextlib.aclosing(client):
+        headers = {"x-csrf-token": csrf, "origin": base}
+        for n in range(5):
+            wrong = await client.post(
+                "/api/me/password",
+                json={"current": f"guess number {n}", "new": "another good password"},
+                headers=headers,
+            )
+            assert wrong.status_code == 403, wrong.text
+        limited = await client.post(
+            "/api/me/password",
+            json={"current": PASSWORD, "new": "another good password"},
+            headers=headers,
+        )
+        assert limited.status_code == 429, limited.text
+        assert limited.json()["error"] == "rate_limited"
+        assert 0 < int(limited.headers["retry-after"]) <= 15 * 60
+        assert "password" in limited.json()["message"]
+    # the password did not change, and ben may still change his
+    ben = httpx.AsyncClient(base_url=base)
+    async with contextlib.aclosing(ben):
+        login = await ben.post(
+            "/console/login",
+            json={"username": "ben", "password": PASSWORD},
+            headers={"origin": base},
+        )
+        assert login.status_code == 200
+        ben_csrf = (await ben.get("/console/session")).json()["csrf"]
+        changed = await ben.post(
+            "/api/me/password",
+            json={"current": PASSWORD, "new": "bens new password"},
+            headers={"x-csrf-token": ben_csrf, "origin": base},
+        )
+        assert changed.status_code == 200, changed.text
+    again, _ = await signed_in(base)  # anna's password is still the old one
+    await again.aclose()
+
+
+async def test_the_console_signs_in_at_the_loopback_aliases_of_its_own_origin(
+    site: tuple[Runtime, str],
+) -> None:
+    """Configured as http://127.0.0.1:PORT (the demo's default), the console opened at
+    http://localhost:PORT (the host of the README's curl) signs in and opens its socket."""
+    _, base = site
+    port = base.rsplit(":", 1)[1]
+    for alias in (f"http://localhost:{port}", f"http://[::1]:{port}"):
+        client = httpx.AsyncClient(base_url=base)
+        async with contextlib.aclosing(client):
+            login = await client.post(
+                "/console/login",
+                json={"username": "anna", "password": PASSWORD},
+                headers={"origin": alias},
+            )
+            assert login.status_code == 200, login.text
+            cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+        ws = await websockets.connect(
+            ws_url(base, "/ws/agent"),
+            origin=alias,  # type: ignore[arg-type]
+            additional_headers={"Cookie": cookie},
+        )
+        await ws.send(json.dumps({"type": "hello"}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        await ws.close()
+        # the demo page's chat widget, opened there, may connect too
+        visitor, _ = await connect_visitor(base, origin=alias)
+        await visitor.close()
+    # another port of the same host is another origin
+    client = httpx.AsyncClient(base_url=base)
+    async with contextlib.aclosing(client):
+        other = await client.post(
+            "/console/login",
+            json={"username": "anna", "password": PASSWORD},
+            headers={"origin": "http://localhost:1"},
+        )
+    assert other.status_code == 403
+
+
+async def test_a_foreign_origin_is_told_which_url_to_open(tmp_path: Path, db_url: str) -> None:
+    settings = make_settings(
+        tmp_path / "conf", db_url, channels=WEB_CHANNELS, public_base_url="https://support.example"
+    )
+    async with started_runtime(settings) as runtime, client_for(runtime) as client:
+        await make_agent(runtime, "anna")
+        await runtime.db.write(set_password, "anna", PASSWORD)
+        for origin in ("http://localhost:8080", "https://support.example.evil"):
+            refused = await client.post(
+                "/console/login",
+                json={"username": "anna", "password": PASSWORD},
+                headers={"origin": origin},
+            )
+            assert refused.status_code == 403
+            assert "https://support.example/console/login" in refused.json()["message"]
