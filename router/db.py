@@ -63,6 +63,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from adapters.clock import Clock, SystemClock
+from router.exceptions import DatabaseUnavailable
 from router.models import EventStream, StreamEvent, UTCDateTime, table
 
 __all__ = [
@@ -814,6 +815,10 @@ class Database:
             reason = storage_failure(exc)
             if reason is not None:
                 self.write_failed = (time.monotonic(), reason)
+                if not isinstance(exc, DBAPIError):  # the driver's own error (prepared path)
+                    raise DatabaseUnavailable(f"the database refuses writes: {reason}") from exc
+            if isinstance(exc, OSError | TimeoutError):
+                raise DatabaseUnavailable(_unreachable(exc)) from exc
             raise
         await self._after_commit(tx)
         return result
@@ -952,6 +957,8 @@ class Database:
             except DBAPIError as exc:
                 if not (exc.connection_invalidated and attempt < 2):
                     raise  # else a stale pooled connection: retry on a fresh one
+            except (OSError, TimeoutError) as exc:
+                raise DatabaseUnavailable(_unreachable(exc)) from exc
         raise AssertionError("unreachable")
 
     def _read_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -1015,6 +1022,11 @@ def storage_failure(exc: BaseException) -> str | None:
     if isinstance(code, str) and code in _PG_STORAGE:
         return f"{_PG_STORAGE[code]} (SQLSTATE {code})"
     return None
+
+
+def _unreachable(exc: BaseException) -> str:
+    """What to say about a connection that failed (no address or credentials in it)."""
+    return f"the database is unreachable ({type(exc).__name__})"
 
 
 def _client_state_error(exc: DBAPIError) -> bool:

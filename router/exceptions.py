@@ -11,6 +11,8 @@ OmnirouteError
 ├── Conflict               the state changed underneath (HTTP 409): lost a race, stale
 ├── CapacityExceeded       the agent has no free capacity for this (HTTP 409)
 ├── RateLimited            too many attempts; ``retry_after`` seconds (HTTP 429, Retry-After)
+├── Unavailable            not now, retry later (HTTP 503)
+│   └── DatabaseUnavailable  the database is unreachable or refuses writes
 ├── AlreadyRunning         a second `serve` on one SQLite file
 └── ChannelUnavailable     the inbox is disabled or its channel is not configured
 """
@@ -25,6 +27,7 @@ __all__ = [
     "ChannelUnavailable",
     "ConfigError",
     "Conflict",
+    "DatabaseUnavailable",
     "DatabaseUnreachable",
     "Forbidden",
     "InvalidInput",
@@ -119,3 +122,7 @@ class Unavailable(OmnirouteError):
 
     status = 503
     code = "unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached, or its storage refuses writes: nothing was stored."""
