@@ -418,7 +418,9 @@ def serve() -> None:
         asyncio.run(runtime.preflight(wait=settings.db_wait))
     except OmnirouteError as exc:
         _fail_usage(exc.message)
-    uvicorn.run(
+    from router.app import DrainingServer
+
+    config = uvicorn.Config(
         create_app(settings, runtime=runtime),
         host=settings.host,
         port=settings.port,
@@ -426,6 +428,7 @@ def serve() -> None:
         lifespan="on",
         **settings.websocket_options(),
     )
+    DrainingServer(config, runtime).run()
 
 
 DEMO_AGENTS = (

@@ -250,12 +250,19 @@ class Runtime:
     async def drain_sockets(self) -> None:
         """Tell every socket of this process to reconnect elsewhere (close 1012, "service
         restart"; clients reconnect and resume from their sequence numbers)."""
-        for ws in list(self.sockets):
+        frame = json.dumps({"type": "reconnect", "reason": "server shutting down"})
+
+        async def tell(ws: Any) -> None:
             with contextlib.suppress(Exception):
-                await ws.send_text(
-                    json.dumps({"type": "reconnect", "reason": "server shutting down"})
-                )
+                await ws.send_text(frame)
                 await ws.close(1012, "server shutting down: reconnect")
+
+        # all at once, and not for ever: a client that does not read must not hold the stop
+        sockets = list(self.sockets)
+        if sockets:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await asyncio.gather(*(tell(ws) for ws in sockets))
 
     async def abandon_sweep(self) -> list[int]:
         """Web chats whose visitor left before an agent joined, for too long: abandoned."""
