@@ -551,6 +551,7 @@ _ANGLE_ADDR = re.compile(r"<\s*([^<>\s@]+@[^<>\s@]+)\s*>")
 _ADDR_CHARS = r"[^\s<>()\[\]\",;:@]"
 _BARE_ADDR = re.compile(rf"(?<!{_ADDR_CHARS}){_ADDR_CHARS}+@{_ADDR_CHARS}+")
 _MSGID = re.compile(r"<[^<>\s]+>")
+_QUOTING = re.compile(r'\\(.)|"', re.DOTALL)
 
 
 def _sender(headers: _Headers) -> tuple[str | None, str | None]:
@@ -566,9 +567,23 @@ def _sender(headers: _Headers) -> tuple[str | None, str | None]:
 
 
 def _mailbox(value: str) -> tuple[str | None, str | None]:
-    """(decoded display name, lower-case address) of the first mailbox in a header."""
+    """(decoded display name, lower-case address) of the first mailbox in a header.
+
+    The address in angle brackets is the sender, whatever the display name looks like:
+    ``support@example.com <x@y.example>`` is x@y.example (the stdlib's parseaddr takes the
+    display name for the address there, and an automatic reply went to it).
+    """
     if value.count("(") > _MAX_COMMENT_PARENS:
         value = _strip_comments(value)  # nested-comment bomb: see _strip_comments
+    chunk = _first_mailbox_text(_strip_comments(value))
+    angle = _angle_mailbox(chunk)
+    if angle is not None:
+        return angle
+    bare = _BARE_ADDR.findall(chunk)
+    if len(bare) > 1 and all(_plausible_address(a.lower()) for a in bare):
+        # No angle brackets but several addresses ("support@example.com x@y.example"):
+        # a display name comes first, so the address is the last one.
+        return None, bare[-1].lower()
     try:
         name, address = email.utils.parseaddr(value)
     except RecursionError:
@@ -582,6 +597,86 @@ def _mailbox(value: str) -> tuple[str | None, str | None]:
         return None, None
     display = _HEADER_CONTROLS.sub("", _decode_words(name)).replace("\t", " ").strip()
     return display or None, address
+
+
+def _first_mailbox_text(value: str) -> str:
+    """The text of the first mailbox of an address list (comments already removed): a
+    group's name (``Team: a@x, b@y;``) is skipped, the list ends at the first comma or
+    semicolon outside quotes and angle brackets, and a piece without any ``@`` (the
+    unquoted ``Doe, John <j@d.example>``) is joined to the next one."""
+    pieces: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    angle = 0
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle += 1
+        elif ch == ">" and angle:
+            angle -= 1
+        elif not angle and ch == ":" and not pieces and "@" not in "".join(current):
+            current = []  # a group's display name
+            continue
+        elif not angle and ch in ",;":
+            pieces.append("".join(current))
+            current = []
+            if "@" in pieces[-1]:
+                break
+            continue
+        current.append(ch)
+    else:
+        pieces.append("".join(current))
+    first_with_address = next((i for i, p in enumerate(pieces) if "@" in p), None)
+    if first_with_address is None:
+        return pieces[0] if pieces else ""
+    return ",".join(pieces[: first_with_address + 1])
+
+
+def _angle_mailbox(chunk: str) -> tuple[str | None, str | None] | None:
+    """``display-name <addr-spec>``: (decoded display name, address), or None when the
+    text has no angle-addr outside quotes or its content is no plausible address. The
+    angle-addr ends a mailbox, so of several (``A <a@x> <b@y>``) the last one counts."""
+    quoted = escaped = False
+    found: tuple[int, int] | None = None
+    index = 0
+    while index < len(chunk):
+        ch = chunk[index]
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            end = chunk.find(">", index)
+            if end < 0:
+                break
+            found, index = (index, end), end
+        index += 1
+    if found is None:
+        return None
+    start, end = found
+    # An obsolete source route (<@relay:user@host>) is not part of the address.
+    address = chunk[start + 1 : end].rpartition(":")[2].strip().lower()
+    if not _plausible_address(address):
+        return None
+    return _display_name(chunk[:start]), address
+
+
+def _display_name(text: str) -> str | None:
+    # quoted-string quotes and their backslash escapes go; what they quote stays
+    text = _QUOTING.sub(lambda m: m.group(1) or "", text).strip()
+    display = _HEADER_CONTROLS.sub("", _decode_words(text)).replace("\t", " ").strip()
+    return display or None
 
 
 def _plausible_address(address: str) -> bool:
