@@ -138,7 +138,8 @@ class ParsedEmail:
     size: int
     """``len(raw)``."""
     sha256: str
-    """Hex SHA-256 of the raw bytes (dedupe key material when Message-ID is missing)."""
+    """Hex SHA-256 of the raw bytes (kept with the message; the dedupe key is
+    :func:`message_key`, which copies of one mail share even when their bytes differ)."""
 
 
 class Unparseable(Exception):
