@@ -127,6 +127,10 @@ class InboundMessage:
     thread_id: str | None = None  # the id later replies refer to (an email's Message-ID)
     no_auto_reply: bool = False  # never answer automatically (lists, bulk, noreply senders)
     data: dict[str, Any] = field(default_factory=dict)
+    # Set where external ids can be reused by senders (an email's Message-ID): a stored
+    # message with this external_id but another fingerprint is another message, and this
+    # one is stored under ``<external_id>#<fingerprint>``.
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,15 +144,28 @@ class StatusUpdate:
     # A watermark (Messenger's read receipts): every message of this inbox to this
     # recipient's address sent at or before ``at`` has reached ``status``.
     recipient: str | None = None
+    # A bounce that names no message of ours, or one we do not know: the latest message
+    # of this inbox sent to this address (in the week before ``at``) is the one it reports.
+    failed_recipient: str | None = None
+    # Quarantined when the report matches none of our messages: a bounce never vanishes.
+    unmatched: Reject | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """An item that cannot be handled: quarantined with its raw bytes and the reason."""
+    """An item that cannot be handled: quarantined with its raw bytes and the reason.
+
+    With an ``external_id`` it is quarantined once per inbox: the same item rejected again
+    (a provider's retry, a mailbox read again) is not kept twice, unless both carry
+    fingerprints and they differ (see :class:`InboundMessage`)."""
 
     reason: str
     raw: bytes
-    external_id: str | None = None  # where it came from, to re-import it under the same id
+    external_id: str | None = None  # its dedupe key, to re-import it under the same id
+    fingerprint: str | None = None
+    # ``raw`` is only part of the item (the headers of a mail too large to download):
+    # re-importing it would lose the rest, so a re-import is refused.
+    partial: bool = False
 
 
 ParsedItem = InboundMessage | StatusUpdate | Reject

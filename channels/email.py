@@ -8,10 +8,14 @@ IDLE are polled. Errors reconnect with exponential backoff and jitter; nothing k
 poller. ``UID FETCH n+1:*`` returns the last message even when nothing is new, so UIDs at or
 below the cursor are skipped.
 
-``external_id`` is ``<folder>/<UIDVALIDITY>/<UID>``. After a UIDVALIDITY change every UID is
-new; the core treats a message as a duplicate only if its Message-ID and the SHA-256 of its
-raw bytes both match a stored one. A message over ``max_size`` is quarantined from its
-headers, without downloading it whole; whatever cannot be parsed is quarantined raw.
+``external_id`` is the mail's key (:func:`channels.email_parse.message_key`): its normalized
+Message-ID, or a content hash without one, with a fingerprint (sender, Date, Subject) that
+tells a reused Message-ID from a copy. A mail delivered to two aliases, or read again after
+a UIDVALIDITY change, is one message; quarantined items carry the same key and are kept
+once. A message over ``max_size`` is quarantined from its headers (``partial``: never
+re-imported from them), without downloading it whole; whatever cannot be parsed is
+quarantined raw. Bounces (RFC 3464 or the common non-standard forms) mark the outbound
+message they name failed and open nothing; one naming nothing we sent is quarantined.
 
 Outbound: replies through the outbox as proper MIME from the inbox address with the agent's
 name, with our own deterministic Message-ID (an uncertain send retried after a crash carries
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import random
 import re
@@ -47,7 +52,7 @@ from channels.base import (
     StatusUpdate,
     UncertainPolicy,
 )
-from channels.email_parse import ParsedEmail, Unparseable, parse_email
+from channels.email_parse import MessageKey, ParsedEmail, Unparseable, message_key, parse_email
 from channels.email_smtp import (
     OAuth2Tokens,
     OutgoingAttachment,
@@ -65,6 +70,7 @@ _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _FETCH_BATCH = 20
 _EXISTS = re.compile(rb"^\* \d+ EXISTS\s*$")
+_OUR_ID = re.compile(r"<or-(\d{1,18})\.[0-9a-f]{8}@([^<>@\s]+)>", re.IGNORECASE)
 # Searches in a row before IDLE while mail keeps coming (IDLE itself brings the rest)
 _QUIET_SEARCHES = 20
 
@@ -449,23 +455,27 @@ class EmailChannel(Channel):
         return bool(uids)
 
     async def _fetch_one(self, imap: IMAP4, folder: str, validity: int, uid: int) -> ParsedItem:
-        external_id = f"{folder}/{validity}/{uid}"
+        where = f"{folder}/{validity}/{uid}"
         size_response = await imap.uid("fetch", str(uid), "(RFC822.SIZE)")
         size = _size(size_response.lines)
         limit = self.cfg.max_size_mb * 1024 * 1024
         if size is not None and size > limit:
-            headers = await imap.uid("fetch", str(uid), "(BODY.PEEK[HEADER])")
+            response = await imap.uid("fetch", str(uid), "(BODY.PEEK[HEADER])")
+            headers = _literal(response.lines) or b""
+            key = message_key(headers)
             return Reject(
-                f"{external_id}: {size} bytes is over the {self.cfg.max_size_mb} MiB limit "
+                f"{where}: {size} bytes is over the {self.cfg.max_size_mb} MiB limit "
                 "(headers kept; the message was not downloaded)",
-                _literal(headers.lines) or b"",
-                external_id,
+                headers,
+                key.external_id,
+                key.fingerprint,
+                partial=True,
             )
         response = await imap.uid("fetch", str(uid), "(BODY.PEEK[])")
         raw = _literal(response.lines)
         if response.result != "OK" or raw is None:
             raise _Retry(f"cannot fetch UID {uid}: {_text(response.lines)[:200]}")
-        return await self.item(raw, external_id)
+        return await self.item(raw, where)
 
     async def _after_import(self, imap: IMAP4, uids: list[int]) -> None:
         action = self.cfg.imap.after_import
@@ -484,54 +494,101 @@ class EmailChannel(Channel):
                 await imap.expunge()
 
     async def reimport(self, raw: bytes, external_id: str) -> list[ParsedItem] | None:
-        return [await self.item(raw, external_id)]
+        return [await self.item(raw, f"re-import of {external_id}")]
 
-    async def item(self, raw: bytes, external_id: str) -> ParsedItem:
-        """One raw message as an item for the core (also used to re-import quarantine)."""
+    async def item(self, raw: bytes, where: str) -> ParsedItem:
+        """One raw message as an item for the core (also used to re-import quarantine);
+        ``where`` (folder/UIDVALIDITY/UID) only goes into reasons. Its external_id is the
+        mail's :func:`message_key`, the same wherever it was found."""
+        key = message_key(raw)
         try:
             parsed = await asyncio.to_thread(
                 parse_email, raw, trusted_authserv_ids=self.cfg.trusted_authserv_ids
             )
         except Unparseable as exc:
-            return Reject(f"{external_id}: {exc.reason}", raw, external_id)
+            return Reject(f"{where}: {exc.reason}", raw, key.external_id, key.fingerprint)
         if parsed.classification == "bounce":
-            if parsed.bounce_of is None:
-                return Reject(
-                    f"{external_id}: a bounce that names none of our messages", raw, external_id
-                )
-            action = (parsed.dsn or {}).get("action", "failed")
-            if action not in ("failed", ""):
-                # "delayed", "relayed", "delivered": not a failure
-                return StatusUpdate(parsed.bounce_of, "sent", None, self.context.now())
-            reason = " ".join(v for v in ((parsed.dsn or {}).get("status"), parsed.subject) if v)
-            return StatusUpdate(parsed.bounce_of, "failed", f"bounced: {reason}"[:500])
+            return self._bounce(parsed, raw, where, key)
         if parsed.sender is None:
-            return Reject(f"{external_id}: no sender address", raw, external_id)
-        return await self._inbound(parsed, raw, external_id)
+            return Reject(f"{where}: no sender address", raw, key.external_id, key.fingerprint)
+        return await self._inbound(parsed, raw, key, where)
 
-    async def _inbound(self, parsed: ParsedEmail, raw: bytes, external_id: str) -> InboundMessage:
+    def _bounce(self, parsed: ParsedEmail, raw: bytes, where: str, key: MessageKey) -> ParsedItem:
+        """A bounce updates the outbound message it reports on and opens no conversation.
+        That message is the one of ours it names (our Message-IDs carry an HMAC, so ours
+        are recognised among every id a bounce quotes), else the returned original's; a
+        bounce that quotes no Message-ID at all names its failed recipient, whose latest
+        message from this inbox it then reports on. A bounce matching nothing we sent is
+        quarantined with its reason, never dropped."""
+        dsn = parsed.dsn or {}
+        recipient = dsn.get("recipient") or None
+        target = next((r for r in parsed.bounce_refs if self._ours(r)), parsed.bounce_of)
+        if target is None and recipient is None:
+            return Reject(
+                f"{where}: a bounce that names none of our messages", raw, key.external_id
+            )
+        named = target or f"the last message to {recipient}"
+        unmatched = Reject(
+            f"{where}: a bounce reporting on {named}, which this inbox did not send "
+            f"({dsn.get('status') or 'no status'}: {parsed.bounce_reason or parsed.subject})"[
+                :1000
+            ],
+            raw,
+            key.external_id,
+        )
+        action = dsn.get("action", "failed")
+        if action not in ("failed", ""):
+            # "delayed", "relayed", "delivered": not a failure
+            return StatusUpdate(target or "", "sent", None, self.context.now(), unmatched=unmatched)
+        why = parsed.bounce_reason or parsed.subject or "no reason given"
+        where_to = f"{recipient}: " if recipient else ""
+        reason = " ".join(v for v in ("bounced:", dsn.get("status"), f"{where_to}{why}") if v)
+        return StatusUpdate(
+            target or "",
+            "failed",
+            reason[:500],
+            self.context.now(),
+            failed_recipient=recipient if not parsed.bounce_refs else None,
+            unmatched=unmatched,
+        )
+
+    def _ours(self, message_id: str) -> bool:
+        """Whether ``message_id`` is one this deployment generated (its HMAC checks)."""
+        found = _OUR_ID.fullmatch(message_id)
+        if found is None:
+            return False
+        try:
+            expected = make_message_id(self.context.secret, int(found.group(1)), found.group(2))
+        except ValueError:
+            return False
+        return hmac.compare_digest(expected, message_id.lower())
+
+    async def _inbound(
+        self, parsed: ParsedEmail, raw: bytes, key: MessageKey, where: str
+    ) -> InboundMessage:
         attachments = []
         for a in parsed.attachments:
-            key = None
+            blob_key = None
             if self.context.blobs is not None:
                 try:
-                    key = await self.context.blobs.put(a.data, a.content_type, a.filename)
+                    blob_key = await self.context.blobs.put(a.data, a.content_type, a.filename)
                 except ValueError as exc:  # over the blob store's limit: kept as a note
                     log.warning(
                         "imap %s: %s: attachment %s not kept: %s",
                         self.slug,
-                        external_id,
+                        where,
                         a.filename,
                         exc,
                     )
             attachments.append(
-                Attachment(a.filename, a.content_type, len(a.data), key, inline=a.inline)
+                Attachment(a.filename, a.content_type, len(a.data), blob_key, inline=a.inline)
             )
         proof = sender_proof(parsed.auth, parsed.sender or "")
         auth = parsed.auth or {}
         spoofed = bool(auth.get("trusted")) and auth.get("dmarc") == "fail"
         return InboundMessage(
-            external_id=external_id,
+            external_id=key.external_id,
+            fingerprint=key.fingerprint,
             sender=Sender(
                 "email",
                 parsed.sender or "",
@@ -548,8 +605,11 @@ class EmailChannel(Channel):
             references=[*parsed.references, *([parsed.in_reply_to] if parsed.in_reply_to else [])],
             thread_token=parsed.thread_token,
             thread_id=parsed.message_id,
-            no_auto_reply=parsed.no_auto_reply,
+            # mail from our own address (a forged From, a loop through a forward) is never
+            # answered automatically
+            no_auto_reply=parsed.no_auto_reply or parsed.sender == self.cfg.address.lower(),
             data={
+                "location": where,
                 "sha256": parsed.sha256,
                 "size": parsed.size,
                 "classification": parsed.classification,

@@ -47,9 +47,12 @@ import nh3
 
 __all__ = [
     "THREAD_TOKEN",
+    "MessageKey",
     "ParsedAttachment",
     "ParsedEmail",
     "Unparseable",
+    "message_key",
+    "normalize_message_id",
     "parse_email",
 ]
 
@@ -82,7 +85,8 @@ class ParsedEmail:
     """What the email channel needs to know about one inbound message."""
 
     classification: str
-    """``message`` | ``bounce`` (RFC 3464 DSN) | ``auto_reply`` | ``bulk``."""
+    """``message`` | ``bounce`` (an RFC 3464 DSN, or a non-standard bounce: an automated
+    sender and the text of delivery software) | ``auto_reply`` | ``bulk``."""
     no_auto_reply: bool
     """Never send an automatic reply (RFC 3834 signals, noreply senders, null Return-Path,
     DSNs, mailing lists)."""
@@ -116,16 +120,26 @@ class ParsedEmail:
     date: datetime | None
     """Date header as an aware datetime; ``None`` if missing, invalid or overflowing."""
     bounce_of: str | None
-    """Message-ID of our outbound message that a DSN reports on."""
+    """Message-ID of the outbound message a bounce reports on: the returned original's,
+    else one quoted in the bounce's text, else its In-Reply-To."""
+    bounce_refs: tuple[str, ...]
+    """Every Message-ID a bounce names, the likeliest first (one of them may be ours when
+    ``bounce_of`` is not)."""
+    bounce_reason: str | None
+    """Why delivery failed, as the reporting server put it (Diagnostic-Code, or the line of
+    a text bounce with the SMTP reply)."""
     dsn: dict[str, str] | None
-    """``action``, ``status``, ``recipient`` of the first per-recipient DSN block."""
+    """``action``, ``status``, ``recipient`` of the first per-recipient DSN block; for a
+    bounce without RFC 3464 structure, the same read from its text (``status`` may be
+    empty)."""
     auth: dict[str, Any] | None
     """The Authentication-Results that counts: ``authserv_id``, ``dmarc``, ``dkim``,
     ``dkim_domain`` (when given), ``trusted`` (authserv-id is one of ours; topmost wins)."""
     size: int
     """``len(raw)``."""
     sha256: str
-    """Hex SHA-256 of the raw bytes (dedupe key material when Message-ID is missing)."""
+    """Hex SHA-256 of the raw bytes (kept with the message; the dedupe key is
+    :func:`message_key`, which copies of one mail share even when their bytes differ)."""
 
 
 class Unparseable(Exception):
@@ -161,6 +175,67 @@ def parse_email(raw: bytes, *, trusted_authserv_ids: Iterable[str] = ()) -> Pars
         raise Unparseable("MIME or header structure nested too deeply to parse") from None
     except Exception as exc:
         raise Unparseable(f"parser failure: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+# -- the dedupe key -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MessageKey:
+    """What makes one mail the same mail wherever and however often it is delivered."""
+
+    external_id: str
+    """``mid:<normalized Message-ID>``; without a Message-ID ``sha256:<hex>`` of the
+    Date, From, To and Subject headers and the body. The same in every copy of a mail:
+    delivered to two aliases, fetched again after a UIDVALIDITY change."""
+    fingerprint: str
+    """16 hex digits over sender address, Date and Subject: a mail with the same
+    Message-ID but another fingerprint is another mail (clients that reuse ids)."""
+
+
+_MAX_KEY = 400  # external_id is 512 characters; a suffix (#fingerprint) may follow
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def normalize_message_id(message_id: str) -> str:
+    """``<Local@Example.COM>`` -> ``Local@example.com``: angle brackets and white space
+    removed, the domain (right of the last ``@``) in lower case, the left part as sent
+    (RFC 5322 gives it no case rule)."""
+    value = "".join(message_id.split()).strip("<>")
+    left, at, right = value.rpartition("@")
+    return f"{left}{at}{right.lower()}" if at else value
+
+
+def message_key(raw: bytes) -> MessageKey:
+    """The dedupe key of a raw message, or of its header block alone (a message too
+    large to download). Reads the headers only and never raises: unusable headers count
+    as missing."""
+    data = bytes(raw)
+    end = _HEADER_END.search(data)
+    head, body = (data[: end.start()], data[end.end() :]) if end else (data, b"")
+    headers = _degrade(
+        lambda: _Headers(email.parser.BytesHeaderParser(policy=compat32).parsebytes(head)), None
+    )
+
+    def value(name: str) -> str:
+        found = headers.first(name) if headers is not None else None
+        return " ".join((found or "").split())
+
+    sender = _degrade(lambda: _sender(headers)[0] if headers is not None else None, None)
+    subject = " ".join(_degrade(lambda: _decode_words(value("subject")), "").split())
+    date = _degrade(lambda: _date(value("date")), None)
+    when = date.astimezone(UTC).isoformat() if date is not None else value("date")
+    fingerprint = hashlib.sha256(f"{sender or ''}\n{when}\n{subject}".encode()).hexdigest()
+    message_id = _first_msgid(value("message-id"))
+    if message_id is not None:
+        key = normalize_message_id(message_id)
+        if len(key) > _MAX_KEY:
+            key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+        return MessageKey(f"mid:{key}", fingerprint[:16])
+    content = hashlib.sha256()
+    for name in ("date", "from", "to", "subject"):
+        content.update(value(name).encode("utf-8", "surrogateescape") + b"\n")
+    # line endings and trailing white space differ between stores of the same mail
+    content.update(b"\n" + re.sub(rb"[ \t]*\r?\n", b"\n", body).rstrip())
+    return MessageKey(f"sha256:{content.hexdigest()}", fingerprint[:16])
 
 
 # -- isolation ----------------------------------------------------------------------------
@@ -228,13 +303,31 @@ def _parse(raw: bytes, trusted: frozenset[str]) -> ParsedEmail:
     )
 
     details: tuple[dict[str, str] | None, str | None] = (None, None)
+    bounce_reason: str | None = None
     is_dsn = mime.report is not None and _is_delivery_report(mime.report)
     if mime.report is not None and is_dsn:
         # A malformed report still is a bounce; it just names no outbound (the channel
         # then rejects it with the raw bytes kept).
         details = _degrade(partial(_bounce_details, mime.report, headers), details)
+        bounce_reason = _degrade(partial(_dsn_diagnostic, mime.report), None)
+    is_bounce = is_dsn or (
+        mime.report is None
+        and _degrade(partial(_is_text_bounce, headers, sender, subject, full_text, mime), False)
+    )
+    if is_bounce and not is_dsn:
+        found = _degrade(
+            partial(_text_bounce_details, headers, sender, subject, full_text, mime), None
+        )
+        if found is not None:
+            details, bounce_reason = found[:2], found[2]
     dsn, bounce_of = details
-    classification = _classify(headers, sender, subject, mime.report, is_dsn)
+    no_refs: tuple[str, ...] = ()
+    refs = (
+        _degrade(partial(_bounce_refs, bounce_of, full_text, headers), no_refs)
+        if is_bounce
+        else no_refs
+    )
+    classification = _classify(headers, sender, subject, mime.report, is_bounce)
 
     token = THREAD_TOKEN.search(subject or "")
     return ParsedEmail(
@@ -255,6 +348,8 @@ def _parse(raw: bytes, trusted: frozenset[str]) -> ParsedEmail:
         cc=_addresses(headers.all("cc")),
         date=_date(headers.first("date")),
         bounce_of=bounce_of,
+        bounce_refs=refs,
+        bounce_reason=bounce_reason,
         dsn=dsn,
         auth=_degrade(
             partial(_authentication, headers.all("authentication-results"), trusted), None
@@ -551,6 +646,7 @@ _ANGLE_ADDR = re.compile(r"<\s*([^<>\s@]+@[^<>\s@]+)\s*>")
 _ADDR_CHARS = r"[^\s<>()\[\]\",;:@]"
 _BARE_ADDR = re.compile(rf"(?<!{_ADDR_CHARS}){_ADDR_CHARS}+@{_ADDR_CHARS}+")
 _MSGID = re.compile(r"<[^<>\s]+>")
+_QUOTING = re.compile(r'\\(.)|"', re.DOTALL)
 
 
 def _sender(headers: _Headers) -> tuple[str | None, str | None]:
@@ -566,9 +662,23 @@ def _sender(headers: _Headers) -> tuple[str | None, str | None]:
 
 
 def _mailbox(value: str) -> tuple[str | None, str | None]:
-    """(decoded display name, lower-case address) of the first mailbox in a header."""
+    """(decoded display name, lower-case address) of the first mailbox in a header.
+
+    The address in angle brackets is the sender, whatever the display name looks like:
+    ``support@example.com <x@y.example>`` is x@y.example (the stdlib's parseaddr takes the
+    display name for the address there, and an automatic reply went to it).
+    """
     if value.count("(") > _MAX_COMMENT_PARENS:
         value = _strip_comments(value)  # nested-comment bomb: see _strip_comments
+    chunk = _first_mailbox_text(_strip_comments(value))
+    angle = _angle_mailbox(chunk)
+    if angle is not None:
+        return angle
+    bare = _BARE_ADDR.findall(chunk)
+    if len(bare) > 1 and all(_plausible_address(a.lower()) for a in bare):
+        # No angle brackets but several addresses ("support@example.com x@y.example"):
+        # a display name comes first, so the address is the last one.
+        return None, bare[-1].lower()
     try:
         name, address = email.utils.parseaddr(value)
     except RecursionError:
@@ -582,6 +692,86 @@ def _mailbox(value: str) -> tuple[str | None, str | None]:
         return None, None
     display = _HEADER_CONTROLS.sub("", _decode_words(name)).replace("\t", " ").strip()
     return display or None, address
+
+
+def _first_mailbox_text(value: str) -> str:
+    """The text of the first mailbox of an address list (comments already removed): a
+    group's name (``Team: a@x, b@y;``) is skipped, the list ends at the first comma or
+    semicolon outside quotes and angle brackets, and a piece without any ``@`` (the
+    unquoted ``Doe, John <j@d.example>``) is joined to the next one."""
+    pieces: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    angle = 0
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle += 1
+        elif ch == ">" and angle:
+            angle -= 1
+        elif not angle and ch == ":" and not pieces and "@" not in "".join(current):
+            current = []  # a group's display name
+            continue
+        elif not angle and ch in ",;":
+            pieces.append("".join(current))
+            current = []
+            if "@" in pieces[-1]:
+                break
+            continue
+        current.append(ch)
+    else:
+        pieces.append("".join(current))
+    first_with_address = next((i for i, p in enumerate(pieces) if "@" in p), None)
+    if first_with_address is None:
+        return pieces[0] if pieces else ""
+    return ",".join(pieces[: first_with_address + 1])
+
+
+def _angle_mailbox(chunk: str) -> tuple[str | None, str | None] | None:
+    """``display-name <addr-spec>``: (decoded display name, address), or None when the
+    text has no angle-addr outside quotes or its content is no plausible address. The
+    angle-addr ends a mailbox, so of several (``A <a@x> <b@y>``) the last one counts."""
+    quoted = escaped = False
+    found: tuple[int, int] | None = None
+    index = 0
+    while index < len(chunk):
+        ch = chunk[index]
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            end = chunk.find(">", index)
+            if end < 0:
+                break
+            found, index = (index, end), end
+        index += 1
+    if found is None:
+        return None
+    start, end = found
+    # An obsolete source route (<@relay:user@host>) is not part of the address.
+    address = chunk[start + 1 : end].rpartition(":")[2].strip().lower()
+    if not _plausible_address(address):
+        return None
+    return _display_name(chunk[:start]), address
+
+
+def _display_name(text: str) -> str | None:
+    # quoted-string quotes and their backslash escapes go; what they quote stays
+    text = _QUOTING.sub(lambda m: m.group(1) or "", text).strip()
+    display = _HEADER_CONTROLS.sub("", _decode_words(text)).replace("\t", " ").strip()
+    return display or None
 
 
 def _plausible_address(address: str) -> bool:
@@ -1183,13 +1373,27 @@ def _delivery_status(report: Message) -> tuple[dict[str, str] | None, str | None
 def _bounce_details(report: Message, headers: _Headers) -> tuple[dict[str, str] | None, str | None]:
     """(DSN fields, Message-ID of our outbound) of a delivery report."""
     dsn, original_id = _delivery_status(report)
-    return dsn, _bounce_of(report, original_id, headers)
+    return dsn, _returned_id(_children(report)) or original_id or _first_msgid(
+        headers.first("in-reply-to")
+    )
 
 
-def _bounce_of(report: Message, original_id: str | None, headers: _Headers) -> str | None:
-    """Message-ID of the returned original (text/rfc822-headers or message/rfc822), else
-    Gmail's X-Original-Message-ID, else the DSN's own In-Reply-To."""
+def _dsn_diagnostic(report: Message) -> str | None:
+    """The first per-recipient Diagnostic-Code (``smtp; 550 5.1.1 ...``) as text."""
     for child in _children(report):
+        if _content_type(child) != "message/delivery-status":
+            continue
+        for group in _status_groups(child):
+            code = group.first("diagnostic-code")
+            if code:
+                return _one_line(code.split(";", 1)[-1]) or None
+    return None
+
+
+def _returned_id(parts: Iterable[Message]) -> str | None:
+    """Message-ID of a returned original among ``parts`` (message/rfc822 or the original's
+    headers as text/rfc822-headers): Message-ID of our outbound (the report's subject)."""
+    for child in parts:
         ctype = _content_type(child)
         original: _Headers | None = None
         if ctype in ("message/rfc822", "message/rfc822-headers", "message/global"):
@@ -1207,7 +1411,161 @@ def _bounce_of(report: Message, original_id: str | None, headers: _Headers) -> s
             found = _first_msgid(original.first("message-id"))
             if found:
                 return found
-    return original_id or _first_msgid(headers.first("in-reply-to"))
+    return None
+
+
+# -- bounces without RFC 3464 structure -----------------------------------------------------
+# qmail, Exchange's and Outlook.com's plain NDRs, Sendmail and old Postfix, Exim, Gmail's text
+# form. Recognised only when an automated sender (mailer-daemon, postmaster, an Exchange
+# system mailbox, or the null return path) sends a body written by delivery software: a
+# customer writing "Undeliverable: my parcel" is never a bounce.
+_BOUNCE_LOCALPART = re.compile(
+    r"(?:mailer-daemon|mailer_daemon|mailerdaemon|mail-daemon|postmaster"
+    r"|microsoftexchange[0-9a-f]{32})(?:[-+_.].*)?",
+    re.IGNORECASE,
+)
+_BOUNCE_SUBJECT = re.compile(
+    r"undeliver(?:able|ed)|delivery status notification|delivery (?:failure|failed|has failed)"
+    r"|mail delivery (?:failed|failure|problem)|returned mail|failure notice|non[- ]?delivery"
+    r"|message not delivered|delayed mail|unzustellbar|nicht zustellbar|non remis"
+    r"|no se puede entregar|onbestelbaar|kan niet worden bezorgd",
+    re.IGNORECASE,
+)
+_BOUNCE_TEXT = re.compile(
+    r"this is the qmail-send program|i'm afraid i wasn't able to deliver your message"
+    r"|delivery has failed to these recipients or groups"
+    r"|your message (?:to \S+ )?(?:couldn't|could not|wasn't|was not) (?:be )?delivered"
+    r"|delivery to the following recipients? failed|address not found\b"
+    r"|this is the mail system at host|your message could not be delivered"
+    r"|message could not\s+be delivered to one or more recipients"
+    r"|could not be delivered to one or more of its\s+recipients"
+    r"|the following addresses had permanent fatal errors|transcript of session follows"
+    r"|this message was created automatically by mail delivery software"
+    r"|diagnostic information for administrators|remote server returned"
+    r"|the original message was received at|delivery is delayed to these recipients or groups"
+    r"|message (?:has not yet been|hasn't been) delivered",
+    re.IGNORECASE,
+)
+_DELAY_TEXT = re.compile(
+    r"\(delay\)|is delayed|has not yet been delivered|hasn't been delivered yet"
+    r"|will (?:continue|keep) (?:trying|retrying|to try)|still (?:being )?retr"
+    r"|this is a warning only|warning: message .{0,200}delayed|delayed mail",
+    re.IGNORECASE,
+)
+# Where a returned copy of the original begins: what follows is not the bounce's own text.
+_RETURNED_COPY = re.compile(
+    r"^[ \t>]*(?:-{2,}[ \t]*)?(?:below this line is a copy of the message"
+    r"|(?:this is a )?copy of the message|original message(?: follows| headers)?\b"
+    r"|unsent message (?:below|follows)|returned message|message headers follow"
+    r"|the original message headers)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_QUOTED_MESSAGE_ID = re.compile(r"^[ \t>]*message-id[ \t]*:[ \t]*(<[^<>\s]+>)", re.I | re.M)
+_ENHANCED_STATUS = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?![\d.]*\d)")
+_SMTP_REPLY = re.compile(r"(?<![\d.])[45]\d\d(?:[ -]|$)")
+_FAILED_LINE = re.compile(r"^[ \t]*<([^<>\s@]+@[^<>\s@]+)>[ \t]*:", re.MULTILINE)
+
+
+def _is_text_bounce(
+    headers: _Headers, sender: str, subject: str | None, text: str, mime: _Mime
+) -> bool:
+    return_path = (headers.first("return-path") or "").strip()
+    automated = (
+        _BOUNCE_LOCALPART.fullmatch(sender.rpartition("@")[0]) is not None
+        or re.fullmatch(r"<\s*>", return_path) is not None
+    )
+    if not automated:
+        return False
+    explanation = _explanation(text)
+    if _BOUNCE_TEXT.search(explanation):
+        return True
+    returned = _returned_id(mime.attachments) or _QUOTED_MESSAGE_ID.search(text)
+    return bool(_BOUNCE_SUBJECT.search(subject or "")) and bool(returned)
+
+
+def _explanation(text: str) -> str:
+    """The bounce's own words: its text up to a returned copy of the original."""
+    found = _RETURNED_COPY.search(text)
+    return text[: found.start()] if found else text
+
+
+def _text_bounce_details(
+    headers: _Headers, sender: str, subject: str | None, text: str, mime: _Mime
+) -> tuple[dict[str, str], str | None, str | None]:
+    """(action/status/recipient like a DSN's, Message-ID of our outbound, diagnostic)."""
+    explanation = _explanation(text)
+    status_match = _ENHANCED_STATUS.search(explanation)
+    status = status_match.group(1) if status_match else ""
+    delayed = bool(_DELAY_TEXT.search(f"{subject or ''}\n{explanation}")) and not status.startswith(
+        "5."
+    )
+    diagnostic = _diagnostic_line(explanation)
+    recipient = _failed_recipient(headers, sender, explanation)
+    returned = _returned_id(mime.attachments)
+    quoted = _QUOTED_MESSAGE_ID.search(text)
+    bounce_of = (
+        returned
+        or (quoted.group(1) if quoted else None)
+        or _first_msgid(headers.first("in-reply-to"))
+    )
+    dsn = {"action": "delayed" if delayed else "failed", "status": status, "recipient": recipient}
+    return dsn, bounce_of, diagnostic
+
+
+def _diagnostic_line(explanation: str) -> str | None:
+    """The first line naming an SMTP reply or enhanced status code, with the indented
+    lines that continue it (Postfix folds the remote server's answer)."""
+    lines = explanation.split("\n")
+    for index, line in enumerate(lines):
+        if _ENHANCED_STATUS.search(line) or _SMTP_REPLY.search(line.strip()):
+            parts = [line]
+            for following in lines[index + 1 : index + 6]:
+                if not following[:1].isspace() or not following.strip():
+                    break
+                parts.append(following)
+            return _one_line(" ".join(parts)) or None
+    return None
+
+
+def _failed_recipient(headers: _Headers, sender: str, explanation: str) -> str:
+    """X-Failed-Recipients (Exim, Gmail), else a ``<address>:`` line (qmail, Postfix),
+    else the first address in the bounce's own words that is neither the bounce's sender,
+    a recipient of the bounce, nor a postmaster."""
+    failed = _addresses(headers.all("x-failed-recipients"))
+    if failed:
+        return failed[0]
+    line = _FAILED_LINE.search(explanation)
+    if line and _plausible_address(line.group(1).lower()):
+        return line.group(1).lower()
+    ours = {sender, *_addresses(headers.all("to")), *_addresses(headers.all("cc"))}
+    for candidate in _BARE_ADDR.findall(explanation.replace("<", " ").replace(">", " ")):
+        address = candidate.strip(".,;:'\"()[]").lower()
+        if (
+            _plausible_address(address)
+            and address not in ours
+            and not _BOUNCE_LOCALPART.fullmatch(address.rpartition("@")[0])
+        ):
+            return address
+    return ""
+
+
+def _bounce_refs(bounce_of: str | None, text: str, headers: _Headers) -> tuple[str, ...]:
+    """Every Message-ID a bounce names, the likeliest first: the returned original's, the
+    Message-ID lines quoted in its text, In-Reply-To, References."""
+    found: dict[str, None] = {}
+    for candidate in (
+        bounce_of,
+        *(m.group(1) for m in _QUOTED_MESSAGE_ID.finditer(text)),
+        _first_msgid(headers.first("in-reply-to")),
+        *reversed(_MSGID.findall(" ".join(headers.all("references")))),
+    ):
+        if candidate:
+            found[candidate] = None
+    return tuple(found)
+
+
+def _one_line(value: str) -> str:
+    return " ".join(value.split()).strip(" '\"")[:300]
 
 
 # -- authentication results -----------------------------------------------------------------
@@ -1263,10 +1621,10 @@ def _classify(
     sender: str,
     subject: str | None,
     report: Message | None,
-    is_dsn: bool,
+    is_bounce: bool,
 ) -> str:
     """bounce > auto_reply > bulk > message; anything but message means no_auto_reply."""
-    if is_dsn:
+    if is_bounce:
         return "bounce"
     auto_submitted = _header_token(headers.first("auto-submitted"))
     precedence = _header_token(headers.first("precedence"))

@@ -555,11 +555,14 @@ class Quarantine(Base):
     """Inbound input that could not be handled, kept raw with its reason for admins."""
 
     __tablename__ = "quarantine"
+    __table_args__ = (Index("ix_quarantine_external", "inbox_id", "external_id"),)
     id: Mapped[int] = _id()
     inbox_id: Mapped[int | None] = mapped_column(Id, ForeignKey("inboxes.id"))
     source: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # The item's dedupe key (an email's Message-ID key): kept once per inbox
+    external_id: Mapped[str | None] = mapped_column(String(512))
     blob_key: Mapped[str | None] = mapped_column(String(255))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime]

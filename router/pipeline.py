@@ -67,6 +67,7 @@ __all__ = [
     "apply_status",
     "ingest_message",
     "quarantine",
+    "quarantine_reject",
     "resolve_contact",
 ]
 
@@ -119,7 +120,7 @@ _messages, _conversations, _contacts, _identities, _hints = (
     table(ContactHint),
 )
 _SEEN = prepared(
-    select(_messages.c.id, _messages.c.conversation_id).where(
+    select(_messages.c.id, _messages.c.conversation_id, _messages.c.data).where(
         _messages.c.inbox_id == bindparam("inbox"), _messages.c.external_id == bindparam("external")
     )
 )
@@ -163,6 +164,16 @@ _CONTACT_LANGUAGE = prepared(
 )
 _NEW_CONVERSATION = prepared(insert(_conversations).returning(_conversations.c.id))
 _NEW_MESSAGE = prepared(insert(_messages).returning(_messages.c.id))
+_quarantine = table(Quarantine)
+_SETTLE_QUARANTINED = prepared(
+    update(_quarantine)
+    .where(
+        _quarantine.c.inbox_id == bindparam("inbox"),
+        _quarantine.c.external_id == bindparam("external"),
+        _quarantine.c.resolved_at.is_(None),
+    )
+    .values(resolved_at=bindparam("now"))
+)
 _HINT_KNOWN = prepared(
     select(_hints.c.id).where(
         _hints.c.contact_id == bindparam("contact"),
@@ -387,24 +398,12 @@ def _customer_turn_over(tx: Tx, conversation: Any) -> dict[str, Any]:
     }
 
 
-_SAME_THREAD_ID = select(_messages.c.id, _messages.c.conversation_id, _messages.c.data).where(
-    _messages.c.inbox_id == bindparam("inbox"),
-    _messages.c.thread_id == bindparam("thread_id"),
-    _messages.c.direction == Direction.IN.value,
-)
-
-
-def _same_content(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> Any:
-    """A message stored under another external id (an IMAP folder whose UIDVALIDITY changed,
-    the same mail in two folders) is the same message only if its id (Message-ID) and the
-    SHA-256 of its raw bytes both match: Message-IDs alone are not unique in the wild."""
-    digest = msg.data.get("sha256")
-    if not msg.thread_id or not digest:
-        return None
-    for row in tx.execute(_SAME_THREAD_ID, {"inbox": inbox.id, "thread_id": msg.thread_id}):
-        if (row.data or {}).get("sha256") == digest:
-            return row
-    return None
+def _reused_id(seen: Any, msg: InboundMessage) -> bool:
+    """A stored message with the same external_id is another message only when both
+    carry fingerprints and they differ (an email client reusing a Message-ID); a copy of
+    the same message (another alias's delivery, the mailbox read again) is a duplicate."""
+    theirs = (seen.data or {}).get("fingerprint")
+    return bool(msg.fingerprint and theirs and theirs != msg.fingerprint)
 
 
 def _clean(value: str | None, limit: int | None) -> str | None:
@@ -419,7 +418,11 @@ def _clean(value: str | None, limit: int | None) -> str | None:
 def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutcome:
     """Persist one inbound message and everything it changes, in the caller's transaction."""
     seen_key = {"inbox": inbox.id, "external": msg.external_id}
-    seen = tx.execute(_SEEN, seen_key).first() or _same_content(tx, inbox, msg)
+    seen = tx.execute(_SEEN, seen_key).first()
+    if seen is not None and _reused_id(seen, msg):
+        msg = replace(msg, external_id=f"{msg.external_id}#{msg.fingerprint}")
+        seen_key = {"inbox": inbox.id, "external": msg.external_id}
+        seen = tx.execute(_SEEN, seen_key).first()
     if seen is not None:
         return IngestOutcome(int(seen.id), int(seen.conversation_id), duplicate=True)
     contact_id, identity_id, new_contact = resolve_contact(tx, msg.sender)
@@ -545,12 +548,23 @@ def ingest_message(tx: Tx, inbox: InboxInfo, msg: InboundMessage) -> IngestOutco
         "provider_ts": msg.provider_ts,
         "data": {
             k: v
-            for k, v in {"language": msg.language, "html": msg.html, **msg.data}.items()
+            for k, v in {
+                "language": msg.language,
+                "html": msg.html,
+                "fingerprint": msg.fingerprint,
+                **msg.data,
+            }.items()
             if v is not None
         },
         "created_at": now,
     }
     message_id = int(tx.execute(_NEW_MESSAGE, values).scalar_one())
+    if msg.fingerprint is not None:
+        # the whole message arrived after a part of it (an oversized mail's headers, one that
+        # could not be parsed before a fix) was quarantined: that item is settled now
+        tx.execute(
+            _SETTLE_QUARANTINED, {"inbox": inbox.id, "external": msg.external_id, "now": now}
+        )
     add_event(
         tx,
         conversation_id,
@@ -594,9 +608,13 @@ def _attachment(a: Any) -> dict[str, Any]:
 _WATERMARK_LIMIT = 200  # the newest messages a watermark moves (older ones moved before)
 
 
-def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool:
+_BOUNCE_LOOKBACK = timedelta(days=7)  # a bounce names a message sent at most this long ago
+
+
+def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool | None:
     """Move an outbound message's delivery status forward only (failed is terminal); a
-    watermark moves every earlier message to that recipient."""
+    watermark moves every earlier message to that recipient. Returns whether a message
+    moved, or None when the status names none of this inbox's messages."""
     if status.recipient is not None:
         rows = tx.execute(
             select(Message.id, Message.delivery_status, Message.conversation_id, Message.agent_id)
@@ -611,7 +629,7 @@ def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool:
             .order_by(Message.id.desc())
             .limit(_WATERMARK_LIMIT)
         ).all()
-        return any([_move_status(tx, row, status) for row in rows])
+        return any([_move_status(tx, row, status) for row in rows]) if rows else None
     row = tx.execute(
         select(
             Message.id, Message.delivery_status, Message.conversation_id, Message.agent_id
@@ -621,9 +639,30 @@ def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool:
             Message.external_id == status.provider_id,
         )
     ).first()
+    if row is None and status.failed_recipient:
+        row = _last_sent_to(tx, inbox, status.failed_recipient, status.at or tx.now)
     if row is None:
-        return False
+        return None
     return _move_status(tx, row, status)
+
+
+def _last_sent_to(tx: Tx, inbox: InboxInfo, address: str, before: Any) -> Any:
+    """The latest message this inbox sent to ``address`` in the lookback before ``before``
+    (what a bounce naming only its failed recipient reports on)."""
+    return tx.execute(
+        select(Message.id, Message.delivery_status, Message.conversation_id, Message.agent_id)
+        .join(ContactIdentity, ContactIdentity.id == Message.identity_id)
+        .where(
+            Message.inbox_id == inbox.id,
+            Message.direction == Direction.OUT.value,
+            ContactIdentity.address == address.lower(),
+            Message.external_id.is_not(None),
+            Message.created_at <= before,
+            Message.created_at >= before - _BOUNCE_LOOKBACK,
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    ).first()
 
 
 def _move_status(tx: Tx, row: Any, status: StatusUpdate) -> bool:
@@ -659,6 +698,7 @@ def quarantine(
     reason: str,
     raw: bytes,
     data: dict[str, Any] | None = None,
+    external_id: str | None = None,
 ) -> int:
     return int(
         tx.execute(
@@ -669,11 +709,37 @@ def quarantine(
                 reason=reason[:2000],
                 raw=raw,
                 data=data or {},
+                external_id=external_id,
                 created_at=tx.now,
             )
             .returning(Quarantine.id)
         ).scalar_one()
     )
+
+
+def quarantine_reject(tx: Tx, inbox: InboxInfo, source: str, item: Reject) -> int | None:
+    """Quarantine a rejected item once: an item with the same external_id already kept
+    for this inbox (resolved or not) is not kept again, unless both have fingerprints and
+    they differ. Returns the new row's id, or None for a repeat."""
+    data: dict[str, Any] = {}
+    if item.external_id is not None:
+        data["external_id"] = item.external_id
+        for row in tx.execute(
+            select(Quarantine.id, Quarantine.data).where(
+                Quarantine.inbox_id == inbox.id, Quarantine.external_id == item.external_id
+            )
+        ):
+            theirs = (row.data or {}).get("fingerprint")
+            if not (item.fingerprint and theirs and theirs != item.fingerprint):
+                log.info(
+                    "%s: %s is quarantined already (item %s)", inbox.slug, item.external_id, row.id
+                )
+                return None
+    if item.fingerprint is not None:
+        data["fingerprint"] = item.fingerprint
+    if item.partial:
+        data["partial"] = True
+    return quarantine(tx, inbox.id, source, item.reason, item.raw, data, item.external_id)
 
 
 def load_inbox(conn: Connection, slug: str) -> InboxInfo | None:
@@ -747,13 +813,13 @@ def _accept_items(
     outcomes: list[IngestOutcome] = []
     for item in items:
         if isinstance(item, Reject):
-            data = {"external_id": item.external_id} if item.external_id else None
-            quarantine(tx, inbox.id, source, item.reason, item.raw, data)
+            quarantine_reject(tx, inbox, source, item)
             continue
         try:
             with tx.savepoint():
                 if isinstance(item, StatusUpdate):
-                    apply_status(tx, inbox, item)
+                    if apply_status(tx, inbox, item) is None and item.unmatched is not None:
+                        quarantine_reject(tx, inbox, source, item.unmatched)
                     continue
                 outcomes.append(ingest_message(tx, inbox, item))
         except DuplicateMessage as dup:

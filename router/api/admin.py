@@ -61,6 +61,8 @@ def _quarantine(conn: Connection, limit: int) -> list[dict[str, Any]]:
             "inbox_id": q.inbox_id,
             "source": q.source,
             "reason": q.reason,
+            "external_id": q.external_id,
+            "partial": bool((q.data or {}).get("partial")),
             "size": len(q.raw),
             "created_at": iso(q.created_at),
             "resolved_at": iso(q.resolved_at),
@@ -96,7 +98,8 @@ async def quarantine_raw(
 
 @router.post(
     "/quarantine/{item_id}/reimport",
-    summary="Parse a quarantined item again (after a fix) and import it; 422 if it still fails",
+    summary="Parse a quarantined item again (after a fix) and import it; 422 if it still "
+    "fails, 409 if only part of it was kept (the item stays in quarantine either way)",
 )
 async def quarantine_reimport(
     item_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
@@ -108,10 +111,19 @@ async def quarantine_reimport(
         raise NotFound(f"no quarantined item {item_id}")
     if row.resolved_at is not None:
         raise Conflict(f"quarantined item {item_id} was already re-imported")
+    if (row.data or {}).get("partial"):
+        # e.g. the headers of a mail over the inbox's max_size_mb: importing them would
+        # store an empty message and lose the body and attachments for good
+        raise Conflict(
+            f"quarantined item {item_id} holds only part of what arrived ({row.reason}); "
+            "re-importing it would lose the rest, so it stays in quarantine. Fetch the "
+            "original from the provider (for email: raise max_size_mb and copy the mail "
+            "into the polled folder again)"
+        )
     channel = runtime.channel_for_inbox_id(row.inbox_id) if row.inbox_id is not None else None
     items = (
         await channel.reimport(
-            row.raw, (row.data or {}).get("external_id") or f"reimport/{item_id}"
+            row.raw, row.external_id or (row.data or {}).get("external_id") or f"reimport/{item_id}"
         )
         if channel is not None
         else None

@@ -7,6 +7,8 @@ awkward corpus; bounces and out-of-office replies are recognised."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import email
 import email.policy
 import json
@@ -24,8 +26,9 @@ from router.runtime import Runtime
 from router.types import AgentPresence
 from tests import peers
 from tests.peers import need
+from tests.router.test_api import admin_token, auth
 from tests.router.test_live import make_agent
-from tests.support import make_settings, started_runtime
+from tests.support import client_for, make_settings, started_runtime
 
 FIXTURES = Path(__file__).parent / "fixtures" / "email"
 RULES = """\
@@ -34,7 +37,7 @@ queues:
   general: {}
 default: {queue: general}
 """
-USERS = {f"box{i}@example.com": "secret" for i in range(16)}
+USERS = {f"box{i}@example.com": "secret" for i in range(40)}
 _boxes = iter(sorted(USERS))
 
 
@@ -113,17 +116,22 @@ def mail(
     ).encode()
 
 
-@pytest.fixture
-async def mailbox(
-    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+@contextlib.asynccontextmanager
+async def open_mailbox(
+    directory: Path,
+    db_url: str,
+    dovecot: peers.Dovecot,
+    sink: peers.SmtpSink,
+    user: str,
+    rules: str = RULES,
+    **inbox: Any,
 ) -> AsyncIterator[tuple[Runtime, str, Callable[..., Any]]]:
-    """A runtime polling a fresh Dovecot mailbox; yields (runtime, user, restart)."""
-    user = next(_boxes)
+    """A runtime polling ``user``'s Dovecot mailbox; yields (runtime, user, restart)."""
     settings = make_settings(
-        tmp_path / "conf",
+        directory,
         db_url,
-        rules=RULES,
-        channels=channels_yaml(dovecot.port, user, sink.port),
+        rules=rules,
+        channels=channels_yaml(dovecot.port, user, sink.port, **inbox),
         worker_interval=0.2,
         outbox_interval=0.1,
     )
@@ -149,6 +157,15 @@ async def mailbox(
         await holder["runtime"].stop()
 
 
+@pytest.fixture
+async def mailbox(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> AsyncIterator[tuple[Runtime, str, Callable[..., Any]]]:
+    """A runtime polling a fresh Dovecot mailbox; yields (runtime, user, restart)."""
+    async with open_mailbox(tmp_path / "conf", db_url, dovecot, sink, next(_boxes)) as box:
+        yield box
+
+
 async def test_appended_and_dropped_mail_arrive_through_idle(
     mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot
 ) -> None:
@@ -163,8 +180,8 @@ async def test_appended_and_dropped_mail_arrive_through_idle(
         lambda c: c.execute(select(Message.external_id, Message.text).order_by(Message.id)).all()
     )
     assert [r.text for r in rows] == ["hello", "hello"]
-    validity = rows[0].external_id.split("/")[1]
-    assert [r.external_id for r in rows] == [f"INBOX/{validity}/1", f"INBOX/{validity}/2"]
+    # keyed by Message-ID, the same in every copy of the mail wherever it lies
+    assert [r.external_id for r in rows] == ["mid:append-1@x", "mid:file-1@x"]
 
 
 async def test_mail_announced_in_the_answer_to_our_own_command_is_fetched_at_once(
@@ -476,3 +493,313 @@ async def test_one_process_polls_a_mailbox_and_another_takes_over(
         if first.started:
             await first.stop()
         await second.stop()
+
+
+# -- nothing doubled: one mail, one message --------------------------------------------------
+async def messages_from(runtime: Runtime, thread_id: str) -> list[Any]:
+    return await runtime.db.read(
+        lambda c: c.execute(
+            select(Message.text, Message.conversation_id, Message.external_id)
+            .where(Message.thread_id.ilike(thread_id), Message.direction == "in")
+            .order_by(Message.id)
+        ).all()
+    )
+
+
+def delivered_to(alias: str, raw: bytes) -> bytes:
+    """``raw`` as the MTA stores it for ``alias``: its own trace headers on top."""
+    return (
+        f"Delivered-To: {alias}\r\nReceived: from mx.example.com by imap.example.com "
+        f"for <{alias}>; Wed, 25 Nov 2026 09:00:02 +0000\r\n"
+    ).encode() + raw
+
+
+async def test_one_mail_delivered_to_two_aliases_is_stored_once(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot
+) -> None:
+    """The copies differ in their trace headers (bytes and SHA-256 differ); the Message-ID
+    is the same, so it is one message. A client reusing a Message-ID for another mail (other
+    Date, other text) still gets both kept."""
+    runtime, user, _ = mailbox
+    password = USERS[user]
+    original = mail("ann@example.net", "Broken kettle", "<Kettle-1@Mail.Example.NET>", "It leaks.")
+    for alias in ("support@example.com", "help@example.com"):
+        await dovecot.append(user, password, delivered_to(alias, original))
+    # the domain of a Message-ID is case-insensitive (RFC 5322)
+    lowered = original.replace(b"Mail.Example.NET", b"mail.example.net")
+    await dovecot.append(user, password, delivered_to("info@example.com", lowered))
+    reused = mail(
+        "ann@example.net", "Broken kettle", "<Kettle-1@Mail.Example.NET>", "Second question."
+    ).replace(b"09:00:00", b"10:30:00")
+    await dovecot.append(user, password, delivered_to("support@example.com", reused))
+    await dovecot.append(user, password, delivered_to("help@example.com", reused))
+    await dovecot.append(user, password, mail("z@example.net", "last", "<alias-last@x>"))
+    await eventually(lambda: conversation_of(runtime, "<alias-last@x>"))
+    rows = await messages_from(runtime, "<kettle-1@mail.example.net>")
+    assert [r.text for r in rows] == ["It leaks.", "Second question."]
+    assert rows[0].external_id == "mid:Kettle-1@mail.example.net"
+    assert len({r.conversation_id for r in rows}) == 1
+
+
+def oversized(message_id: str, size: int = 1_200_000) -> bytes:
+    """A mail with an attachment of ``size`` bytes (over 1 MiB once base64-encoded)."""
+    data = base64.encodebytes(bytes(range(256)) * (size // 256)).replace(b"\n", b"\r\n")
+    return (
+        b"From: Customer <big@example.net>\r\nTo: support@example.com\r\nSubject: Logs\r\n"
+        + f"Message-ID: {message_id}\r\n".encode()
+        + b"Date: Wed, 25 Nov 2026 09:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\n'
+        b"Content-Type: text/plain\r\n\r\nThe logs are attached.\r\n--b1\r\n"
+        b'Content-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="dump.bin"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + data + b"--b1--\r\n"
+    )
+
+
+async def test_a_uidvalidity_reset_imports_and_quarantines_nothing_twice(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """Everything the folder held is read again after a UIDVALIDITY change: messages (a
+    mail without a Message-ID included) are recognised by their key, and what was
+    quarantined (unparseable, oversized) is not quarantined again."""
+    user = next(_boxes)
+    password = USERS[user]
+    async with open_mailbox(tmp_path / "conf", db_url, dovecot, sink, user, max_size_mb=1) as (
+        runtime,
+        _,
+        restart,
+    ):
+        for raw in (
+            mail("r@example.net", "first", "<reset-1@x>"),
+            (FIXTURES / "no_message_id.eml").read_bytes(),
+            (FIXTURES / "raises_from_unclosed_angle.eml").read_bytes(),
+            oversized("<reset-big@x>"),
+            mail("r@example.net", "marker", "<reset-2@x>"),
+        ):
+            await dovecot.append(user, password, raw)
+        await eventually(lambda: conversation_of(runtime, "<reset-2@x>"))
+        assert await count(runtime, Message) == 3
+        reasons = sorted(
+            await runtime.db.read(lambda c: c.execute(select(Quarantine.reason)).scalars().all())
+        )
+        assert len(reasons) == 2
+        assert any("MiB limit" in r for r in reasons)
+        assert any("no sender address" in r for r in reasons)
+        # the cursor is saved just after the batch's commit
+        before = await eventually(
+            lambda: runtime.db.read(
+                lambda c: c.execute(select(ChannelState.value)).scalar_one_or_none()
+            )
+        )
+        await holder_stop(runtime)
+        maildir = dovecot.maildir(user)
+        for name in (
+            "dovecot-uidlist",
+            "dovecot.index",
+            "dovecot.index.cache",
+            "dovecot.index.log",
+        ):
+            (maildir / name).unlink(missing_ok=True)
+        await dovecot.append(user, password, mail("r@example.net", "after", "<reset-3@x>"))
+        runtime = await restart()
+        await eventually(lambda: conversation_of(runtime, "<reset-3@x>"))
+        after = await runtime.db.read(lambda c: c.execute(select(ChannelState.value)).scalar_one())
+        assert after["uidvalidity"] != before["uidvalidity"]
+        assert await count(runtime, Quarantine) == 2
+        assert await count(runtime, Message) == 4
+
+
+async def test_an_oversized_mail_is_never_reimported_without_its_body(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """Only the headers of a mail over max_size_mb are kept: re-importing them is refused
+    (409) and the item stays in quarantine. Raising the limit and copying the mail into the
+    folder again imports it whole, attachment in the blob store, and settles the item."""
+    user = next(_boxes)
+    password = USERS[user]
+    big = oversized("<big-1@x>")
+    async with open_mailbox(tmp_path / "small", db_url, dovecot, sink, user, max_size_mb=1) as (
+        runtime,
+        _,
+        _,
+    ):
+        await dovecot.append(user, password, big)
+        item_id = await eventually(
+            lambda: runtime.db.read(lambda c: c.execute(select(Quarantine.id)).scalar_one_or_none())
+        )
+        token = await admin_token(runtime)
+        async with client_for(runtime) as client:
+            response = await client.post(
+                f"/api/admin/quarantine/{item_id}/reimport", headers=auth(token)
+            )
+            assert response.status_code == 409, response.text
+            assert "holds only part of what arrived" in response.json()["message"]
+            [listed] = (await client.get("/api/admin/quarantine", headers=auth(token))).json()
+        assert (listed["id"], listed["partial"], listed["resolved_at"]) == (item_id, True, None)
+        assert listed["external_id"] == "mid:big-1@x"
+        assert await count(runtime, Message) == 0
+    async with open_mailbox(tmp_path / "large", db_url, dovecot, sink, user, max_size_mb=5) as (
+        runtime,
+        _,
+        _,
+    ):
+        await dovecot.append(user, password, big)
+        await eventually(lambda: conversation_of(runtime, "<big-1@x>"))
+        stored = await runtime.db.read(
+            lambda c: c.execute(select(Message.text, Message.attachments)).one()
+        )
+        assert stored.text == "The logs are attached."
+        [attachment] = stored.attachments
+        assert (attachment["filename"], attachment["size"]) == ("dump.bin", 1_200_000 // 256 * 256)
+        assert await runtime.blobs.get(attachment["blob_key"]) == bytes(range(256)) * (
+            1_200_000 // 256
+        )
+        resolved = await runtime.db.read(
+            lambda c: c.execute(
+                select(Quarantine.resolved_at).where(Quarantine.id == item_id)
+            ).scalar_one()
+        )
+        assert resolved is not None
+
+
+# -- bounces that are not RFC 3464 reports ---------------------------------------------------
+async def delivery(runtime: Runtime, message_id: str) -> tuple[str, str | None] | None:
+    """(delivery status, error) of our outbound message ``message_id`` once it is sent."""
+    row = await runtime.db.read(
+        lambda c: c.execute(
+            select(Message.delivery_status, Message.error).where(Message.external_id == message_id)
+        ).first()
+    )
+    return None if row is None else (row.delivery_status, row.error)
+
+
+async def status_of(runtime: Runtime, message_id: str) -> str | None:
+    found = await delivery(runtime, message_id)
+    return found[0] if found else None
+
+
+async def test_non_standard_bounces_fail_our_message_and_open_no_conversation(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    runtime, user, _ = mailbox
+    password = USERS[user]
+    cid, _, received = await answered(
+        mailbox, dovecot, sink, mail("olduser@legacy.example", "My ticket", "<t1@legacy.example>")
+    )
+    ours = str(email.message_from_bytes(received.raw, policy=email.policy.default)["Message-ID"])
+    await eventually(lambda: delivery(runtime, ours))
+    state = await runtime.db.read(
+        lambda c: c.execute(select(Conversation.state).where(Conversation.id == cid)).scalar_one()
+    )
+    # qmail's plain-text bounce quoting our Message-ID in the returned copy
+    qmail = (FIXTURES / "mailer_daemon_plain_no_dsn.eml").read_bytes()
+    await dovecot.append(
+        user, password, qmail.replace(b"<out-128@support.example.com>", ours.encode())
+    )
+
+    async def failed() -> bool:
+        return await status_of(runtime, ours) == "failed"
+
+    await eventually(failed)
+    _, error = await delivery(runtime, ours) or ("", None)
+    assert error is not None and "5.1.1" in error
+    assert "Sorry, no mailbox here by that name" in error
+    # a bounce naming a message this inbox never sent is kept for an admin, with the reason
+    await dovecot.append(user, password, (FIXTURES / "bounce_gmail_text.eml").read_bytes())
+    reason = await eventually(
+        lambda: runtime.db.read(lambda c: c.execute(select(Quarantine.reason)).scalar_one_or_none())
+    )
+    assert "<out-133@support.example.com>, which this inbox did not send" in reason
+    assert "550 5.1.1" in reason
+    # a customer forwarding a bounce they got is a customer writing: a conversation
+    await dovecot.append(user, password, (FIXTURES / "customer_forwards_bounce.eml").read_bytes())
+    forwarded = await eventually(lambda: conversation_of(runtime, "<fwd-bounce-0138@example.com>"))
+    assert forwarded != cid
+    # the bounces opened nothing, stored no message and left the conversation alone
+    assert await count(runtime, Conversation) == 2
+    assert await count(runtime, Message, Message.direction == "in") == 2
+    assert (
+        await runtime.db.read(
+            lambda c: c.execute(
+                select(Conversation.state).where(Conversation.id == cid)
+            ).scalar_one()
+        )
+        == state
+    )
+
+
+async def test_a_bounce_naming_only_its_recipient_fails_the_last_message_to_it(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """Exchange Online's HTML NDR returns nothing of the original: its failed recipient
+    names our latest message to that address. A delay notice first leaves it sent."""
+    runtime, user, _ = mailbox
+    password = USERS[user]
+    _, _, received = await answered(
+        mailbox, dovecot, sink, mail("jane.doe@fabrikam.example", "Order", "<o1@fabrikam.example>")
+    )
+    ours = str(email.message_from_bytes(received.raw, policy=email.policy.default)["Message-ID"])
+
+    async def sent() -> bool:
+        return await status_of(runtime, ours) == "sent"
+
+    await eventually(sent)
+    delayed = (FIXTURES / "bounce_exchange_text_delayed.eml").read_bytes()
+    await dovecot.append(
+        user, password, delayed.replace(b"<out-136@support.example.com>", ours.encode())
+    )
+    await dovecot.append(user, password, mail("m@example.net", "marker", "<delay-marker@x>"))
+    await eventually(lambda: conversation_of(runtime, "<delay-marker@x>"))
+    assert await delivery(runtime, ours) == ("sent", None)
+    await dovecot.append(
+        user, password, (FIXTURES / "bounce_exchange_no_original.eml").read_bytes()
+    )
+
+    async def failed() -> bool:
+        return await status_of(runtime, ours) == "failed"
+
+    await eventually(failed)
+    _, error = await delivery(runtime, ours) or ("", None)
+    assert error is not None and "5.1.10" in error and "jane.doe@fabrikam.example" in error
+    assert await count(runtime, Quarantine) == 0
+
+
+# -- the sender is the address in angle brackets ---------------------------------------------
+AUTO_REPLY_RULES = """\
+version: 1
+queues:
+  general: {}
+templates:
+  ack: "Thanks, we got your message."
+default: {queue: general, reply: ack}
+"""
+
+
+async def test_the_automatic_reply_goes_to_the_address_in_angle_brackets(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    user = next(_boxes)
+    password = USERS[user]
+    async with open_mailbox(
+        tmp_path / "conf", db_url, dovecot, sink, user, rules=AUTO_REPLY_RULES
+    ) as (runtime, _, _):
+        disguised = mail("x", "Help", "<disguised-1@x>").replace(
+            b"From: Customer <x>", b"From: support@example.com <x@customer.example>"
+        )
+        await dovecot.append(user, password, disguised)
+        (reply,) = await sink.wait_for(1)
+        assert reply.rcpt_tos == ["x@customer.example"]
+        # mail from our own address itself is never answered automatically
+        own = mail("support@example.com", "Loop?", "<own-1@x>")
+        await dovecot.append(user, password, own)
+        cid = await eventually(lambda: conversation_of(runtime, "<own-1@x>"))
+
+        async def routed() -> bool:
+            state = await runtime.db.read(
+                lambda c: c.execute(
+                    select(Conversation.state).where(Conversation.id == cid)
+                ).scalar_one()
+            )
+            return bool(state != "new")
+
+        await eventually(routed)
+        assert await count(runtime, Message, Message.conversation_id == cid) == 1

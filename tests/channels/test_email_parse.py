@@ -104,6 +104,10 @@ def test_fixture(name: str) -> None:
         assert p.dsn == exp["dsn"]
     elif exp["classification"] != "bounce":
         assert p.dsn is None
+    for needle in exp.get("bounce_reason_contains", []):
+        assert needle in (p.bounce_reason or ""), p.bounce_reason
+    if exp["classification"] == "bounce" and p.bounce_of is not None:
+        assert p.bounce_refs[0] == p.bounce_of
 
 
 @pytest.mark.parametrize("name", PARSEABLE)
@@ -114,7 +118,10 @@ def test_invariants(name: str) -> None:
     assert p.size == len(raw)
     assert p.sha256 == hashlib.sha256(raw).hexdigest()
     assert "\x00" not in p.text and "\x00" not in p.full_text
-    assert norm(p.text) in norm(p.full_text) or p.text == p.full_text
+    # quote stripping only removes lines (">>> DATA" of an SMTP transcript too): it never
+    # invents one
+    full = norm(p.full_text)
+    assert all(norm(line) in full for line in p.text.split("\n"))
     for name_ in (p.sender_name or "", p.subject or ""):
         assert "\r" not in name_ and "\n" not in name_
     for attachment in p.attachments:
@@ -204,6 +211,65 @@ def test_wrong_input_type_is_unparseable() -> None:
         parse_email(b"")
     with pytest.raises(Unparseable):
         parse_email(b"\x00\xff garbage without any header")
+
+
+@pytest.mark.parametrize(
+    ("header", "address", "name"),
+    [
+        # a display name that looks like an address never wins over the angle-addr
+        ("support@example.com <x@customer.example>", "x@customer.example", "support@example.com"),
+        ('"support@example.com" <x@customer.example>', "x@customer.example", "support@example.com"),
+        (
+            "=?utf-8?q?support=40example=2Ecom?= <x@customer.example>",
+            "x@customer.example",
+            "support@example.com",
+        ),
+        (
+            '"Eve <support@example.com>" <eve@customer.example>',
+            "eve@customer.example",
+            "Eve <support@example.com>",
+        ),
+        (
+            "Support <support@example.com> <x@customer.example>",
+            "x@customer.example",
+            "Support <support@example.com>",
+        ),
+        # quoted names with commas, escapes, partly quoted names, unquoted commas
+        ('"Doe, John" <j@customer.example>', "j@customer.example", "Doe, John"),
+        ("Doe, John <j@customer.example>", "j@customer.example", "Doe, John"),
+        ('"Ann \\"Q\\" Lee" <a@customer.example>', "a@customer.example", 'Ann "Q" Lee'),
+        ('Joe "the boss" Smith <j@customer.example>', "j@customer.example", "Joe the boss Smith"),
+        (
+            "=?iso-8859-1?q?J=FCrgen_M=FCller?= <j@customer.example>",
+            "j@customer.example",
+            "J\u00fcrgen M\u00fcller",
+        ),
+        ("Jo (support@example.com) <jo@customer.example>", "jo@customer.example", "Jo"),
+        # groups and lists: the first mailbox
+        ("Team: a@customer.example, b@customer.example;", "a@customer.example", None),
+        ("a@customer.example, Other <b@customer.example>", "a@customer.example", None),
+        ("<@relay.example:r@customer.example>", "r@customer.example", None),
+        # missing angle brackets: the address follows the name
+        ("John j@customer.example", "j@customer.example", None),
+        ("support@example.com x@customer.example", "x@customer.example", None),
+        ("x@customer.example (support@example.com)", "x@customer.example", "support@example.com"),
+        ("X@Customer.Example", "x@customer.example", None),
+    ],
+)
+def test_the_address_in_angle_brackets_is_the_sender(
+    header: str, address: str, name: str | None
+) -> None:
+    raw = f"From: {header}\r\nTo: support@example.com\r\nSubject: s\r\n\r\nhi\r\n"
+    p = parse_email(raw.encode("utf-8"))
+    assert (p.sender, p.sender_name) == (address, name)
+
+
+def test_an_empty_group_in_from_falls_back_to_the_sender_header() -> None:
+    raw = (
+        b"From: undisclosed-recipients:;\r\nSender: Real <real@customer.example>\r\n"
+        b"To: support@example.com\r\nSubject: s\r\n\r\nhi\r\n"
+    )
+    assert parse_email(raw).sender == "real@customer.example"
 
 
 # -- fuzzing ----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from adapters.clock import FakeClock
+from channels.base import InboundMessage, Reject, Sender, StatusUpdate
 from router.models import (
     Contact,
     ContactIdentity,
@@ -316,3 +317,42 @@ async def test_routing_that_fails_in_the_ingest_transaction_is_done_after_it(
     assert await count(runtime, Message, Message.external_id == "f2") == 1
     assert await count(runtime, Conversation, Conversation.state == "new") == 0
     assert await count(runtime, RoutingDecision) == 2
+
+
+async def test_reused_ids_rejects_and_reports_on_nothing_are_each_kept_once(
+    runtime: Runtime,
+) -> None:
+    """An external_id seen again is a duplicate, unless both copies carry fingerprints that
+    differ (a sender reusing an id): that one is kept under ``<id>#<fingerprint>``. A
+    rejected item with a key is quarantined once; a status that names none of our messages
+    keeps its ``unmatched`` item in quarantine (a bounce never vanishes)."""
+    sender = Sender("email", "kim@example.net", verified=False)
+
+    def message(fingerprint: str | None, text: str) -> InboundMessage:
+        return InboundMessage("mid:a@x", sender, text, fingerprint=fingerprint)
+
+    for item in (message("f1", "one"), message("f1", "one again"), message("f2", "two")):
+        await runtime.ingest("mail", [item])
+    await runtime.ingest("mail", [message("f2", "two again"), message(None, "no fingerprint")])
+    stored = await rows(runtime, Message, Message.direction == "in")
+    assert [(m.external_id, m.text) for m in stored] == [("mid:a@x", "one"), ("mid:a@x#f2", "two")]
+
+    bounce = Reject("a bounce naming nothing of ours", b"raw bounce", "mid:bounce@x")
+    for item in [
+        Reject("cannot parse", b"raw 1", "mid:bad@x", "f1"),
+        Reject("cannot parse", b"raw 1 again", "mid:bad@x", "f1"),
+        Reject("cannot parse", b"raw 2", "mid:bad@x", "f2"),  # another mail, same id
+        Reject("no key", b"raw"),
+        Reject("no key", b"raw"),  # nothing to recognise it by: kept again
+        StatusUpdate("<never-sent@x>", "failed", "bounced", unmatched=bounce),
+        StatusUpdate("<never-sent@x>", "failed", "bounced", unmatched=bounce),
+    ]:
+        await runtime.ingest("mail", [item])
+    kept = await rows(runtime, Quarantine)
+    assert [(q.reason, q.raw, q.external_id) for q in kept] == [
+        ("cannot parse", b"raw 1", "mid:bad@x"),
+        ("cannot parse", b"raw 2", "mid:bad@x"),
+        ("no key", b"raw", None),
+        ("no key", b"raw", None),
+        ("a bounce naming nothing of ours", b"raw bounce", "mid:bounce@x"),
+    ]
