@@ -68,6 +68,7 @@ async def test_sigterm_sends_reconnect_before_closing_every_socket(
             except websockets.ConnectionClosed as closed:
                 assert closed.rcvd is not None and closed.rcvd.code == 1012, closed
             assert {"type": "reconnect", "reason": "server shutting down"} in frames, frames
-        assert server.wait_exit(30) == 0, server.log()
+        # uvicorn re-raises the signal once it has stopped: a clean stop by SIGTERM
+        assert server.wait_exit(30) in (0, -signal.SIGTERM), server.log()
     finally:
         server.kill()
