@@ -226,10 +226,13 @@ class TemporarySendError(Exception):
 class PermanentSendError(Exception):
     """Will never succeed (blocked, invalid recipient, window closed): the message fails."""
 
-    def __init__(self, reason: str, code: str | None = None) -> None:
+    def __init__(self, reason: str, code: str | None = None, *, opted_out: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        # The provider says the recipient opted out of messages (e.g. replied STOP): the
+        # core marks every identity with that address so nothing more is sent to it.
+        self.opted_out = opted_out
 
 
 # -- the contract -------------------------------------------------------------------
@@ -257,8 +260,10 @@ class ChannelContext:
     deliver: Callable[[list[ParsedItem]], Awaitable[Any]] | None = None
     blobs: BlobStore | None = None
     push: Callable[[OutboundMessage], Awaitable[SendReceipt]] | None = (
-        None  # live delivery (web chat)
+        None  # live delivery (web chat): at most once per message
     )
+    # whether ``push`` delivered this message already (its receipt), for an uncertain send
+    pushed: Callable[[OutboundMessage], Awaitable[SendReceipt | None]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # test-only overrides and the like
     state: StateStore | None = None
     secret: bytes = b""  # per-deployment key for channel-level tokens (thread tokens)

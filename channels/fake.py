@@ -99,6 +99,8 @@ class FakeChannel(Channel):
         self.failures_left = config.fail_first
         self.permanent_failure: str | None = None  # tests set this to fail every send
         self.send_delay = 0.0  # tests set this: each send takes this long (seconds)
+        self.gate: asyncio.Event | None = None  # tests set this: sends wait until it is set
+        self.calls = 0  # sends attempted (sent, failed or waiting at the gate)
         self._counter = 0
 
     def verify(self, request: WebhookRequest) -> bool:
@@ -163,6 +165,9 @@ class FakeChannel(Channel):
         return WebhookResponse(200, b'{"ok":true}', "application/json")
 
     async def send(self, message: OutboundMessage) -> SendReceipt:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
         if self.send_delay:
             await asyncio.sleep(self.send_delay)
         if self.permanent_failure:

@@ -741,7 +741,8 @@ class TwilioSmsChannel(TwilioChannel):
             # 401: credentials being rotated or mistyped; fixing the config must not need
             # every queued message re-sent by hand. 408: Twilio's request timeout.
             return TemporarySendError(reason, _retry_after(headers))
-        return PermanentSendError(reason, code=code or str(status))
+        # 21610: the recipient has opted out (replied STOP).
+        return PermanentSendError(reason, code=code or str(status), opted_out=code == "21610")
 
     async def _lookup(self, to: str, body: str, since: datetime) -> Any | None:
         """Twilio's newest Message to ``to`` (from our number) with ``body``, created at or

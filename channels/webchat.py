@@ -16,6 +16,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr
@@ -96,8 +97,9 @@ class WebChatChannel(Channel):
     channel_ids = ("webchat",)
     config_model: ClassVar[type[InboxConfig]] = WebChatConfig
     attachments = False
-    # Delivering to the visitor's stream twice is harmless (the widget drops seen ids).
-    uncertain_policy = UncertainPolicy.RESEND
+    # A push is a committed event on the visitor's stream, at most once per message: after
+    # a crash inside a send the core asks whether it happened, and pushes only if not.
+    uncertain_policy = UncertainPolicy.CHECK
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         super().__init__(slug, config, context)
@@ -147,3 +149,7 @@ class WebChatChannel(Channel):
         if push is None:
             raise PermanentSendError("web chat delivery is not wired")
         return await push(message)
+
+    async def find_sent(self, message: OutboundMessage, since: datetime) -> SendReceipt | None:
+        pushed = self.context.pushed
+        return await pushed(message) if pushed is not None else None

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.clock import Clock
@@ -27,6 +30,7 @@ from router.api import (
     users,
     webhooks,
 )
+from router.db import storage_failure
 from router.exceptions import OmnirouteError, RateLimited
 from router.runtime import Runtime
 from router.sessions import Sessions
@@ -69,6 +73,24 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with one change at shutdown (SIGTERM): the runtime's sockets are
+    told to reconnect (a `reconnect` frame, then close 1012) before uvicorn closes every
+    connection itself. uvicorn closes websockets before the application's shutdown runs, so
+    without this the clients would get a bare 1012 and no frame."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await self.runtime.drain_sockets()
+        except Exception:
+            log.exception("telling the sockets to reconnect failed")
+        await super().shutdown(sockets)
 
 
 def create_app(
@@ -115,6 +137,21 @@ def create_app(
     async def _omniroute_error(_: Request, exc: OmnirouteError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        # Nothing was stored (the transaction did not commit): the caller should retry; a
+        # provider retries a webhook that did not get its 2xx. No details: they may hold data.
+        reason = storage_failure(exc)
+        log.error("request failed on the database: %s", reason or type(exc.orig).__name__)
+        return JSONResponse(
+            {
+                "error": "unavailable",
+                "message": "the database cannot take this right now; nothing was stored: retry",
+            },
+            status_code=503,
+            headers={"retry-after": "5"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

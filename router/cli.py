@@ -415,10 +415,12 @@ def serve() -> None:
     runtime = Runtime(settings)
     try:
         runtime.take_sqlite_lock()
-        asyncio.run(runtime.preflight())
+        asyncio.run(runtime.preflight(wait=settings.db_wait))
     except OmnirouteError as exc:
         _fail_usage(exc.message)
-    uvicorn.run(
+    from router.app import DrainingServer
+
+    config = uvicorn.Config(
         create_app(settings, runtime=runtime),
         host=settings.host,
         port=settings.port,
@@ -426,6 +428,7 @@ def serve() -> None:
         lifespan="on",
         **settings.websocket_options(),
     )
+    DrainingServer(config, runtime).run()
 
 
 DEMO_AGENTS = (

@@ -63,6 +63,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from adapters.clock import Clock, SystemClock
+from router.exceptions import DatabaseUnavailable
 from router.models import EventStream, StreamEvent, UTCDateTime, table
 
 __all__ = [
@@ -684,6 +685,9 @@ class Database:
         self._checkpoint_stop = threading.Event()
         self.commits = 0  # transactions committed (SQLite: batches)
         self.writes = 0  # write functions committed
+        # The last write the storage refused (disk full, read-only, I/O error): when, in
+        # monotonic seconds, and why. /readyz is not ready for a while after one.
+        self.write_failed: tuple[float, str] | None = None
 
     # -- life cycle ---------------------------------------------------------------------
     @property
@@ -799,13 +803,23 @@ class Database:
     async def _write(
         self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> T:
-        if self.dialect == "sqlite":
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[Any] = loop.create_future()
-            self._jobs.put(_Job(fn, loop, future, args, kwargs))
-            result, tx = await future
-        else:
-            result, tx = await self._pg_write(fn, args, kwargs)
+        try:
+            if self.dialect == "sqlite":
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[Any] = loop.create_future()
+                self._jobs.put(_Job(fn, loop, future, args, kwargs))
+                result, tx = await future
+            else:
+                result, tx = await self._pg_write(fn, args, kwargs)
+        except Exception as exc:
+            reason = storage_failure(exc)
+            if reason is not None:
+                self.write_failed = (time.monotonic(), reason)
+                if not isinstance(exc, DBAPIError):  # the driver's own error (prepared path)
+                    raise DatabaseUnavailable(f"the database refuses writes: {reason}") from exc
+            if isinstance(exc, OSError | TimeoutError):
+                raise DatabaseUnavailable(_unreachable(exc)) from exc
+            raise
         await self._after_commit(tx)
         return result
 
@@ -943,6 +957,8 @@ class Database:
             except DBAPIError as exc:
                 if not (exc.connection_invalidated and attempt < 2):
                     raise  # else a stale pooled connection: retry on a fresh one
+            except (OSError, TimeoutError) as exc:
+                raise DatabaseUnavailable(_unreachable(exc)) from exc
         raise AssertionError("unreachable")
 
     def _read_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -978,6 +994,39 @@ class Database:
             return [StreamRecord(r.stream, r.seq, r.type, r.at, r.payload) for r in rows]
 
         return await self.read(load)
+
+
+# SQLite result codes and PostgreSQL SQLSTATEs that say the storage refuses writes, not
+# that one transaction was wrong.
+_SQLITE_STORAGE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+_PG_STORAGE = {
+    "53100": "disk full",
+    "53200": "out of memory",
+    "53000": "insufficient resources",
+    "25006": "read-only transaction",
+    "58030": "I/O error",
+}
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why the database cannot write, when ``exc`` says so (disk full, read-only, I/O);
+    None for errors of a transaction's own (a constraint, a deadlock). ``exc`` is
+    SQLAlchemy's wrapper or the driver's own error (prepared statements on SQLite)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(name, str) and name.startswith(_SQLITE_STORAGE):
+        return f"{name}: {orig}"
+    code = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    if isinstance(code, str) and code in _PG_STORAGE:
+        return f"{_PG_STORAGE[code]} (SQLSTATE {code})"
+    return None
+
+
+def _unreachable(exc: BaseException) -> str:
+    """What to say about a connection that failed (no address or credentials in it)."""
+    return f"the database is unreachable ({type(exc).__name__})"
 
 
 def _client_state_error(exc: DBAPIError) -> bool:

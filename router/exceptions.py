@@ -2,6 +2,7 @@
 
 OmnirouteError
 ├── ConfigError            settings, channels.yaml: names the field, never a secret
+│   └── DatabaseUnreachable  the database does not answer (yet): `serve` waits for it
 ├── NotFound               an id that does not exist (HTTP 404)
 ├── Forbidden              authenticated but not allowed (HTTP 403)
 ├── Unauthorized           missing or wrong credentials (HTTP 401)
@@ -10,6 +11,8 @@ OmnirouteError
 ├── Conflict               the state changed underneath (HTTP 409): lost a race, stale
 ├── CapacityExceeded       the agent has no free capacity for this (HTTP 409)
 ├── RateLimited            too many attempts; ``retry_after`` seconds (HTTP 429, Retry-After)
+├── Unavailable            not now, retry later (HTTP 503)
+│   └── DatabaseUnavailable  the database is unreachable or refuses writes
 ├── AlreadyRunning         a second `serve` on one SQLite file
 └── ChannelUnavailable     the inbox is disabled or its channel is not configured
 """
@@ -24,6 +27,8 @@ __all__ = [
     "ChannelUnavailable",
     "ConfigError",
     "Conflict",
+    "DatabaseUnavailable",
+    "DatabaseUnreachable",
     "Forbidden",
     "InvalidInput",
     "NotFound",
@@ -52,6 +57,10 @@ class OmnirouteError(Exception):
 
 class ConfigError(OmnirouteError):
     code = "config"
+
+
+class DatabaseUnreachable(ConfigError):
+    code = "database_unreachable"
 
 
 class NotFound(OmnirouteError):
@@ -113,3 +122,7 @@ class Unavailable(OmnirouteError):
 
     status = 503
     code = "unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached, or its storage refuses writes: nothing was stored."""

@@ -471,7 +471,10 @@ class RoutingDecision(Base):
 
 class Outbox(Base):
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+        Index("ix_outbox_conversation", "conversation_id", "id"),
+    )
     id: Mapped[int] = _id()
     message_id: Mapped[int] = mapped_column(Id, ForeignKey("messages.id"), unique=True)
     conversation_id: Mapped[int] = mapped_column(Id, ForeignKey("conversations.id"))

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, and_, exists, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import aliased
 
 from channels.base import (
     Attachment,
@@ -43,7 +45,7 @@ from router.assignment.capacity import holds_while_waiting, release
 from router.assignment.timers import current_ruleset
 from router.db import Database, Tx
 from router.events import add_event, agent_stream
-from router.exceptions import Conflict, InvalidInput, NotFound
+from router.exceptions import Conflict, InvalidInput, NotFound, Unavailable
 from router.failpoints import failpoint
 from router.models import ContactIdentity, Conversation, Message, Outbox, Process
 from router.serialize import message_payload
@@ -423,24 +425,77 @@ def _load_claimed(
     ]
 
 
-def claim_due(tx: Tx, holder: str, limit: int) -> list[ClaimedSend]:
-    """Claim up to ``limit`` due rows: ``queued -> sending``, committed before any send."""
-    due = (
-        select(Outbox.id)
-        .where(Outbox.state == OutboxState.QUEUED.value, Outbox.next_attempt_at <= tx.now)
-        .order_by(Outbox.id)
-        .limit(limit)
+# States of an earlier row of the same conversation that hold a later one back: it has not
+# gone out yet, or may have (a recovery is about to decide). A row that failed, or that waits
+# for an agent's "resend?" (uncertain, no longer claimed), does not hold the others.
+_UNFINISHED = (OutboxState.QUEUED.value, OutboxState.SENDING.value)
+
+
+def _head_of_conversation() -> Any:
+    """True for an outbox row with no unfinished earlier row in its conversation: messages of
+    one conversation leave in the order they were written, across retries and restarts."""
+    earlier = aliased(Outbox)
+    return ~exists().where(
+        earlier.conversation_id == Outbox.conversation_id,
+        earlier.id < Outbox.id,
+        or_(
+            earlier.state.in_(_UNFINISHED),
+            and_(earlier.state == OutboxState.UNCERTAIN.value, earlier.claimed_by.is_not(None)),
+        ),
     )
-    if tx.dialect == "postgresql":
-        due = due.with_for_update(skip_locked=True)
-    ids = [int(i) for i in tx.execute(due).scalars()]
+
+
+def claim_due(
+    tx: Tx,
+    holder: str,
+    limit: int,
+    per_inbox: int | None = None,
+    busy: dict[int, int] | None = None,
+) -> list[ClaimedSend]:
+    """Claim up to ``limit`` due rows: ``queued -> sending``, committed before any send.
+
+    Only the oldest unfinished row of each conversation is due (order). With ``per_inbox``,
+    at most that many rows of one inbox are in flight in this process, counting the ``busy``
+    ones it already sends: one slow provider fills its own slots, never the others'."""
+    ranked = (
+        select(
+            Outbox.id,
+            Outbox.inbox_id,
+            func.row_number().over(partition_by=Outbox.inbox_id, order_by=Outbox.id).label("rank"),
+        )
+        .where(
+            Outbox.state == OutboxState.QUEUED.value,
+            Outbox.next_attempt_at <= tx.now,
+            _head_of_conversation(),
+        )
+        .subquery()
+    )
+    due = select(ranked.c.id, ranked.c.inbox_id).order_by(ranked.c.id)
+    if per_inbox is not None:
+        due = due.where(ranked.c.rank <= per_inbox)
+    busy = busy or {}
+    ids: list[int] = []
+    taken: dict[int, int] = {}
+    for row in tx.execute(due.limit(limit * 4 if per_inbox is not None else limit)):
+        inbox = int(row.inbox_id)
+        if per_inbox is not None and busy.get(inbox, 0) + taken.get(inbox, 0) >= per_inbox:
+            continue
+        taken[inbox] = taken.get(inbox, 0) + 1
+        ids.append(int(row.id))
+        if len(ids) >= limit:
+            break
     if not ids:
         return []
+    # A conditional update: two workers (or processes) never claim one row.
     claimed = [
         int(i)
         for i in tx.execute(
             update(Outbox)
-            .where(Outbox.id.in_(ids), Outbox.state == OutboxState.QUEUED.value)
+            .where(
+                Outbox.id.in_(ids),
+                Outbox.state == OutboxState.QUEUED.value,
+                _head_of_conversation(),
+            )
             .values(
                 state=OutboxState.SENDING.value,
                 claimed_by=holder,
@@ -592,19 +647,29 @@ def mark_failed(tx: Tx, outbox_id: int, holder: str | None, error: str) -> str:
     return "failed"
 
 
-def find_stale_sends(tx: Tx, me: str, dead_after: float) -> list[int]:
-    """Rows left in ``sending`` by a process that is gone: mark them uncertain. Returns
-    every uncertain row still waiting for its inbox's policy (``claimed_by`` still names
-    the dead sender): those just marked, and those a kill or a failed provider check
-    interrupted before the policy was applied, so none stays uncertain for good."""
+def find_stale_sends(
+    tx: Tx, me: str, dead_after: float, mine_in_flight: frozenset[int] = frozenset()
+) -> list[int]:
+    """Rows left in ``sending`` by a process that is gone, and rows of this process in
+    ``sending`` that it no longer sends (its recording of the result failed for good, or a
+    task was lost): mark them uncertain. Returns every uncertain row still waiting for its
+    inbox's policy (``claimed_by`` still set): those just marked, and those a kill or a
+    failed provider check interrupted before the policy was applied, so none stays
+    uncertain for good."""
     alive_since = tx.now - timedelta(seconds=dead_after)
     live = select(Process.id).where(Process.heartbeat_at >= alive_since, Process.id != me)
     stale = (
         select(Outbox.id)
         .where(
             Outbox.state == OutboxState.SENDING.value,
-            Outbox.claimed_by != me,
-            Outbox.claimed_by.not_in(live),
+            or_(
+                and_(Outbox.claimed_by != me, Outbox.claimed_by.not_in(live)),
+                and_(
+                    Outbox.claimed_by == me,
+                    Outbox.claimed_at <= alive_since,
+                    Outbox.id.not_in(sorted(mine_in_flight) or [0]),
+                ),
+            ),
         )
         .order_by(Outbox.id)
     )
@@ -681,7 +746,15 @@ def backlog(conn: Connection) -> int:
 
 
 class OutboxSender:
-    """The worker that sends due outbox rows through their inbox's channel."""
+    """The worker that sends due outbox rows through their inbox's channel.
+
+    Sends proceed independently: the worker claims what may go now (the oldest unfinished
+    message of each conversation, at most ``per_inbox`` in flight per inbox and
+    ``concurrency`` in all), starts each send as its own task and claims again as soon as
+    one ends. A send that hangs holds its own slot, and the later messages of its own
+    conversation, and nothing else. The outcome of a send is recorded with retries until
+    the database takes it: a row never stays ``sending`` while its process lives.
+    """
 
     def __init__(
         self,
@@ -693,7 +766,8 @@ class OutboxSender:
         backoff_base: float,
         backoff_max: float,
         dead_after: float,
-        concurrency: int = 16,
+        concurrency: int = 64,
+        per_inbox: int = 8,
         on_sent: Callable[[int, str], None] | None = None,
     ) -> None:
         self.db = db
@@ -702,15 +776,25 @@ class OutboxSender:
         self.max_attempts = max_attempts
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.dead_after = dead_after
+        self.concurrency = concurrency
+        self.per_inbox = per_inbox
         self._wake = asyncio.Event()
         self._recovery_every = 0.0  # set by run(): its interval
         self._next_recovery = 0.0
-        self._limit = asyncio.Semaphore(concurrency)
         self.on_sent = on_sent
         self._draining = False
-        self._inflight = 0
+        self._in_flight: dict[int, int] = {}  # outbox id -> inbox id, sent by this process
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.record_retry = 0.5  # first pause before recording an outcome again (seconds)
+
+    def busy(self) -> dict[int, int]:
+        """Sends in flight in this process, per inbox."""
+        counts: dict[int, int] = {}
+        for inbox in self._in_flight.values():
+            counts[inbox] = counts.get(inbox, 0) + 1
+        return counts
 
     async def drain(self, timeout: float) -> bool:
         """A graceful stop: claim nothing more and let the sends in flight finish (up to
@@ -720,16 +804,27 @@ class OutboxSender:
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
         except TimeoutError:
-            log.warning("%d sends still in flight at shutdown: left for recovery", self._inflight)
+            log.warning("%d sends still in flight at shutdown: left for recovery", len(self._tasks))
             return False
         return True
+
+    async def close(self) -> None:
+        """Cancel the sends still in flight (after ``drain``): recovery takes them up."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self, interval: float) -> None:
         self._recovery_every = interval
-        await periodic(self.step, interval, "outbox worker", wake=self._wake)
+        try:
+            await periodic(self.step, interval, "outbox worker", wake=self._wake)
+        finally:
+            await self.close()
 
     async def step(self) -> None:
         # Recovery (a write) once per interval, not on every wake-up: a wake means new
@@ -738,23 +833,74 @@ class OutboxSender:
         if now >= self._next_recovery:
             self._next_recovery = now + self._recovery_every
             await self.recover_uncertain()
-        while await self.process_due():
+        while await self.start_due():
             pass
 
+    async def _claim(self, limit: int) -> list[ClaimedSend]:
+        if self._draining or limit <= 0:
+            return []
+        claimed: list[ClaimedSend] = await self.db.write(
+            claim_due, self.holder, limit, self.per_inbox, self.busy()
+        )
+        for job in claimed:
+            self._in_flight[job.outbox_id] = job.inbox_id
+        if claimed:
+            self._idle.clear()
+        return claimed
+
+    def _finished(self, job: ClaimedSend) -> None:
+        self._in_flight.pop(job.outbox_id, None)
+        if not self._in_flight:
+            self._idle.set()
+        self.wake()  # a slot is free, and the conversation's next message may go
+
+    async def start_due(self, limit: int = 64) -> int:
+        """Claim what may go now and start sending it, without waiting for the sends.
+        Returns the number started (0: nothing due, or every slot taken)."""
+        claimed = await self._claim(min(limit, self.concurrency - len(self._in_flight)))
+        for job in claimed:
+            task = asyncio.ensure_future(self._send_and_finish(job))
+            task.set_name(f"outbox-send-{job.outbox_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(claimed)
+
     async def process_due(self, limit: int = 64) -> int:
-        if self._draining:
-            return 0
-        self._inflight += 1
-        self._idle.clear()
+        """Send everything that may go now, waiting for the sends (tests, and callers that
+        want the outcome): claims again after each round, since a sent message lets its
+        conversation's next one go. Returns the number claimed."""
+        total = 0
+        while claimed := await self._claim(limit):
+            total += len(claimed)
+            await asyncio.gather(*(self._send_and_finish(job) for job in claimed))
+        return total
+
+    async def _send_and_finish(self, job: ClaimedSend) -> None:
         try:
-            claimed = await self.db.write(claim_due, self.holder, limit)
-            if claimed:
-                await asyncio.gather(*(self._send(job) for job in claimed))
-            return len(claimed)
+            await self._send(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("send of outbox %s failed unexpectedly: recovery takes it", job.outbox_id)
         finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
+            self._finished(job)
+
+    async def _record(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Write a send's outcome; while the database cannot take it, keep trying (with
+        backoff) for as long as this process lives: the provider answered, so the outcome
+        must not be lost, and the row must not stay ``sending``."""
+        pause = self.record_retry
+        while True:
+            try:
+                return await self.db.write(fn, *args)
+            except (DBAPIError, Unavailable, OSError) as exc:
+                log.warning(
+                    "cannot record the outcome of a send (%s): trying again in %.1fs",
+                    type(exc).__name__,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -772,39 +918,40 @@ class OutboxSender:
     ) -> None:
         delay = after if after is not None else self._backoff(job.attempt, retry_after)
         at = self.db.clock.now() + timedelta(seconds=delay)
-        await self.db.write(mark_retry, job.outbox_id, self.holder, reason, at, self.max_attempts)
+        await self._record(mark_retry, job.outbox_id, self.holder, reason, at, self.max_attempts)
 
     async def _send(self, job: ClaimedSend) -> None:
-        async with self._limit:
-            channel = self.channel_for(job.inbox_id)
-            if channel is None:
-                await self._retry(job, "inbox disabled or not configured", after=60)
-                return
-            failpoint("before_outbox_send")
-            try:
-                receipt = await channel.send(job.message)
-            except TemporarySendError as exc:
-                await self._retry(job, exc.reason, retry_after=exc.retry_after)
-                return
-            except PermanentSendError as exc:
-                reason = exc.reason
-                if exc.code == "21610":  # Twilio: the recipient has opted out (replied STOP)
-                    await self.db.write(_opted_out, job.message.recipient)
-                    reason = f"the customer opted out of messages (STOP): {exc.reason}"
-                await self.db.write(mark_failed, job.outbox_id, self.holder, reason)
-                return
-            except Exception as exc:  # an unexpected error is treated as temporary, and logged
-                log.exception("send of outbox %s raised", job.outbox_id)
-                await self._retry(job, f"{type(exc).__name__}: {exc}")
-                return
-            failpoint("after_provider_send")
-            await self.db.write(mark_sent, job.outbox_id, self.holder, receipt)
-            if self.on_sent is not None:
-                self.on_sent(job.inbox_id, "sent")
+        channel = self.channel_for(job.inbox_id)
+        if channel is None:
+            await self._retry(job, "inbox disabled or not configured", after=60)
+            return
+        failpoint("before_outbox_send")
+        try:
+            receipt = await channel.send(job.message)
+        except TemporarySendError as exc:
+            await self._retry(job, exc.reason, retry_after=exc.retry_after)
+            return
+        except PermanentSendError as exc:
+            reason = exc.reason
+            if exc.opted_out:  # the provider says the recipient opted out (replied STOP)
+                await self._record(_opted_out, job.message.recipient)
+                reason = f"the customer opted out of messages (STOP): {exc.reason}"
+            await self._record(mark_failed, job.outbox_id, self.holder, reason)
+            return
+        except Exception as exc:  # an unexpected error is treated as temporary, and logged
+            log.exception("send of outbox %s raised", job.outbox_id)
+            await self._retry(job, f"{type(exc).__name__}: {exc}")
+            return
+        failpoint("after_provider_send")
+        await self._record(mark_sent, job.outbox_id, self.holder, receipt)
+        if self.on_sent is not None:
+            self.on_sent(job.inbox_id, "sent")
 
     async def recover_uncertain(self) -> int:
         """Apply each inbox's policy to sends a dead process left in ``sending``."""
-        ids = await self.db.write(find_stale_sends, self.holder, self.dead_after)
+        ids = await self.db.write(
+            find_stale_sends, self.holder, self.dead_after, frozenset(self._in_flight)
+        )
         for outbox_id in ids:
             jobs = await self.db.read(_load_claimed, [outbox_id], self.db.clock.now())
             if not jobs:

@@ -156,6 +156,9 @@ class RulesService:
         self.listeners: list[Callable[[Ruleset], None]] = []
         self._refresh_lock = asyncio.Lock()
         self._subscription: Any = None
+        # The version of the file last rejected: while the file keeps it, it is not read,
+        # logged or reported again (the watch looks every few seconds).
+        self.rejected: str | None = None
 
     @property
     def ruleset(self) -> Ruleset:
@@ -212,10 +215,25 @@ class RulesService:
                 log.error("cannot read the rules file %s: %s", self.rules_path, exc.strerror)
             return None
         version = "sha256:" + hashlib.sha256(data).hexdigest()
-        if version == await self.db.read(_last_file_version):
-            return None
+        if version == self.rejected:
+            return None  # still the same bad file: said once already
         from datetime import UTC, datetime
 
+        if version == await self.db.read(_last_file_version):
+            if self.rejected is not None or (self.last_report and self.last_report.errors):
+                # reverted to the content already imported: the earlier errors are over
+                self.rejected = None
+                self.last_report = LoadReport(
+                    datetime.now(UTC).isoformat(), str(self.rules_path), version
+                )
+                await self.db.write(_record_error, self.process_id, {})
+                log.info(
+                    "rules file %s matches the last imported ruleset (%s) again: its errors"
+                    " are cleared",
+                    self.rules_path,
+                    version,
+                )
+            return None
         report = LoadReport(datetime.now(UTC).isoformat(), str(self.rules_path), version)
         try:
             ruleset = load_ruleset(data, str(self.rules_path))
@@ -233,6 +251,7 @@ class RulesService:
             report.errors = [{"line": 1, "col": 1, "where": "queues", "message": exc.message}]
             log.error("rules file %s rejected: %s", self.rules_path, exc.message)
         self.last_report = report
+        self.rejected = version if report.errors else None
         await self.db.write(_record_error, self.process_id, asdict(report) if report.errors else {})
         if not report.errors:
             await self.refresh()

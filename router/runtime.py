@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import secrets
-import socket
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, select, update
 
 from adapters.blobs import LocalBlobs
 from adapters.bus import Bus, make_bus
@@ -31,12 +31,12 @@ from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
 from router.abandon import abandon_gone_visitors, gone_visitors
-from router.assignment.service import Assignment
+from router.assignment.service import Assignment, register_process
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
 from router.events import visitor_stream
-from router.exceptions import AlreadyRunning, ConfigError, InvalidInput
+from router.exceptions import AlreadyRunning, ConfigError, DatabaseUnreachable, InvalidInput
 from router.failpoints import configure as configure_failpoints
 from router.failpoints import failpoint
 from router.leases import release as release_lease
@@ -93,25 +93,29 @@ def _secretish(model: InboxConfig, field: str) -> bool:
 
 def _register(tx: Tx, process_id: str) -> None:
     tx.execute(delete(Process).where(Process.id == process_id))
-    tx.execute(
-        insert(Process).values(
-            id=process_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            started_at=tx.now,
-            heartbeat_at=tx.now,
-            last_error={},
-        )
-    )
+    register_process(tx, process_id)
 
 
-def _heartbeat(tx: Tx, process_id: str) -> None:
-    tx.execute(update(Process).where(Process.id == process_id).values(heartbeat_at=tx.now))
+_ON_VISITOR_STREAM = "on_visitor_stream"
 
 
 def _emit_to_visitor(tx: Tx, address: str, message_id: int) -> None:
+    """The message on the visitor's stream, once: a marker on the message commits with the
+    event, so a resend after a crash inside the send does not show it twice."""
     row = tx.execute(select(Message).where(Message.id == message_id)).one()
+    if (row.data or {}).get(_ON_VISITOR_STREAM):
+        return
     tx.emit(visitor_stream(address), "message", visitor_payload(row))
+    tx.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(data={**(row.data or {}), _ON_VISITOR_STREAM: True})
+    )
+
+
+def _on_visitor_stream(conn: Any, message_id: int) -> bool:
+    data = conn.execute(select(Message.data).where(Message.id == message_id)).scalar_one_or_none()
+    return bool((data or {}).get(_ON_VISITOR_STREAM))
 
 
 def _unregister(tx: Tx, process_id: str) -> None:
@@ -164,6 +168,8 @@ class Runtime:
             backoff_base=settings.outbox_backoff_base,
             backoff_max=settings.outbox_backoff_max,
             dead_after=settings.heartbeat_interval * 3,
+            concurrency=settings.outbox_concurrency,
+            per_inbox=settings.outbox_per_inbox,
             on_sent=self._count_sent,
         )
         self.db.context["ruleset"] = lambda: self.rules.active
@@ -244,12 +250,19 @@ class Runtime:
     async def drain_sockets(self) -> None:
         """Tell every socket of this process to reconnect elsewhere (close 1012, "service
         restart"; clients reconnect and resume from their sequence numbers)."""
-        for ws in list(self.sockets):
+        frame = json.dumps({"type": "reconnect", "reason": "server shutting down"})
+
+        async def tell(ws: Any) -> None:
             with contextlib.suppress(Exception):
-                await ws.send_text(
-                    json.dumps({"type": "reconnect", "reason": "server shutting down"})
-                )
+                await ws.send_text(frame)
                 await ws.close(1012, "server shutting down: reconnect")
+
+        # all at once, and not for ever: a client that does not read must not hold the stop
+        sockets = list(self.sockets)
+        if sockets:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await asyncio.gather(*(tell(ws) for ws in sockets))
 
     async def abandon_sweep(self) -> list[int]:
         """Web chats whose visitor left before an agent joined, for too long: abandoned."""
@@ -316,20 +329,41 @@ class Runtime:
         try:
             revision = await db.read(current_revision)
         except Exception as exc:
-            raise ConfigError(f"cannot reach the database: {type(exc).__name__}: {exc}") from None
+            raise DatabaseUnreachable(
+                f"cannot reach the database: {type(exc).__name__}: {exc}"
+            ) from None
         if revision != head_revision():
             raise ConfigError(
                 f"the database is at migration {revision or 'none'}, this omniroute needs {head_revision()}: run `omniroute db upgrade`"
             )
 
-    async def preflight(self) -> None:
-        """Fail early with one clear message: database reachable and migrated, files valid."""
-        db = Database(self.settings.database_url)
-        await db.start()
-        try:
-            await self._check_schema(db)
-        finally:
-            await db.close()
+    async def preflight(self, *, wait: float | None = None) -> None:
+        """Fail early with one clear message: database reachable and migrated, files valid.
+
+        A PostgreSQL database that does not answer is waited for (backoff up to 30 s between
+        tries, each logged), for ``wait`` seconds (None: for as long as it takes): a server
+        started with, or before, its database comes up when it does."""
+        pause, waited = 1.0, 0.0
+        while True:
+            db = Database(self.settings.database_url)
+            try:
+                await db.start()
+                await self._check_schema(db)
+                break
+            except DatabaseUnreachable as exc:
+                if self.settings.is_sqlite or (wait is not None and waited >= wait):
+                    raise
+                log.warning(
+                    "waiting for the database at %s (%s); next try in %.0f s",
+                    db.url.render_as_string(hide_password=True),
+                    exc.message.removeprefix("cannot reach the database: ")[:200],
+                    pause,
+                )
+            finally:
+                await db.close()
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 30.0)
         if self.settings.channels_path is not None:
             try:
                 load_channels(
@@ -377,6 +411,11 @@ class Runtime:
         reasons = []
         if not self.started:
             reasons.append("starting")
+        failed = self.db.write_failed
+        window = 3 * self.settings.heartbeat_interval  # the heartbeat writes that often
+        if failed is not None and time.monotonic() - failed[0] < window:
+            # disk full, read-only, I/O errors: reads may still work, writes do not
+            reasons.append(f"database cannot write: {failed[1]}")
         if not await self.db.ping():
             reasons.append("database unreachable")
         elif await self.db.read(current_revision) != head_revision():
@@ -420,6 +459,7 @@ class Runtime:
                 now=self.clock.now,
                 deliver=self._deliver_for(slug),
                 push=self._push_live,
+                pushed=self._pushed,
                 blobs=self.blobs,
                 state=InboxState(self.db, info.id),
                 secret=self.channel_secret,
@@ -459,9 +499,14 @@ class Runtime:
         return deliver
 
     async def _push_live(self, message: OutboundMessage) -> SendReceipt:
-        """Live delivery (web chat): a committed event on the visitor's stream."""
+        """Live delivery (web chat): a committed event on the visitor's stream, once."""
         await self.db.write(_emit_to_visitor, message.recipient.address, message.message_id)
         return SendReceipt(f"live-{message.message_id}", status="delivered")
+
+    async def _pushed(self, message: OutboundMessage) -> SendReceipt | None:
+        if await self.db.read(_on_visitor_stream, message.message_id):
+            return SendReceipt(f"live-{message.message_id}", status="delivered")
+        return None
 
     def channel_for_inbox_id(self, inbox_id: int) -> Channel | None:
         slug = self._inbox_by_id.get(inbox_id)
@@ -557,7 +602,9 @@ class Runtime:
             )
 
     async def _heartbeat(self) -> None:
-        await self.db.write(_heartbeat, self.process_id)
+        # The heartbeat also re-asserts this process's agent sockets: after a database
+        # outage others may have judged it dead and deleted them (docs/delivery.md).
+        await self.assignment.reassert()
         self.metrics.outbox_backlog.set(await self.db.read(backlog))
 
     async def _publish_records(self, records: list[StreamRecord]) -> None:

@@ -91,10 +91,22 @@ class Settings(BaseSettings):
     outbox_max_attempts: int = Field(12, ge=1)
     outbox_backoff_base: float = Field(1.0, gt=0)
     outbox_backoff_max: float = Field(600.0, gt=0)
+    outbox_concurrency: int = Field(
+        64, ge=1, description="sends in flight at once in one process, all inboxes together"
+    )
+    outbox_per_inbox: int = Field(
+        8, ge=1, description="sends in flight at once in one process for one inbox"
+    )
     presence_grace: float = Field(
         60.0, ge=0, description="after a socket loss, presence goes offline after this"
     )
     stream_retention_days: float = Field(7.0, gt=0)
+    db_wait: float | None = Field(
+        None,
+        ge=0,
+        description="how long `serve` waits at start for a PostgreSQL that does not answer "
+        "(seconds; unset: as long as it takes)",
+    )
 
     # limits
     message_max_chars: int = Field(10_000, ge=1)

@@ -21,12 +21,14 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from sqlalchemy import Connection, select
+from sqlalchemy.exc import DBAPIError
 from starlette.websockets import WebSocketDisconnected
 
 from channels.webchat import WebChatChannel, minted, new_visitor_token, visitor_address
 from router.abandon import visitor_back, visitor_left, waiting_chats
 from router.csat import visitor_answer
 from router.events import agent_stream, visitor_stream
+from router.exceptions import Unavailable
 from router.failpoints import failpoint
 from router.hub import Session
 from router.models import ContactIdentity, Conversation, Message
@@ -226,93 +228,114 @@ async def _chat_socket(ws: WebSocket) -> None:
                 # never acknowledged (its client_id comes back with the error)
                 await send(exc.frame("client_id"))
                 continue
-            kind = frame.get("type")
-            if kind == "message":
-                problem = channel.check_message(frame.get("client_id"), frame.get("text"))
-                if problem is not None:
+            try:
+                kind = frame.get("type")
+                if kind == "message":
+                    problem = channel.check_message(frame.get("client_id"), frame.get("text"))
+                    if problem is not None:
+                        await send(
+                            {
+                                "type": "error",
+                                "code": "invalid",
+                                "client_id": frame.get("client_id"),
+                                "message": problem,
+                            }
+                        )
+                        continue
+                    if not limits.visitor_messages.allow(address) or not limits.ip_messages.allow(
+                        ip
+                    ):
+                        await ws.close(1008, "rate limit: too many messages")
+                        return
+                    # pre-chat answers may come with the first message instead of the hello
+                    if name is None and isinstance(frame.get("name"), str):
+                        name = frame["name"]
+                    if email is None and isinstance(frame.get("email"), str):
+                        email = frame["email"]
+                    item = channel.inbound(
+                        address,
+                        frame["client_id"],
+                        frame["text"],
+                        name=name,
+                        email=email,
+                        language=language,
+                    )
+                    outcomes = await runtime.ingest(slug, [item])
+                    failpoint("after_visitor_commit")
+                    outcome = outcomes[0] if outcomes else None
+                    if outcome is None or outcome.message_id is None:
+                        # quarantined with its reason for an admin: the visitor must not
+                        # believe it arrived, so no ack (and no resend: it would fail again)
+                        await send(
+                            {
+                                "type": "error",
+                                "code": "not_stored",
+                                "client_id": frame["client_id"],
+                                "message": "the message could not be stored and did not reach us",
+                            }
+                        )
+                    else:
+                        await send(
+                            {
+                                "type": "ack",
+                                "client_id": frame["client_id"],
+                                "message_id": outcome.message_id,
+                                "duplicate": outcome.duplicate,
+                            }
+                        )
+                    await runtime.after_ingest(outcomes)
+                elif kind == "typing":
+                    identity_id = identity_id or await runtime.db.read(_identity, address)
+                    agent_id = (
+                        await runtime.db.read(_assigned_agent, identity_id)
+                        if identity_id is not None
+                        else None
+                    )
+                    if agent_id is not None:
+                        await runtime.bus.publish(
+                            f"ephemeral:{agent_stream(agent_id)}",
+                            {"type": "typing", "from": "visitor", "visitor": address},
+                        )
+                elif kind == "survey_answer":
+                    identity_id = identity_id or await runtime.db.read(_identity, address)
+                    recorded = identity_id is not None and await runtime.db.write(
+                        visitor_answer, identity_id, frame.get("score")
+                    )
+                    await send(
+                        {"type": "survey_thanks"}
+                        if recorded
+                        else {"type": "error", "code": "invalid", "message": "no survey is waiting"}
+                    )
+                elif kind == "verify_start":
+                    if not limits.visitor_messages.allow(address):
+                        await ws.close(1008, "rate limit: too many messages")
+                        return
+                    await send(await start_proof(runtime, channel, address, name, frame))
+                elif kind == "verify_code":
+                    await send(await finish_proof(runtime, address, name, frame))
+                elif kind == "ping":
+                    await send({"type": "pong"})
+                else:
                     await send(
                         {
                             "type": "error",
                             "code": "invalid",
-                            "client_id": frame.get("client_id"),
-                            "message": problem,
+                            "message": f'unknown frame type "{kind}"',
                         }
                     )
-                    continue
-                if not limits.visitor_messages.allow(address) or not limits.ip_messages.allow(ip):
-                    await ws.close(1008, "rate limit: too many messages")
-                    return
-                # pre-chat answers may come with the first message instead of the hello
-                if name is None and isinstance(frame.get("name"), str):
-                    name = frame["name"]
-                if email is None and isinstance(frame.get("email"), str):
-                    email = frame["email"]
-                item = channel.inbound(
-                    address,
-                    frame["client_id"],
-                    frame["text"],
-                    name=name,
-                    email=email,
-                    language=language,
-                )
-                outcomes = await runtime.ingest(slug, [item])
-                failpoint("after_visitor_commit")
-                outcome = outcomes[0] if outcomes else None
-                if outcome is None or outcome.message_id is None:
-                    # quarantined with its reason for an admin: the visitor must not
-                    # believe it arrived, so no ack (and no resend: it would fail again)
-                    await send(
-                        {
-                            "type": "error",
-                            "code": "not_stored",
-                            "client_id": frame["client_id"],
-                            "message": "the message could not be stored and did not reach us",
-                        }
-                    )
-                else:
-                    await send(
-                        {
-                            "type": "ack",
-                            "client_id": frame["client_id"],
-                            "message_id": outcome.message_id,
-                            "duplicate": outcome.duplicate,
-                        }
-                    )
-                await runtime.after_ingest(outcomes)
-            elif kind == "typing":
-                identity_id = identity_id or await runtime.db.read(_identity, address)
-                agent_id = (
-                    await runtime.db.read(_assigned_agent, identity_id)
-                    if identity_id is not None
-                    else None
-                )
-                if agent_id is not None:
-                    await runtime.bus.publish(
-                        f"ephemeral:{agent_stream(agent_id)}",
-                        {"type": "typing", "from": "visitor", "visitor": address},
-                    )
-            elif kind == "survey_answer":
-                identity_id = identity_id or await runtime.db.read(_identity, address)
-                recorded = identity_id is not None and await runtime.db.write(
-                    visitor_answer, identity_id, frame.get("score")
-                )
+            except (DBAPIError, Unavailable) as exc:
+                # The database cannot take it now (down, full): nothing was stored. Say so;
+                # the widget keeps the message and sends it again (same client_id: stored
+                # once); the socket stays open.
+                log.warning("web chat %s: storage unavailable (%s)", slug, type(exc).__name__)
                 await send(
-                    {"type": "survey_thanks"}
-                    if recorded
-                    else {"type": "error", "code": "invalid", "message": "no survey is waiting"}
-                )
-            elif kind == "verify_start":
-                if not limits.visitor_messages.allow(address):
-                    await ws.close(1008, "rate limit: too many messages")
-                    return
-                await send(await start_proof(runtime, channel, address, name, frame))
-            elif kind == "verify_code":
-                await send(await finish_proof(runtime, address, name, frame))
-            elif kind == "ping":
-                await send({"type": "pong"})
-            else:
-                await send(
-                    {"type": "error", "code": "invalid", "message": f'unknown frame type "{kind}"'}
+                    {
+                        "type": "error",
+                        "code": "unavailable",
+                        "client_id": frame.get("client_id"),
+                        "retry_after": 5,
+                        "message": "we cannot take messages right now; it will be sent again",
+                    }
                 )
     except (WebSocketDisconnect, WebSocketDisconnected):
         pass  # the client left (or a send found it gone)

@@ -112,7 +112,7 @@ class PeerUnavailable(Exception):
     """A protocol peer can't be had on this machine (binary or package missing, ...).
 
     ``peer`` is a short name: "dovecot", "pymap", "aiosmtpd", "postgres", "redis",
-    "chromium", "playwright", "openssl".  The conftest skips the test, or fails it
+    "chromium", "playwright", "openssl", "tmpfs".  The conftest skips the test, or fails it
     under ``OMNIROUTE_REQUIRE_PEERS=1``.
     """
 
@@ -1929,3 +1929,50 @@ def need(make: Callable[[], _T]) -> _T:
         return make()
     except PeerUnavailable as exc:
         unavailable(exc)
+
+
+# -- a small filesystem that can be filled (disk-full tests) ----------------------------------
+class SmallDisk:
+    """A private tmpfs of ``size`` bytes mounted at ``path`` (needs root, as CI runs): fill it
+    to make the storage refuse writes, free it to let them through again."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._filler = path / "filler"
+
+    @classmethod
+    def mount(cls, path: Path, size: int = 8 << 20) -> SmallDisk:
+        path.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mount") is None:
+            raise PeerUnavailable("tmpfs", "the mount command is missing")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise PeerUnavailable("tmpfs", f"cannot mount a tmpfs (root needed): {done.stderr}")
+        return cls(path, size)
+
+    def fill(self) -> None:
+        """Write until the filesystem is full."""
+        with open(self._filler, "ab", buffering=0) as out:
+            chunk = b"\0" * 65536
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(chunk)
+            with contextlib.suppress(OSError):
+                while True:  # the last partial block
+                    out.write(b"\0" * 512)
+
+    def free(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._filler.unlink()
+
+    def __enter__(self) -> SmallDisk:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, check=False)

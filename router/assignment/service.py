@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -25,12 +27,12 @@ from router.assignment.matcher import BATCH, dispatch_batch, plan_batch
 from router.assignment.timers import active_ruleset, due_timers
 from router.db import Database, Tx
 from router.exceptions import Unavailable
-from router.models import Agent, AgentConnection, Process
+from router.models import Agent, AgentConnection, AgentStatusEvent, Process
 from router.tasks import periodic
 from router.types import AgentPresence
 from routing_rules import QueueSpec, Ruleset
 
-__all__ = ["Assignment"]
+__all__ = ["Assignment", "register_process"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,15 +67,16 @@ def _disconnect(tx: Tx, agent_id: int, connection_id: int, logout: bool) -> list
     return core.withdraw_offers(tx, agent_id, "socket lost")
 
 
-def _presence_timeouts(tx: Tx, grace: float, alive_after: Any) -> list[int]:
+def _presence_timeouts(tx: Tx, grace: float, alive_after: Any, me: str) -> list[int]:
     """Socket losses: a process that died took its agents' sockets with it (their grace
     starts now, their offers are withdrawn); an agent whose socket has been gone for longer
     than the grace goes offline. An agent set online without ever having a socket (through
-    the API) is left alone."""
+    the API) is left alone. A process never judges its own sockets by its own heartbeat (a
+    database outage delays the heartbeat of a process that is alive)."""
     live_processes = select(Process.id).where(Process.heartbeat_at >= alive_after)
     orphans = tx.execute(
         select(AgentConnection.id, AgentConnection.agent_id).where(
-            AgentConnection.process_id.not_in(live_processes)
+            AgentConnection.process_id.not_in(live_processes), AgentConnection.process_id != me
         )
     ).all()
     withdrawn: list[int] = []
@@ -110,6 +113,70 @@ def _presence_timeouts(tx: Tx, grace: float, alive_after: Any) -> list[int]:
     return withdrawn
 
 
+def _reassert(tx: Tx, process_id: str, sockets: dict[int, int]) -> dict[int, int]:
+    """This process is alive and holds these agent sockets (connection id -> agent id): make
+    the database say so again. After an outage another process (or this one's own sweep)
+    may have judged it dead by its late heartbeat, deleted its connections and set its
+    agents offline: their rows come back, and an agent set offline only because the socket
+    seemed lost is online again. Returns the connection ids that were re-created (old id ->
+    new id)."""
+    if (
+        tx.execute(
+            update(Process).where(Process.id == process_id).values(heartbeat_at=tx.now)
+        ).rowcount
+        == 0
+    ):
+        register_process(tx, process_id)
+    if not sockets:
+        return {}
+    present = set(
+        tx.execute(
+            select(AgentConnection.id).where(AgentConnection.id.in_(list(sockets)))
+        ).scalars()
+    )
+    renamed: dict[int, int] = {}
+    for connection_id, agent_id in sockets.items():
+        if connection_id in present:
+            continue
+        renamed[connection_id] = int(
+            tx.execute(
+                insert(AgentConnection)
+                .values(agent_id=agent_id, process_id=process_id, connected_at=tx.now)
+                .returning(AgentConnection.id)
+            ).scalar_one()
+        )
+    for agent_id in {sockets[c] for c in renamed}:
+        tx.execute(update(Agent).where(Agent.id == agent_id).values(disconnected_at=None))
+        presence = tx.execute(select(Agent.presence).where(Agent.id == agent_id)).scalar_one()
+        last_reason = tx.execute(
+            select(AgentStatusEvent.reason)
+            .where(AgentStatusEvent.agent_id == agent_id)
+            .order_by(AgentStatusEvent.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        if presence == AgentPresence.OFFLINE.value and last_reason == "socket lost":
+            core.set_presence(tx, agent_id, AgentPresence.ONLINE, "socket re-asserted")
+        log.warning(
+            "agent %s: its socket here is open but the database had lost it (an outage?):"
+            " re-asserted",
+            agent_id,
+        )
+    return renamed
+
+
+def register_process(tx: Tx, process_id: str) -> None:
+    tx.execute(
+        insert(Process).values(
+            id=process_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=tx.now,
+            heartbeat_at=tx.now,
+            last_error={},
+        )
+    )
+
+
 class Assignment:
     def __init__(
         self,
@@ -131,6 +198,8 @@ class Assignment:
         self.connecting: list[Callable[[dict[str, Any]], Awaitable[Any]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
+        self.sockets: dict[int, int] = {}  # this process's agent connections: id -> agent id
+        self._renamed: dict[int, int] = {}  # connection ids re-created by a re-assertion
 
     # -- triggers -------------------------------------------------------------------------
     async def dispatch(self) -> int:
@@ -206,11 +275,33 @@ class Assignment:
     # -- agent actions --------------------------------------------------------------------
     async def connect(self, agent_id: int) -> int:
         connection_id = await self.db.write(_connect, agent_id, self.process_id)
+        self.sockets[connection_id] = agent_id
         await self.dispatch()
         return connection_id
 
     async def disconnect(self, agent_id: int, connection_id: int, *, logout: bool = False) -> None:
+        connection_id = self.current_id(connection_id)
+        self.sockets.pop(connection_id, None)
         if await self.db.write(_disconnect, agent_id, connection_id, logout):
+            await self.dispatch()
+
+    def current_id(self, connection_id: int) -> int:
+        """A connection's id now (a re-assertion may have given it a new row)."""
+        while connection_id in self._renamed:
+            connection_id = self._renamed[connection_id]
+        return connection_id
+
+    async def reassert(self) -> None:
+        """Heartbeat: this process is alive, and these are its agents' open sockets (after a
+        database outage, the database may have lost them). Then offer work, if any came
+        back."""
+        renamed = await self.db.write(_reassert, self.process_id, dict(self.sockets))
+        if renamed:
+            for old, new in renamed.items():
+                self._renamed[old] = new
+                agent = self.sockets.pop(old, None)
+                if agent is not None:
+                    self.sockets[new] = agent
             await self.dispatch()
 
     async def accept(self, agent_id: int, offer_id: int) -> dict[str, Any]:
@@ -306,7 +397,11 @@ class Assignment:
         )
         changed = any(c is not None for c in expired)
         alive_after = self.db.clock.now() - timedelta(seconds=self.dead_after)
-        changed |= bool(await self.db.write(_presence_timeouts, self.presence_grace, alive_after))
+        changed |= bool(
+            await self.db.write(
+                _presence_timeouts, self.presence_grace, alive_after, self.process_id
+            )
+        )
         changed |= bool(await self.db.write(flow.unassign_absent, queues))
         ruleset = active_ruleset(self.db.context)
         if ruleset is not None:

@@ -132,6 +132,7 @@
       } else if (frame.type === "ack") {
         state.pending = state.pending.filter(function (p) { return p.client_id !== frame.client_id; });
         save();
+        showError("");
         render({client_id: frame.client_id, direction: "in"});
       } else if (frame.type === "message" && frame.stream) {
         if (typeof frame.seq === "number") { state.lastSeq = Math.max(state.lastSeq || 0, frame.seq); save(); }
@@ -145,6 +146,14 @@
       } else if (frame.type === "error") {
         if (frame.code === "token_rejected") {  // not a token of this server: a new chat starts
           state.token = null; state.lastSeq = null; save();
+          return;
+        }
+        if (frame.code === "unavailable" && frame.client_id) {  // not stored yet: kept, sent again
+          showError("Not delivered yet: retrying…");
+          setTimeout(function () {
+            var again = state.pending.filter(function (p) { return p.client_id === frame.client_id; })[0];
+            if (again && connected) { ws.send(JSON.stringify(messageFrame(again))); }
+          }, 1000 * (frame.retry_after || 5));
           return;
         }
         if (frame.client_id) {  // that message was refused and not stored: never resent

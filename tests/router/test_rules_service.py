@@ -5,9 +5,11 @@ conversations never replaces a good one; every process switches within seconds."
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from adapters.bus import RedisBus
@@ -170,3 +172,38 @@ async def wait_for(condition: object, timeout: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.05)
+
+
+async def test_a_bad_file_is_reported_once_and_its_errors_clear_when_it_is_reverted(
+    runtime: Runtime,
+    settings: Settings,
+    client: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bad rules.yaml left in place was logged and written every 2 s (about 1,800 lines an
+    hour); reverting it to the active content left the old errors in GET /api/admin/rules."""
+    good = settings.rules_path.read_text()
+    settings.rules_path.write_text(good.replace("queue: billing, priority: high", "queue: x"))
+    with caplog.at_level(logging.INFO, logger="router.rules_service"):
+        first = await runtime.rules.import_file()
+        assert first is not None and first.errors
+        for _ in range(5):  # the watch looking again and again
+            assert await runtime.rules.import_file() is None
+    rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(rejected) == 1
+    token = await admin_token(runtime)
+    status = (await client.get("/api/admin/rules", headers=auth(token))).json()
+    assert status["last_load"]["errors"] and status["processes"][0]["last_error"]
+
+    settings.rules_path.write_text(good)  # reverted: the content that is active
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="router.rules_service"):
+        assert await runtime.rules.import_file() is None
+    assert any("matches the last imported ruleset" in r.getMessage() for r in caplog.records)
+    status = (await client.get("/api/admin/rules", headers=auth(token))).json()
+    assert status["last_load"]["errors"] == []
+    assert status["processes"][0]["last_error"] is None
+    # the same bad content again is reported again (it is news after the revert)
+    settings.rules_path.write_text(good.replace("queue: billing, priority: high", "queue: x"))
+    again = await runtime.rules.import_file()
+    assert again is not None and again.errors
