@@ -98,6 +98,22 @@ class Settings(BaseSettings):
 
     # limits
     message_max_chars: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="request bodies of the JSON APIs and every route not named below",
+    )
+    max_upload_bytes: int = Field(
+        50 * 1024 * 1024 + 64 * 1024,
+        ge=1024,
+        description="POST /api/uploads: the largest attachment (50 MB) plus multipart framing",
+    )
+    max_webhook_bytes: int = Field(
+        5 * 1024 * 1024, ge=1024, description="provider webhooks (/webhooks/...)"
+    )
+    max_signin_bytes: int = Field(
+        16 * 1024, ge=1024, description="sign-in and sign-out (/console/...), survey answers"
+    )
 
     @field_validator("database_url")
     @classmethod
