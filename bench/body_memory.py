@@ -132,7 +132,8 @@ def main() -> None:
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start: {(work / 'server.log').read_text()}")
+                    log_text = (work / "server.log").read_text()
+                    raise SystemExit(f"server did not start: {log_text}") from None
                 time.sleep(0.2)
         time.sleep(1)  # let start-up settle
         before = memory(proc.pid)
