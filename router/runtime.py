@@ -49,6 +49,7 @@ from router.pipeline import InboxInfo, IngestOutcome, Pipeline, load_inbox
 from router.ratelimit import RateLimiter
 from router.routing import ROUTE_BATCH, RouteResult, route_batch
 from router.rules_service import RulesService
+from router.secret_check import secret_problems
 from router.serialize import visitor_payload
 from router.settings import Settings
 from router.tasks import TaskGroup, periodic
@@ -323,7 +324,11 @@ class Runtime:
             )
 
     async def preflight(self) -> None:
-        """Fail early with one clear message: database reachable and migrated, files valid."""
+        """Fail early with one clear message: no placeholder or weak secret, database
+        reachable and migrated, files valid."""
+        problems = secret_problems(self.settings, None)
+        if problems:
+            raise ConfigError("refusing to serve:\n  " + "\n  ".join(problems))
         db = Database(self.settings.database_url)
         await db.start()
         try:
@@ -332,7 +337,7 @@ class Runtime:
             await db.close()
         if self.settings.channels_path is not None:
             try:
-                load_channels(
+                config = load_channels(
                     self.settings.channels_path.read_bytes(), str(self.settings.channels_path)
                 )
             except OSError as exc:
@@ -341,6 +346,9 @@ class Runtime:
                 ) from None
             except RulesError as exc:
                 raise ConfigError(f"channels file rejected:\n{exc}") from None
+            problems = secret_problems(self.settings, config)
+            if problems:
+                raise ConfigError("refusing to serve:\n  " + "\n  ".join(problems))
 
     def take_sqlite_lock(self) -> None:
         """One ``serve`` per SQLite file: an exclusive lock on ``<database>.lock``."""
