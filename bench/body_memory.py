@@ -17,6 +17,7 @@ import argparse
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,6 +152,8 @@ def main() -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"source: {args.source}")
     print(f"{args.count} bodies of {args.mb} MB, {sent_total / MB:.0f} MB actually sent")
     for line, n in sorted(statuses.items()):
