@@ -51,6 +51,7 @@ __all__ = [
     "ParsedAttachment",
     "ParsedEmail",
     "Unparseable",
+    "decode_header_text",
     "message_key",
     "normalize_message_id",
     "parse_email",
@@ -399,7 +400,7 @@ class _Headers:
     def decoded(self, name: str) -> str | None:
         """RFC 2047-decoded value with control characters (injected CR/LF) removed."""
         value = self.first(name)
-        return None if value is None else _HEADER_CONTROLS.sub("", _decode_words(value))
+        return None if value is None else _HEADER_CONTROLS.sub("", decode_header_text(value))
 
 
 def _unfold(value: object) -> str:
@@ -456,8 +457,27 @@ def _strip_comments(value: str) -> str:
 
 
 # -- RFC 2047 encoded words -----------------------------------------------------------------
+#: Deeper nesting than this is not mail a person wrote: what is left is kept as text.
+MAX_DECODE_ROUNDS = 8
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?]*)\?=")
 _Q_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
+def decode_header_text(value: str) -> str:
+    """The text a header value says once fully decoded: RFC 2047 words are decoded again
+    while decoding changes anything (at most :data:`MAX_DECODE_ROUNDS` times).
+
+    An encoded word may decode to another encoded word; decoding only once would leave
+    that inner word to whoever reads the value next, and the email package decodes it
+    (CR and LF included) when the value is set on an outgoing message. Control characters
+    are the caller's to remove, after this.
+    """
+    for _ in range(MAX_DECODE_ROUNDS):
+        decoded = _decode_words(value)
+        if decoded == value:
+            break
+        value = decoded
+    return value
 
 
 def _decode_words(value: str) -> str:
@@ -690,7 +710,7 @@ def _mailbox(value: str) -> tuple[str | None, str | None]:
         address = found.group(found.lastindex or 0).lower() if found else ""
     if not _plausible_address(address):
         return None, None
-    display = _HEADER_CONTROLS.sub("", _decode_words(name)).replace("\t", " ").strip()
+    display = _HEADER_CONTROLS.sub("", decode_header_text(name)).replace("\t", " ").strip()
     return display or None, address
 
 
@@ -978,7 +998,7 @@ def _filename(part: Message) -> str | None:
         return None
     if raw_name is None:
         return None
-    name = "".join(ch for ch in _decode_words(str(raw_name)) if ch >= " " and ch != "\x7f")
+    name = "".join(ch for ch in decode_header_text(str(raw_name)) if ch >= " " and ch != "\x7f")
     name = _PATH_SEPARATOR.split(name)[-1].strip()
     if name in ("", ".", ".."):
         return None

@@ -44,6 +44,7 @@ import aiosmtplib
 import httpx
 
 from channels.base import PermanentSendError, TemporarySendError
+from channels.email_parse import MAX_DECODE_ROUNDS, decode_header_text
 
 __all__ = [
     "OAuth2Tokens",
@@ -52,6 +53,7 @@ __all__ = [
     "SmtpSettings",
     "TokenProvider",
     "build_message",
+    "header_text",
     "make_message_id",
     "send",
     "xoauth2_string",
@@ -71,6 +73,8 @@ _MAX_REASON = 500
 # (which parts of the email package use) also breaks on \v, \f, \x1c-\x1e, \x85 and
 # U+2028/U+2029, so all of those go too, not only CR and LF.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+# Lone surrogates (JSON allows "\ud800") cannot be encoded at all: they become U+FFFD.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # A msg-id as we write it (RFC 5322 3.6.4): "<left@right>", printable ASCII without
 # spaces, angle brackets or a second "@". Non-ASCII ids could not be sent without
 # SMTPUTF8, and ours are folded as-is. Content-IDs need no "@" (Gmail's "ii_..." have none).
@@ -165,21 +169,82 @@ class _MessageIdListHeader(
 
     max_count: ClassVar[Literal[1] | None] = 1
 
+    @classmethod
+    def parse(cls, value: str, kwds: dict[str, Any]) -> None:
+        # Taken literally: the unstructured parser would decode an encoded word inside a
+        # msg-id ("<a=?utf-8?q?=0D=0A...?=@b>"), CR and LF included.
+        super().parse(value, kwds)
+        kwds["decoded"] = _one_line(value)
+
     def fold(self, *, policy: email.policy.Policy) -> str:
-        limit = policy.max_line_length or 998
-        lines: list[str] = []
-        line = f"{self.name}:"
-        for ident in str(self).split():
-            if line != f"{self.name}:" and len(line) + 1 + len(ident) > limit:
-                lines.append(line)
-                line = ""
-            line += " " + ident
-        lines.append(line)
-        return policy.linesep.join(lines) + policy.linesep
+        return _fold_tokens(self.name, str(self).split(), policy)
+
+
+# What may stand in a display name without quoting or encoding (RFC 5322 atext, spaces).
+_PLAIN_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*")
+_WORD_BYTES = 45  # base64 of 45 bytes is 60 characters: an encoded word of 72
+
+
+def _phrase_words(text: str) -> list[str]:
+    """A display name as atoms, or else as RFC 2047 base64 words (UTF-8, whole characters).
+
+    Whitespace between encoded words is not part of the text (RFC 2047 6.2), so the
+    words can be folded anywhere and still decode to exactly ``text``."""
+    if _PLAIN_PHRASE.fullmatch(text) and "=?" not in text:
+        return text.split()
+    words: list[str] = []
+    chunk = b""
+    for ch in text:
+        data = ch.encode()
+        if chunk and len(chunk) + len(data) > _WORD_BYTES:
+            words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode('ascii')}?=")
+            chunk = b""
+        chunk += data
+    if chunk:
+        words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode('ascii')}?=")
+    return words
+
+
+def _fold_tokens(name: str, tokens: Iterable[str], policy: email.policy.Policy) -> str:
+    """``Name: token token ...``, folded between tokens only."""
+    limit = policy.max_line_length or 998
+    lines: list[str] = []
+    line = f"{name}:"
+    for token in tokens:
+        if line != f"{name}:" and len(line) + 1 + len(token) > limit:
+            lines.append(line)
+            line = ""
+        line += " " + token
+    lines.append(line)
+    return policy.linesep.join(lines) + policy.linesep
+
+
+class _MailboxHeader(  # type: ignore[misc]  # the stubs' classes disagree; the registry mixes them
+    email.headerregistry.UniqueAddressHeader, email.headerregistry.BaseHeader
+):
+    """From / To / Reply-To, folded by us.
+
+    The email package folds a long display name with specials (``:``, ``@``) without its
+    quotes (Python 3.11: ``From: Order Reply-To: evil@example.org [#1]\r\n [#1] <us@...>``
+    parses as a group holding evil@example.org): a display name that is not plain atoms is
+    written as encoded words, which hold no specials however they are folded."""
+
+    def fold(self, *, policy: email.policy.Policy) -> str:
+        addresses = list(self.addresses)
+        if not all(a.addr_spec.isascii() for a in addresses):
+            return super().fold(policy=policy)
+        tokens: list[str] = []
+        for i, address in enumerate(addresses):
+            words = _phrase_words(address.display_name)
+            spec = f"<{address.addr_spec}>" if words else address.addr_spec
+            tokens.extend([*words, spec + ("," if i < len(addresses) - 1 else "")])
+        return _fold_tokens(self.name, tokens, policy)
 
 
 def _make_policy() -> email.policy.EmailPolicy[email.message.EmailMessage]:
     registry = email.headerregistry.HeaderRegistry()
+    for name in ("from", "to", "reply-to"):
+        registry.map_to_type(name, _MailboxHeader)
     registry.map_to_type("references", _MessageIdListHeader)
     registry.map_to_type("in-reply-to", _MessageIdListHeader)
     policy: email.policy.EmailPolicy[email.message.EmailMessage] = email.policy.SMTP.clone(
@@ -193,22 +258,51 @@ _POLICY = _make_policy()
 
 def _one_line(value: str) -> str:
     """A header-safe single line: control characters become spaces, runs collapse."""
-    return " ".join(_CONTROL.sub(" ", value).split())
+    return " ".join(_CONTROL.sub(" ", _SURROGATE.sub("\ufffd", value)).split())
+
+
+def _stdlib_decoded(value: str) -> str:
+    # What the email package makes of a value set on a message: it decodes encoded words.
+    return str(_POLICY.header_factory("subject", value))
+
+
+def header_text(value: str) -> str:
+    """The text of a header value we write: fully decoded, on one line, never an encoded
+    word.
+
+    Encoded words are decoded (ours and the email package's way) until nothing changes,
+    control characters become spaces after every round, and any ``=?`` still left is
+    broken up (``= ?``): nothing in the result can be decoded again, here or by whoever
+    reads our message, so what was checked is what gets written. The email package then
+    folds and, for non-ASCII text, encodes it itself.
+    """
+    text = _one_line(value)
+    for _ in range(MAX_DECODE_ROUNDS + 1):
+        decoded = _one_line(_stdlib_decoded(_one_line(decode_header_text(text))))
+        if decoded == text:
+            break
+        text = decoded
+    return _one_line(text.replace("=?", "= ?"))
 
 
 def _address(addr_spec: str, display_name: str | None = None) -> email.headerregistry.Address:
     """An Address; an address itself is never repaired (that could change who gets the
     mail): anything that isn't one clean ``local@domain`` raises ``ValueError``."""
     candidate = addr_spec.strip()
-    if not candidate or _CONTROL.search(candidate) or any(c in candidate for c in " <>,;"):
+    if (
+        not candidate
+        or _CONTROL.search(candidate)
+        or any(c in candidate for c in " <>,;")
+        or "=?" in candidate  # the email package would decode it as an encoded word
+    ):
         raise ValueError(f"invalid email address {addr_spec!r}")
     try:
         address = email.headerregistry.Address(
-            display_name=_one_line(display_name or ""), addr_spec=candidate
+            display_name=header_text(display_name or ""), addr_spec=candidate
         )
     except (ValueError, email.errors.HeaderParseError) as exc:
         raise ValueError(f"invalid email address {addr_spec!r}") from exc
-    if not address.username or not address.domain:
+    if not address.username or not address.domain or address.addr_spec != candidate:
         raise ValueError(f"invalid email address {addr_spec!r}")
     return address
 
@@ -219,7 +313,7 @@ def _msg_ids(values: Iterable[str]) -> list[str]:
     for value in values:
         for token in _one_line(value).split():
             ident = token if token.startswith("<") else f"<{token}>"
-            if _MSG_ID.fullmatch(ident) and ident not in ids:
+            if _MSG_ID.fullmatch(ident) and "=?" not in ident and ident not in ids:
                 ids.append(ident)
     return ids
 
@@ -236,14 +330,14 @@ def _content_type(value: str) -> tuple[str, str]:
 
 def _filename(value: str) -> str:
     # Receivers should ignore directories, but not all do: keep the last component only.
-    name = PurePosixPath(_one_line(value).replace("\\", "/")).name.strip()
+    name = PurePosixPath(header_text(value).replace("\\", "/")).name.strip()
     return name or "attachment"
 
 
 def _content_id(value: str) -> str:
     ident = value.strip()
     ident = ident if ident.startswith("<") else f"<{ident}>"
-    if not _CONTENT_ID.fullmatch(ident):
+    if not _CONTENT_ID.fullmatch(ident) or "=?" in ident:
         raise ValueError(f"invalid Content-ID {value!r}")
     return ident
 
@@ -270,9 +364,10 @@ def build_message(
     becomes ``multipart/related`` with the inline attachments; other attachments make
     it ``multipart/mixed`` (inline ones without HTML go there too, as inline).
 
-    Names, the subject and filenames are made single-line (CR, LF and other control
-    characters become spaces), then set through the ``email`` API (policy SMTP), so no
-    value can start a header. Addresses, ``message_id`` and Content-IDs are not
+    Names, the subject and filenames are fully decoded and made single-line
+    (:func:`header_text`: CR, LF and other control characters become spaces, no encoded
+    word survives), then set through the ``email`` API (policy SMTP), which folds and
+    encodes them, so no value can start a header. Addresses, ``message_id`` and Content-IDs are not
     repaired: an unusable one raises ``ValueError``. ``References`` keeps the thread
     root and the newest ancestors (:data:`MAX_REFERENCES` in all) and ends with
     ``in_reply_to``; unusable ids are dropped. ``Auto-Submitted: auto-replied`` marks
@@ -280,7 +375,7 @@ def build_message(
     """
     if date.tzinfo is None or date.utcoffset() is None:
         raise ValueError("date must be timezone-aware")
-    if not _MSG_ID.fullmatch(message_id.strip()):
+    if not _MSG_ID.fullmatch(message_id.strip()) or "=?" in message_id:
         raise ValueError(f"invalid Message-ID {message_id!r}")
 
     msg = email.message.EmailMessage(policy=_POLICY)
@@ -288,7 +383,7 @@ def build_message(
     msg["To"] = _address(to)
     if reply_to:
         msg["Reply-To"] = _address(reply_to)
-    msg["Subject"] = _one_line(subject)
+    msg["Subject"] = header_text(subject)
     msg["Date"] = email.utils.format_datetime(date)
     msg["Message-ID"] = message_id.strip()
 

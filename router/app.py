@@ -30,6 +30,7 @@ from router.api import (
     users,
     webhooks,
 )
+from router.bodylimit import BodyLimit, BodyLimits
 from router.db import storage_failure
 from router.exceptions import OmnirouteError, RateLimited
 from router.runtime import Runtime
@@ -163,6 +164,17 @@ def create_app(
             status_code=422,
         )
 
+    # Added first, so it runs inside SecurityHeaders (its 413s get the headers too) and
+    # before routing: no route ever buffers a body over its limit.
+    app.add_middleware(
+        BodyLimit,
+        limits=BodyLimits(
+            default=settings.max_body_bytes,
+            upload=settings.max_upload_bytes,
+            webhook=settings.max_webhook_bytes,
+            small=settings.max_signin_bytes,
+        ),
+    )
     app.add_middleware(SecurityHeaders)
     quiet_invalid_utf8()
 

@@ -426,7 +426,7 @@ def serve() -> None:
         port=settings.port,
         log_level="info",
         lifespan="on",
-        **settings.websocket_options(),
+        **settings.server_options(),
     )
     DrainingServer(config, runtime).run()
 

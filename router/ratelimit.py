@@ -27,14 +27,6 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return allowed
 
-    def blocked(self, key: str, now: float | None = None) -> bool:
-        """Whether ``key`` has no token left right now (nothing is consumed)."""
-        if key not in self._buckets:
-            return False
-        now = time.monotonic() if now is None else now
-        tokens, updated = self._buckets[key]
-        return min(self.capacity, tokens + (now - updated) * self.rate) < 1.0
-
     def retry_after(self, key: str, now: float | None = None) -> float:
         """Seconds until ``key`` has a token again (0 when it has one now)."""
         if key not in self._buckets:

@@ -49,6 +49,7 @@ from router.pipeline import InboxInfo, IngestOutcome, Pipeline, load_inbox
 from router.ratelimit import RateLimiter
 from router.routing import ROUTE_BATCH, RouteResult, route_batch
 from router.rules_service import RulesService
+from router.secret_check import secret_problems
 from router.serialize import visitor_payload
 from router.settings import Settings
 from router.tasks import TaskGroup, periodic
@@ -338,11 +339,15 @@ class Runtime:
             )
 
     async def preflight(self, *, wait: float | None = None) -> None:
-        """Fail early with one clear message: database reachable and migrated, files valid.
+        """Fail early with one clear message: no placeholder or weak secret, database
+        reachable and migrated, files valid.
 
         A PostgreSQL database that does not answer is waited for (backoff up to 30 s between
         tries, each logged), for ``wait`` seconds (None: for as long as it takes): a server
         started with, or before, its database comes up when it does."""
+        problems = secret_problems(self.settings, None)
+        if problems:
+            raise ConfigError("refusing to serve:\n  " + "\n  ".join(problems))
         pause, waited = 1.0, 0.0
         while True:
             db = Database(self.settings.database_url)
@@ -366,7 +371,7 @@ class Runtime:
             pause = min(pause * 2, 30.0)
         if self.settings.channels_path is not None:
             try:
-                load_channels(
+                config = load_channels(
                     self.settings.channels_path.read_bytes(), str(self.settings.channels_path)
                 )
             except OSError as exc:
@@ -375,6 +380,9 @@ class Runtime:
                 ) from None
             except RulesError as exc:
                 raise ConfigError(f"channels file rejected:\n{exc}") from None
+            problems = secret_problems(self.settings, config)
+            if problems:
+                raise ConfigError("refusing to serve:\n  " + "\n  ".join(problems))
 
     def take_sqlite_lock(self) -> None:
         """One ``serve`` per SQLite file: an exclusive lock on ``<database>.lock``."""

@@ -6,6 +6,7 @@ may be secrets).
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,14 @@ class Settings(BaseSettings):
             "per socket (about 40 KB) and CPU on every frame"
         ),
     )
+    trusted_proxies: str = Field(
+        "",
+        description=(
+            "comma-separated addresses or CIDR networks of the reverse proxies in front of "
+            "us: their X-Forwarded-For / X-Forwarded-Proto are believed, nobody else's "
+            "(empty: nobody's, the client is the peer of the TCP connection)"
+        ),
+    )
     process_id: str = Field(default_factory=lambda: f"{socket.gethostname()}")
     failpoints: str = ""
     demo: bool = False
@@ -110,6 +119,22 @@ class Settings(BaseSettings):
 
     # limits
     message_max_chars: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="request bodies of the JSON APIs and every route not named below",
+    )
+    max_upload_bytes: int = Field(
+        50 * 1024 * 1024 + 64 * 1024,
+        ge=1024,
+        description="POST /api/uploads: the largest attachment (50 MB) plus multipart framing",
+    )
+    max_webhook_bytes: int = Field(
+        5 * 1024 * 1024, ge=1024, description="provider webhooks (/webhooks/...)"
+    )
+    max_signin_bytes: int = Field(
+        16 * 1024, ge=1024, description="sign-in and sign-out (/console/...), survey answers"
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -125,6 +150,19 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        entries = [e.strip() for e in value.split(",") if e.strip()]
+        for number, entry in enumerate(entries, 1):
+            if entry == "*":
+                raise ValueError("'*' would believe any client's X-Forwarded-For: name the proxies")
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"entry {number} is not an IP address or CIDR network") from None
+        return ",".join(entries)
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -135,6 +173,19 @@ class Settings(BaseSettings):
     def websocket_options(self) -> dict[str, Any]:
         """uvicorn's websocket settings for this deployment (see :func:`websocket_options`)."""
         return websocket_options(compression=self.ws_compression)
+
+    def proxy_options(self) -> dict[str, Any]:
+        """uvicorn's proxy settings: X-Forwarded-For and -Proto are believed only from
+        ``trusted_proxies`` (uvicorn's own default would believe 127.0.0.1, and nobody
+        behind a proxy on another host). The client address every per-IP limit keys on is
+        then the real client's."""
+        if not self.trusted_proxies:
+            return {"proxy_headers": False}
+        return {"proxy_headers": True, "forwarded_allow_ips": self.trusted_proxies}
+
+    def server_options(self) -> dict[str, Any]:
+        """Everything ``omniroute serve`` and the tests' live server pass to uvicorn."""
+        return {**self.websocket_options(), **self.proxy_options()}
 
     def require_secret(self) -> str:
         if self.secret_key is None:

@@ -251,7 +251,7 @@ async def live_server(runtime: Runtime, port: int = 0) -> AsyncIterator[str]:
         lifespan="off",
         log_level="warning",
         ws_ping_interval=None,
-        **runtime.settings.websocket_options(),
+        **runtime.settings.server_options(),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

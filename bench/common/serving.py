@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -100,7 +101,7 @@ def serve_omniroute(
         **os.environ,
         "OMNIROUTE_DATABASE_URL": url,
         "OMNIROUTE_RULES_PATH": str(directory / "rules.yaml"),
-        "OMNIROUTE_SECRET_KEY": "bench-" + "x" * 40,
+        "OMNIROUTE_SECRET_KEY": secrets.token_urlsafe(48),  # serve refuses weak keys
         "OMNIROUTE_PORT": str(port),
         "OMNIROUTE_PUBLIC_BASE_URL": base,
         "OMNIROUTE_DATA_DIR": str(directory),

@@ -803,3 +803,76 @@ async def test_the_automatic_reply_goes_to_the_address_in_angle_brackets(
 
         await eventually(routed)
         assert await count(runtime, Message, Message.conversation_id == cid) == 1
+
+
+NESTED_SUBJECT = (
+    "=?utf-8?b?"
+    + base64.b64encode(
+        b"=?utf-8?q?x=0D=0AReply-To:_evil@example.org=0D=0AContent-Type:_text/html=0D=0A=0D=0A"
+        b"<b>attacker's_body</b>?="
+    ).decode()
+    + "?="
+)
+
+
+OWN_HEADERS = [
+    b"content-transfer-encoding",
+    b"content-type",
+    b"date",
+    b"from",
+    b"in-reply-to",
+    b"message-id",
+    b"mime-version",
+    b"references",
+    b"subject",
+    b"to",
+]
+
+
+async def test_a_nested_encoded_subject_never_adds_headers_to_our_replies(
+    tmp_path: Path, db_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """The reported attack: an encoded word whose text is another encoded word carrying
+    CR/LF. Our automatic reply and the agent's later reply keep their own headers and body."""
+    user = next(_boxes)
+    rules = RULES.replace(
+        "default: {queue: general}",
+        'default: {queue: general, reply: ack}\ntemplates:\n  ack: "We got your mail."',
+    )
+    settings = make_settings(
+        tmp_path / "conf",
+        db_url,
+        rules=rules,
+        channels=channels_yaml(dovecot.port, user, sink.port),
+        worker_interval=0.2,
+        outbox_interval=0.1,
+    )
+    async with started_runtime(settings, workers=True) as runtime:
+        channel = runtime.channels["support"]
+        assert isinstance(channel, EmailChannel)
+        await asyncio.wait_for(channel.connected.wait(), 10)
+        anna, _ = await make_agent(runtime, "anna", "", "email=5,total=5")
+        await runtime.assignment.set_status(anna, AgentPresence.ONLINE, "test")
+        await dovecot.append(
+            user, USERS[user], mail("eve@example.net", NESTED_SUBJECT, "<nested-1@x>")
+        )
+        cid = await eventually(lambda: conversation_of(runtime, "<nested-1@x>"))
+        await sink.wait_for(1)  # the automatic reply
+        offer = await eventually(lambda: runtime.db.read(_pending_offer))
+        await runtime.assignment.accept(anna, offer)
+        await runtime.db.write(agent_write, anna, cid, "Thanks, it is done.")
+        runtime.outbox.wake()
+        received = await sink.wait_for(2)
+    for got, body in ((received[0], "We got your mail."), (received[1], "Thanks, it is done.")):
+        assert got.rcpt_tos == ["eve@example.net"]
+        head = got.raw.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        names = sorted(line.split(b":")[0] for line in head if not line[:1].isspace())
+        auto_headers = (
+            [b"auto-submitted", b"x-auto-response-suppress"] if got is received[0] else []
+        )
+        assert names == sorted([*OWN_HEADERS, *auto_headers])
+        sent = email.message_from_bytes(got.raw, policy=email.policy.default)
+        assert sent.get_content_type() == "text/plain"
+        assert sent.get_content().strip() == body
+        subject = str(sent["Subject"]).strip()
+        assert "Reply-To: evil@example.org" in subject and subject.startswith("Re: x")
