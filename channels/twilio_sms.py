@@ -139,6 +139,7 @@ _NOT_SENT = (
     httpx.LocalProtocolError,
 )
 _REMEMBERED_SENDS = 1024
+_NO_SID = "an incoming message without MessageSid: it cannot be deduplicated, so it was not stored"
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -434,7 +435,7 @@ class TwilioSmsChannel(TwilioChannel):
         has_content = "Body" in form or "NumMedia" in form
         if form.get("MessageStatus") and not has_content:
             return "status"
-        if form.get("MessageSid") and has_content:
+        if has_content:
             return "message"
         return None
 
@@ -481,9 +482,18 @@ class TwilioSmsChannel(TwilioChannel):
 
     def _message(self, request: WebhookRequest) -> list[ParsedItem]:
         form = request.form
-        sid = form.get("MessageSid") or form.get("SmsMessageSid") or form.get("SmsSid")
-        if not sid or not ("Body" in form or "NumMedia" in form):
+        if not ("Body" in form or "NumMedia" in form):
             return []
+        sid = form.get("MessageSid") or form.get("SmsMessageSid") or form.get("SmsSid")
+        if not sid:
+            # Signed by Twilio, so not noise, but without its id it cannot be deduplicated
+            # (Twilio retries): keep it raw for an admin instead of dropping it unseen.
+            log.warning(
+                "Twilio SMS webhook of inbox %s without MessageSid: quarantined (fields: %s)",
+                self.slug,
+                ", ".join(sorted(form)[:40]),
+            )
+            return [Reject(_NO_SID, request.body)]
         raw_from = form.get("From", "")
         try:
             address = normalize_e164(raw_from)

@@ -434,6 +434,24 @@ async def test_unknown_payloads_are_ignored(
     assert channel.ack(request).body == EMPTY_TWIML
 
 
+async def test_a_signed_message_without_message_sid_is_rejected_raw_and_logged(
+    make_channel: ChannelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = make_channel()
+    drop = ("MessageSid", "SmsMessageSid", "SmsSid")
+    params = {k: v for k, v in sms_params("where is my order").items() if k not in drop}
+    request = twilio_request(SMS_URL, params)
+    assert channel.verify(request)
+    with caplog.at_level("WARNING", logger="channels.twilio_sms"):
+        [item] = channel.parse(request)
+    assert isinstance(item, Reject) and item.raw == request.body
+    assert "MessageSid" in item.reason
+    (line,) = [r.getMessage() for r in caplog.records if "without MessageSid" in r.getMessage()]
+    assert SLUG in line and TOKEN not in line and "where is my order" not in line
+    assert await channel.reimport(request.body, "") == [Reject(item.reason, request.body)]
+    assert channel.ack(request).body == EMPTY_TWIML  # answered, so Twilio does not retry
+
+
 async def test_reimport_tells_messages_from_statuses_by_their_fields(
     make_channel: ChannelFactory,
 ) -> None:

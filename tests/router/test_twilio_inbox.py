@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import pytest
@@ -19,14 +19,14 @@ from twilio.request_validator import RequestValidator
 from adapters.clock import FakeClock
 from router.exceptions import Conflict
 from router.messaging import agent_write
-from router.models import ContactIdentity, Conversation, Message, Offer
+from router.models import ContactIdentity, Conversation, Message, Offer, Quarantine
 from router.runtime import Runtime
 from router.settings import Settings
 from router.types import AgentPresence
 from tests.channels.test_twilio_sms import sms_params, status_params
 from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, FakeTwilioServer
 from tests.router.test_live import make_agent
-from tests.router.test_pipeline import count, settle
+from tests.router.test_pipeline import count, rows, settle
 from tests.support import client_for, make_settings, started_runtime
 
 RULES = "version: 1\nqueues:\n  general: {}\ndefault: {queue: general}\n"
@@ -150,6 +150,22 @@ async def test_signed_sms_in_reply_out_status_and_stop(
     )
     await settle(runtime)
     await runtime.db.write(agent_write, anna, cid, "Welcome back")
+
+
+async def test_a_signed_sms_without_message_sid_is_quarantined_and_answered(
+    twilio: tuple[Runtime, httpx.AsyncClient, FakeTwilioServer],
+) -> None:
+    runtime, client, _ = twilio
+    drop = ("MessageSid", "SmsMessageSid", "SmsSid")
+    params = {k: v for k, v in sms_params("lost?", From="+14155550100").items() if k not in drop}
+    response = await post(runtime, client, "sms", params)
+    assert response.status_code == 200 and b"<Response" in response.content
+    await settle(runtime)
+    assert await count(runtime, Message) == 0
+    (item,) = await rows(runtime, Quarantine)
+    assert "MessageSid" in item.reason and item.inbox_id == runtime.inboxes["tw"].id
+    raw = dict(parse_qsl(item.raw.decode(), keep_blank_values=True))
+    assert raw == params  # the raw form, for an admin
 
 
 async def test_a_source_sending_bad_signatures_is_rate_limited(
