@@ -18,6 +18,7 @@ The core never switches on the channel type: what differs is declared as class a
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ __all__ = [
     "WebhookResponse",
 ]
 
+log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^\d+[smhd]$")
 
 
@@ -272,6 +274,26 @@ class ChannelContext:
     # gives it up. None: one process, nothing to share.
     lease: Callable[[str, bool], Awaitable[bool]] | None = None
     lease_ttl: float = 30.0
+    # ``await stored(external_id)``: whether this inbox already stored a message with that
+    # dedupe key (a provider's retry, which the core will drop). None: cannot tell.
+    stored: Callable[[str], Awaitable[bool]] | None = None
+
+    async def not_stored(self, messages: list[InboundMessage]) -> list[InboundMessage]:
+        """``messages`` less those already stored: work for a duplicate (fetching its media
+        again) is wasted. When the core cannot be asked, all of them (the core still
+        deduplicates)."""
+        if self.stored is None or not messages:
+            return messages
+        fresh = []
+        for message in messages:
+            try:
+                seen = await self.stored(message.external_id)
+            except Exception:
+                log.warning("inbox %s: cannot check for a stored duplicate", self.slug)
+                seen = False
+            if not seen:
+                fresh.append(message)
+        return fresh
 
 
 # The identity kind each channel sends messages to (a phone inbox sends none: it calls).

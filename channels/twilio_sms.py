@@ -18,6 +18,8 @@ How the core drives this channel (besides the generic contract in ``channels.bas
   :func:`channels.safe_fetch.fetch_media`) into ``context.blobs``. The core calls
   ``parse_async`` when a channel has it. A medium that is refused or fails stays an
   attachment with ``url`` set and no ``blob_key``, and ``data["media_errors"]`` says why.
+  Media are fetched once: not for a message the inbox already stored
+  (``context.stored``), and copies arriving together share one fetch per media URL.
 * **Opt-out**: an inbound message that is an opt-out keyword (or carries Twilio's
   ``OptOutType``) has ``data["opt_out"]`` = ``"stop"`` | ``"start"`` | ``"help"``; the core
   records it on the identity and refuses to send to a stopped identity. Twilio also blocks
@@ -139,6 +141,7 @@ _NOT_SENT = (
     httpx.LocalProtocolError,
 )
 _REMEMBERED_SENDS = 1024
+_REMEMBERED_MEDIA = 256  # media fetches kept per inbox, by URL (a late copy reuses them)
 _NO_SID = "an incoming message without MessageSid: it cannot be deduplicated, so it was not stored"
 
 
@@ -413,6 +416,9 @@ class TwilioSmsChannel(TwilioChannel):
         assert isinstance(config, TwilioSmsConfig)
         self.sms_config = config
         self._progress: OrderedDict[int, _Progress] = OrderedDict()
+        self._media_fetches: OrderedDict[str, asyncio.Future[tuple[Attachment, str | None]]] = (
+            OrderedDict()
+        )
 
     @property
     def status_callback_url(self) -> str:
@@ -450,15 +456,13 @@ class TwilioSmsChannel(TwilioChannel):
         return []
 
     async def parse_async(self, request: WebhookRequest) -> list[ParsedItem]:
-        """:meth:`parse`, then every MMS medium fetched (safely) into the blob store."""
+        """:meth:`parse`, then every MMS medium fetched (safely) into the blob store, once:
+        not for a message the inbox already stored (a retry the core drops), and one fetch
+        per media URL for copies arriving together."""
         items = self.parse(request)
-        await asyncio.gather(
-            *(
-                self._fetch_media(item)
-                for item in items
-                if isinstance(item, InboundMessage) and item.attachments
-            )
-        )
+        with_media = [i for i in items if isinstance(i, InboundMessage) and i.attachments]
+        fresh = await self.context.not_stored(with_media)
+        await asyncio.gather(*(self._fetch_media(item) for item in fresh))
         return items
 
     async def reimport(self, raw: bytes, external_id: str) -> list[ParsedItem] | None:
@@ -549,9 +553,33 @@ class TwilioSmsChannel(TwilioChannel):
             message.data["media_errors"] = errors
 
     async def _fetch_one(self, attachment: Attachment) -> tuple[Attachment, str | None]:
-        cfg = self.sms_config
-        if attachment.url is None or attachment.blob_key is not None:
+        """One medium, fetched once per URL in this process: copies of a message that
+        arrive together (or before the first copy is committed) share the fetch. A
+        Twilio media URL names its message and medium, so it never means other bytes."""
+        url = attachment.url
+        if url is None or attachment.blob_key is not None:
             return attachment, None
+        fetch = self._media_fetches.get(url)
+        if fetch is None:
+            fetch = asyncio.ensure_future(self._fetch_store(attachment))
+            self._media_fetches[url] = fetch
+            fetch.add_done_callback(lambda done: self._media_fetched(url, done))
+        # shield: a caller that goes away does not cancel the fetch others wait for
+        stored, reason = await asyncio.shield(fetch)
+        if reason is not None:
+            return attachment, reason
+        return stored, None
+
+    def _media_fetched(self, url: str, done: asyncio.Future[tuple[Attachment, str | None]]) -> None:
+        if done.cancelled() or done.exception() is not None or done.result()[1] is not None:
+            self._media_fetches.pop(url, None)  # a failure is tried again by the next copy
+            return
+        while len(self._media_fetches) > _REMEMBERED_MEDIA:
+            self._media_fetches.popitem(last=False)
+
+    async def _fetch_store(self, attachment: Attachment) -> tuple[Attachment, str | None]:
+        cfg = self.sms_config
+        assert attachment.url is not None
         blobs = self.context.blobs
         if blobs is None:
             return attachment, "no blob store configured"

@@ -66,6 +66,7 @@ __all__ = [
     "Pipeline",
     "apply_status",
     "ingest_message",
+    "is_stored",
     "quarantine",
     "quarantine_reject",
     "resolve_contact",
@@ -862,6 +863,11 @@ def _accept_items(
             if isinstance(item, InboundMessage):
                 outcomes.append(IngestOutcome(None, None, quarantined=True))
     return outcomes
+
+
+def is_stored(conn: Connection, inbox_id: int, external_id: str) -> bool:
+    """Whether the inbox already stored a message with this dedupe key."""
+    return _find_message(conn, inbox_id, external_id) is not None
 
 
 def _find_message(conn: Connection, inbox_id: int, external_id: str) -> tuple[int, int] | None:

@@ -575,6 +575,73 @@ async def test_mms_media_is_fetched_into_the_blob_store(
     assert all(r.username == ACCOUNT for r in media_requests)
 
 
+async def test_copies_of_an_mms_fetch_each_medium_once(
+    make_channel: ChannelFactory, twilio_server: FakeTwilioServer, fake: FakeTwilio
+) -> None:
+    sids = [f"ME{digit * 32}" for digit in "34"]
+    for sid in sids:
+        fake.add_recording(sid, PNG + sid.encode(), "image/png")
+    base = f"{twilio_server.url}/2010-04-01/Accounts/{ACCOUNT}/Recordings"
+    stored: set[str] = set()
+
+    async def is_stored(external_id: str) -> bool:
+        return external_id in stored
+
+    channel = make_channel(
+        api_base_url=twilio_server.url,
+        media_hosts=["127.0.0.1"],
+        allow_insecure_media_for_tests=True,
+    )
+    channel.context.stored = is_stored
+    params = sms_params("two photos", NumMedia="2")
+    for index, sid in enumerate(sids):
+        params |= {f"MediaUrl{index}": f"{base}/{sid}", f"MediaContentType{index}": "image/png"}
+    request = twilio_request(SMS_URL, params)
+
+    def fetches() -> list[int]:
+        return [sum(r.path.endswith(f"/Recordings/{sid}") for r in fake.requests) for sid in sids]
+
+    # 20 copies at once (Twilio retrying while we are slow): one fetch per medium, shared
+    copies = await asyncio.gather(*(channel.parse_async(request) for _ in range(20)))
+    assert fetches() == [1, 1]
+    keys = set()
+    for [item] in copies:
+        assert isinstance(item, InboundMessage)
+        keys.add(tuple(a.blob_key for a in item.attachments))
+    assert len(keys) == 1 and None not in next(iter(keys))
+    # copies after the message is stored are not fetched at all, even by a fresh process
+    stored.add(params["MessageSid"])
+    again = make_channel(
+        api_base_url=twilio_server.url,
+        media_hosts=["127.0.0.1"],
+        allow_insecure_media_for_tests=True,
+    )
+    again.context.stored = is_stored
+    for _ in range(20):
+        [item] = await again.parse_async(request)
+        assert isinstance(item, InboundMessage) and all(a.blob_key is None for a in item.attachments)
+    assert fetches() == [1, 1]
+
+
+async def test_a_failed_media_fetch_is_tried_again_by_the_next_copy(
+    make_channel: ChannelFactory, twilio_server: FakeTwilioServer, fake: FakeTwilio
+) -> None:
+    sid = "ME" + "5" * 32
+    base = f"{twilio_server.url}/2010-04-01/Accounts/{ACCOUNT}/Recordings"
+    channel = make_channel(
+        api_base_url=twilio_server.url,
+        media_hosts=["127.0.0.1"],
+        allow_insecure_media_for_tests=True,
+    )
+    params = sms_params("photo", NumMedia="1", MediaUrl0=f"{base}/{sid}")
+    request = twilio_request(SMS_URL, params)
+    [first] = await channel.parse_async(request)  # not there yet: 404, refused
+    assert isinstance(first, InboundMessage) and first.data["media_errors"]
+    fake.add_recording(sid, PNG, "image/png")
+    [second] = await channel.parse_async(request)
+    assert isinstance(second, InboundMessage) and second.attachments[0].blob_key is not None
+
+
 async def test_mms_without_blob_store_keeps_urls(make_channel: ChannelFactory) -> None:
     channel = make_channel()
     channel.context.blobs = None

@@ -29,6 +29,7 @@ from tests.router.test_live import make_agent
 from tests.router.test_pipeline import count, rows, settle
 from tests.support import client_for, make_settings, started_runtime
 
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 RULES = "version: 1\nqueues:\n  general: {}\ndefault: {queue: general}\n"
 OUR_NUMBER = "+15550000000"
 
@@ -166,6 +167,31 @@ async def test_a_signed_sms_without_message_sid_is_quarantined_and_answered(
     assert "MessageSid" in item.reason and item.inbox_id == runtime.inboxes["tw"].id
     raw = dict(parse_qsl(item.raw.decode(), keep_blank_values=True))
     assert raw == params  # the raw form, for an admin
+
+
+async def test_duplicate_deliveries_of_an_mms_fetch_its_media_once(
+    tmp_path: Path, db_url: str
+) -> None:
+    with FakeTwilioServer() as server:
+        fake = server.fake
+        media = {f"ME{digit * 32}": PNG + digit.encode() for digit in "12"}
+        for sid, data in media.items():
+            fake.add_recording(sid, data, "image/png")
+        base = f"{server.url}/2010-04-01/Accounts/{DEFAULT_ACCOUNT_SID}/Recordings"
+        extra = {"media_hosts": ["127.0.0.1"], "allow_insecure_media_for_tests": True}
+        settings = twilio_settings(tmp_path, db_url, server, extra)
+        params = sms_params("photos", From="+14155550100", NumMedia="2")
+        for index, sid in enumerate(media):
+            params |= {f"MediaUrl{index}": f"{base}/{sid}", f"MediaContentType{index}": "image/png"}
+        async with started_runtime(settings) as runtime, client_for(runtime) as client:
+            for _ in range(20):  # Twilio's retries of one delivery
+                assert (await post(runtime, client, "sms", params)).status_code == 200
+            await settle(runtime)
+            (message,) = await rows(runtime, Message)
+        assert [a["size"] for a in message.attachments] == [len(d) for d in media.values()]
+        for sid in media:
+            fetches = [r for r in fake.requests if r.path.endswith(f"/Recordings/{sid}")]
+            assert len(fetches) == 1, sid
 
 
 async def test_a_source_sending_bad_signatures_is_rate_limited(
