@@ -151,6 +151,9 @@ class StatusUpdate:
     failed_recipient: str | None = None
     # Quarantined when the report matches none of our messages: a bounce never vanishes.
     unmatched: Reject | None = None
+    # Our message id, when the provider echoes it (Twilio: the status callback URL): a
+    # report under a provider id the message does not have reveals a second copy of it.
+    message_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +210,9 @@ class OutboundMessage:
     sender_name: str | None = None
     attempt: int = 1
     data: Mapping[str, Any] = field(default_factory=dict)  # channel-specific (thread ids...)
+    # What the channel's last attempt left to resume from (TemporarySendError.progress),
+    # kept with the outbox row: any process may make the next attempt.
+    progress: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,15 +220,29 @@ class SendReceipt:
     provider_id: str | None
     status: str = "sent"
     data: Mapping[str, Any] = field(default_factory=dict)
+    # Creates made although an earlier attempt may have created the message already (it
+    # could not be found, or the provider could not be asked): each a possible duplicate,
+    # counted on the outbox row and shown on the message (``possible_duplicate``).
+    uncertain_resends: int = 0
 
 
 class TemporarySendError(Exception):
-    """Retry later (rate limit, 5xx, timeout). ``retry_after`` in seconds when the provider says."""
+    """Retry later (rate limit, 5xx, timeout). ``retry_after`` in seconds when the provider says.
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    ``progress``: JSON-able state the next attempt resumes from (parts already created, a
+    create that may have gone through and must be looked up first); the outbox keeps it
+    with the row and hands it back as ``OutboundMessage.progress``."""
+
+    def __init__(
+        self,
+        reason: str,
+        retry_after: float | None = None,
+        progress: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.progress = progress
 
 
 class PermanentSendError(Exception):

@@ -53,6 +53,7 @@ from router.models import (
     Conversation,
     Inbox,
     Message,
+    Outbox,
     Quarantine,
     table,
 )
@@ -643,6 +644,8 @@ def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool | None:
     if row is None and status.failed_recipient:
         row = _last_sent_to(tx, inbox, status.failed_recipient, status.at or tx.now)
     if row is None:
+        if status.message_id is not None:
+            return _another_copy(tx, inbox, status)
         return None
     return _move_status(tx, row, status)
 
@@ -664,6 +667,66 @@ def _last_sent_to(tx: Tx, inbox: InboxInfo, address: str, before: Any) -> Any:
         .order_by(Message.id.desc())
         .limit(1)
     ).first()
+
+
+def _another_copy(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool | None:
+    """The provider reports on a message it holds for our message ``status.message_id``
+    under an id that message does not have: a create given up on (a timeout, a 5xx) landed
+    after all, beside the copy we kept. The customer got it twice: shown on the message
+    (``possible_duplicate``, ``duplicate_ids``), counted on its outbox row and logged."""
+    row = tx.execute(
+        select(
+            Message.id,
+            Message.external_id,
+            Message.data,
+            Message.delivery_status,
+            Message.conversation_id,
+            Message.agent_id,
+        ).where(
+            Message.id == status.message_id,
+            Message.inbox_id == inbox.id,
+            Message.direction == Direction.OUT.value,
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.external_id is None:
+        return False  # still being sent: its look-up finds that copy
+    if status.status in _TERMINAL or status.status == "canceled":
+        return False  # that copy never reached the customer
+    data = dict(row.data or {})
+    known = {row.external_id, *data.get("part_ids", []), *data.get("duplicate_ids", [])}
+    if status.provider_id in known:
+        return False
+    duplicates = [*data.get("duplicate_ids", []), status.provider_id]
+    data.update(possible_duplicate=True, duplicate_ids=duplicates)
+    tx.execute(update(Message).where(Message.id == row.id).values(data=data))
+    counted = tx.execute(
+        select(Outbox.id, Outbox.uncertain_resends).where(Outbox.message_id == row.id)
+    ).first()
+    if counted is not None and counted.uncertain_resends < len(duplicates):
+        tx.execute(
+            update(Outbox).where(Outbox.id == counted.id).values(uncertain_resends=len(duplicates))
+        )
+    log.warning(
+        "inbox %s, message %s: the provider holds another copy (%s): sent twice",
+        inbox.slug,
+        row.id,
+        status.provider_id,
+    )
+    if row.agent_id is not None:
+        tx.emit(
+            agent_stream(row.agent_id),
+            "delivery",
+            {
+                "conversation_id": row.conversation_id,
+                "message_id": row.id,
+                "status": row.delivery_status,
+                "error": None,
+                "possible_duplicate": True,
+            },
+        )
+    return True
 
 
 def _move_status(tx: Tx, row: Any, status: StatusUpdate) -> bool:
