@@ -221,10 +221,12 @@ async def test_sends_survive_429_500_and_a_hang_without_duplicates(
             tmp_path,
             db_url,
             server,
-            {"request_timeout": 1},
+            # the look-up after the hang comes 200 s (clock) after its create: long after
+            # the fake Twilio lands it (2.5 s real, some 50 s on this test's clock)
+            {"request_timeout": 1, "check_delay": 200},
             outbox_interval=0.05,
             outbox_backoff_base=1,
-            outbox_backoff_max=120,  # above check_delay (60 s): waiting for it is one attempt
+            outbox_backoff_max=300,  # above check_delay: waiting for it is one attempt
         )
         async with started_runtime(settings, clock, workers=True) as runtime:
             async with client_for(runtime) as client:
@@ -316,9 +318,10 @@ async def test_a_create_that_hangs_past_the_timeout_and_lands_later_is_sent_once
         async with started_runtime(settings, clock, workers=True) as runtime:
             async with client_for(runtime) as client:
                 message_id, _ = await _reply_pending(runtime, client, "Your refund is on its way")
-            # the first attempt gave up on Twilio; the outbox tried again seconds later
-            await _drive(runtime, clock, lambda r: r.attempts >= 2 and r.state != "sending")
-            clock.advance(10)
+            # the first attempt gives up on Twilio (the clock stands still meanwhile) ...
+            await _drive(runtime, clock, lambda r: r.attempts == 1 and r.state == "queued", 0)
+            clock.advance(5)  # ... and the outbox tries again seconds later
+            await _drive(runtime, clock, lambda r: r.attempts >= 2 and r.state != "sending", 0)
             lands.set()  # Twilio finally creates the message the first attempt asked for
             for _ in range(250):
                 if fake.messages:
