@@ -18,6 +18,7 @@ The core never switches on the channel type: what differs is declared as class a
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ __all__ = [
     "WebhookResponse",
 ]
 
+log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^\d+[smhd]$")
 
 
@@ -149,6 +151,9 @@ class StatusUpdate:
     failed_recipient: str | None = None
     # Quarantined when the report matches none of our messages: a bounce never vanishes.
     unmatched: Reject | None = None
+    # Our message id, when the provider echoes it (Twilio: the status callback URL): a
+    # report under a provider id the message does not have reveals a second copy of it.
+    message_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +210,9 @@ class OutboundMessage:
     sender_name: str | None = None
     attempt: int = 1
     data: Mapping[str, Any] = field(default_factory=dict)  # channel-specific (thread ids...)
+    # What the channel's last attempt left to resume from (TemporarySendError.progress),
+    # kept with the outbox row: any process may make the next attempt.
+    progress: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,15 +220,29 @@ class SendReceipt:
     provider_id: str | None
     status: str = "sent"
     data: Mapping[str, Any] = field(default_factory=dict)
+    # Creates made although an earlier attempt may have created the message already (it
+    # could not be found, or the provider could not be asked): each a possible duplicate,
+    # counted on the outbox row and shown on the message (``possible_duplicate``).
+    uncertain_resends: int = 0
 
 
 class TemporarySendError(Exception):
-    """Retry later (rate limit, 5xx, timeout). ``retry_after`` in seconds when the provider says."""
+    """Retry later (rate limit, 5xx, timeout). ``retry_after`` in seconds when the provider says.
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    ``progress``: JSON-able state the next attempt resumes from (parts already created, a
+    create that may have gone through and must be looked up first); the outbox keeps it
+    with the row and hands it back as ``OutboundMessage.progress``."""
+
+    def __init__(
+        self,
+        reason: str,
+        retry_after: float | None = None,
+        progress: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.progress = progress
 
 
 class PermanentSendError(Exception):
@@ -272,6 +294,26 @@ class ChannelContext:
     # gives it up. None: one process, nothing to share.
     lease: Callable[[str, bool], Awaitable[bool]] | None = None
     lease_ttl: float = 30.0
+    # ``await stored(external_id)``: whether this inbox already stored a message with that
+    # dedupe key (a provider's retry, which the core will drop). None: cannot tell.
+    stored: Callable[[str], Awaitable[bool]] | None = None
+
+    async def not_stored(self, messages: list[InboundMessage]) -> list[InboundMessage]:
+        """``messages`` less those already stored: work for a duplicate (fetching its media
+        again) is wasted. When the core cannot be asked, all of them (the core still
+        deduplicates)."""
+        if self.stored is None or not messages:
+            return messages
+        fresh = []
+        for message in messages:
+            try:
+                seen = await self.stored(message.external_id)
+            except Exception:
+                log.warning("inbox %s: cannot check for a stored duplicate", self.slug)
+                seen = False
+            if not seen:
+                fresh.append(message)
+        return fresh
 
 
 # The identity kind each channel sends messages to (a phone inbox sends none: it calls).

@@ -1162,14 +1162,11 @@ class MetaChannel(Channel):
 
     # -- media ------------------------------------------------------------------------
     async def fetch_media(self, items: Sequence[ParsedItem]) -> None:
-        """Fetch the media of ``items`` (in place) into the blob store."""
-        await asyncio.gather(
-            *(
-                self._fetch_message_media(item)
-                for item in items
-                if isinstance(item, InboundMessage) and item.attachments
-            )
-        )
+        """Fetch the media of ``items`` (in place) into the blob store; not for a message
+        the inbox already stored (Meta's retry of a delivery: the core drops it)."""
+        with_media = [i for i in items if isinstance(i, InboundMessage) and i.attachments]
+        fresh = await self.context.not_stored(with_media)
+        await asyncio.gather(*(self._fetch_message_media(item) for item in fresh))
 
     async def _fetch_message_media(self, message: InboundMessage) -> None:
         results = await asyncio.gather(*(self._fetch_one(a) for a in message.attachments))

@@ -18,6 +18,8 @@ How the core drives this channel (besides the generic contract in ``channels.bas
   :func:`channels.safe_fetch.fetch_media`) into ``context.blobs``. The core calls
   ``parse_async`` when a channel has it. A medium that is refused or fails stays an
   attachment with ``url`` set and no ``blob_key``, and ``data["media_errors"]`` says why.
+  Media are fetched once: not for a message the inbox already stored
+  (``context.stored``), and copies arriving together share one fetch per media URL.
 * **Opt-out**: an inbound message that is an opt-out keyword (or carries Twilio's
   ``OptOutType``) has ``data["opt_out"]`` = ``"stop"`` | ``"start"`` | ``"help"``; the core
   records it on the identity and refuses to send to a stopped identity. Twilio also blocks
@@ -45,8 +47,12 @@ against a local fake; production keeps their defaults.
 
 Sending: ``send`` creates a Message (``From`` = ``from_number`` or the Messaging Service);
 bodies over 1600 characters are split into several messages (or refused, per
-``long_messages``). A send that may have reached Twilio (read timeout, 5xx) is remembered,
-and its retry first looks the message up instead of creating a duplicate.
+``long_messages``). A send that may have reached Twilio (read timeout, 5xx) is remembered
+with the outbox row (``TemporarySendError.progress``); its retry waits ``check_delay`` from
+that create, then looks the message up instead of creating a duplicate. A create made when
+the look-up found nothing, or failed ``check_attempts`` times in a row, is a possible
+duplicate (``SendReceipt.uncertain_resends``). The status callback URL carries the message
+id (``?message=<id>``), so a report on a second copy is recognised by the core.
 """
 
 from __future__ import annotations
@@ -139,6 +145,8 @@ _NOT_SENT = (
     httpx.LocalProtocolError,
 )
 _REMEMBERED_SENDS = 1024
+_REMEMBERED_MEDIA = 256  # media fetches kept per inbox, by URL (a late copy reuses them)
+_NO_SID = "an incoming message without MessageSid: it cannot be deduplicated, so it was not stored"
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -315,6 +323,12 @@ class TwilioSmsConfig(TwilioAccountConfig):
     self_managed_opt_out: bool = False
     help_text: str | None = Field(None, min_length=1, max_length=MAX_BODY)
     media_max_mb: int = Field(5, ge=1, le=100)
+    # After a create that may have reached Twilio (a timeout, a 5xx): seconds to wait
+    # before asking Twilio whether it exists (it may still be processing it), and how many
+    # failed look-ups in a row before the message is sent again anyway (counted as a
+    # possible duplicate) rather than never.
+    check_delay: float = Field(60.0, ge=0, le=3600)
+    check_attempts: int = Field(3, ge=1, le=20)
     # A wildcard never admits image/svg+xml (scriptable); list it explicitly to accept it.
     media_types: list[str] = [
         "image/*",
@@ -362,12 +376,40 @@ class _Ambiguous(Exception):
 
 @dataclass
 class _Progress:
-    """What we know of a send in this process: parts created, and whether the last try of
-    the next part may have reached Twilio (then its retry looks before it creates)."""
+    """What we know of a send: parts created, whether the last try of the next part may
+    have reached Twilio (then its retry looks before it creates), how often that look-up
+    failed, and how many creates were possible duplicates. Travels with the outbox row
+    (``TemporarySendError.progress``), so any process resumes it."""
 
     sids: list[str] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     uncertain_since: datetime | None = None
+    lookups_failed: int = 0
+    uncertain_resends: int = 0
+
+    def started(self) -> bool:
+        return bool(self.sids or self.uncertain_since or self.uncertain_resends)
+
+    def to_json(self) -> dict[str, Any]:
+        since = self.uncertain_since
+        return {
+            "sids": list(self.sids),
+            "statuses": list(self.statuses),
+            "uncertain_since": since.isoformat() if since is not None else None,
+            "lookups_failed": self.lookups_failed,
+            "uncertain_resends": self.uncertain_resends,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> _Progress:
+        since = data.get("uncertain_since")
+        return cls(
+            sids=[str(s) for s in data.get("sids") or []],
+            statuses=[str(s) for s in data.get("statuses") or []],
+            uncertain_since=datetime.fromisoformat(since) if since else None,
+            lookups_failed=int(data.get("lookups_failed") or 0),
+            uncertain_resends=int(data.get("uncertain_resends") or 0),
+        )
 
 
 class TwilioChannel(Channel):
@@ -412,6 +454,9 @@ class TwilioSmsChannel(TwilioChannel):
         assert isinstance(config, TwilioSmsConfig)
         self.sms_config = config
         self._progress: OrderedDict[int, _Progress] = OrderedDict()
+        self._media_fetches: OrderedDict[str, asyncio.Future[tuple[Attachment, str | None]]] = (
+            OrderedDict()
+        )
 
     @property
     def status_callback_url(self) -> str:
@@ -434,7 +479,7 @@ class TwilioSmsChannel(TwilioChannel):
         has_content = "Body" in form or "NumMedia" in form
         if form.get("MessageStatus") and not has_content:
             return "status"
-        if form.get("MessageSid") and has_content:
+        if has_content:
             return "message"
         return None
 
@@ -449,15 +494,13 @@ class TwilioSmsChannel(TwilioChannel):
         return []
 
     async def parse_async(self, request: WebhookRequest) -> list[ParsedItem]:
-        """:meth:`parse`, then every MMS medium fetched (safely) into the blob store."""
+        """:meth:`parse`, then every MMS medium fetched (safely) into the blob store, once:
+        not for a message the inbox already stored (a retry the core drops), and one fetch
+        per media URL for copies arriving together."""
         items = self.parse(request)
-        await asyncio.gather(
-            *(
-                self._fetch_media(item)
-                for item in items
-                if isinstance(item, InboundMessage) and item.attachments
-            )
-        )
+        with_media = [i for i in items if isinstance(i, InboundMessage) and i.attachments]
+        fresh = await self.context.not_stored(with_media)
+        await asyncio.gather(*(self._fetch_media(item) for item in fresh))
         return items
 
     async def reimport(self, raw: bytes, external_id: str) -> list[ParsedItem] | None:
@@ -477,13 +520,24 @@ class TwilioSmsChannel(TwilioChannel):
         if code and code != "0":
             detail = form.get("ErrorMessage") or f"https://www.twilio.com/docs/errors/{code}"
             error = f"{code}: {detail}"
-        return [StatusUpdate(sid, status, error)]
+        ours = request.query.get("message", "")
+        message_id = int(ours) if ours.isdigit() and len(ours) < 19 else None
+        return [StatusUpdate(sid, status, error, message_id=message_id)]
 
     def _message(self, request: WebhookRequest) -> list[ParsedItem]:
         form = request.form
-        sid = form.get("MessageSid") or form.get("SmsMessageSid") or form.get("SmsSid")
-        if not sid or not ("Body" in form or "NumMedia" in form):
+        if not ("Body" in form or "NumMedia" in form):
             return []
+        sid = form.get("MessageSid") or form.get("SmsMessageSid") or form.get("SmsSid")
+        if not sid:
+            # Signed by Twilio, so not noise, but without its id it cannot be deduplicated
+            # (Twilio retries): keep it raw for an admin instead of dropping it unseen.
+            log.warning(
+                "Twilio SMS webhook of inbox %s without MessageSid: quarantined (fields: %s)",
+                self.slug,
+                ", ".join(sorted(form)[:40]),
+            )
+            return [Reject(_NO_SID, request.body)]
         raw_from = form.get("From", "")
         try:
             address = normalize_e164(raw_from)
@@ -539,9 +593,33 @@ class TwilioSmsChannel(TwilioChannel):
             message.data["media_errors"] = errors
 
     async def _fetch_one(self, attachment: Attachment) -> tuple[Attachment, str | None]:
-        cfg = self.sms_config
-        if attachment.url is None or attachment.blob_key is not None:
+        """One medium, fetched once per URL in this process: copies of a message that
+        arrive together (or before the first copy is committed) share the fetch. A
+        Twilio media URL names its message and medium, so it never means other bytes."""
+        url = attachment.url
+        if url is None or attachment.blob_key is not None:
             return attachment, None
+        fetch = self._media_fetches.get(url)
+        if fetch is None:
+            fetch = asyncio.ensure_future(self._fetch_store(attachment))
+            self._media_fetches[url] = fetch
+            fetch.add_done_callback(lambda done: self._media_fetched(url, done))
+        # shield: a caller that goes away does not cancel the fetch others wait for
+        stored, reason = await asyncio.shield(fetch)
+        if reason is not None:
+            return attachment, reason
+        return stored, None
+
+    def _media_fetched(self, url: str, done: asyncio.Future[tuple[Attachment, str | None]]) -> None:
+        if done.cancelled() or done.exception() is not None or done.result()[1] is not None:
+            self._media_fetches.pop(url, None)  # a failure is tried again by the next copy
+            return
+        while len(self._media_fetches) > _REMEMBERED_MEDIA:
+            self._media_fetches.popitem(last=False)
+
+    async def _fetch_store(self, attachment: Attachment) -> tuple[Attachment, str | None]:
+        cfg = self.sms_config
+        assert attachment.url is not None
         blobs = self.context.blobs
         if blobs is None:
             return attachment, "no blob store configured"
@@ -656,29 +734,35 @@ class TwilioSmsChannel(TwilioChannel):
         media = self._media_urls(message)
         if not parts[0] and not media:
             raise PermanentSendError("nothing to send: no text and no media", code="empty")
-        progress = self._progress.pop(message.message_id, None) or _Progress()
+        remembered = self._progress.pop(message.message_id, None)
+        if message.progress:  # the outbox row's copy: it is current whichever process wrote it
+            progress = _Progress.from_json(message.progress)
+        else:
+            progress = remembered or _Progress()
         try:
             for index, body in enumerate(parts):
                 if index < len(progress.sids):
                     continue  # created by an earlier attempt of this message
                 if progress.uncertain_since is not None:
-                    found = await self._lookup(to, body, progress.uncertain_since)
-                    progress.uncertain_since = None
+                    found = await self._look_before_resend(message, progress, to, body)
                     if found is not None:
                         progress.sids.append(str(found.sid))
                         progress.statuses.append(str(found.status))
                         continue
                 started = self.context.now()
                 try:
-                    sid, status = await self._create(to, body, media if index == 0 else [])
+                    sid, status = await self._create(
+                        to, body, media if index == 0 else [], message.message_id
+                    )
                 except _Ambiguous as exc:
                     progress.uncertain_since = started
                     raise TemporarySendError(exc.reason, exc.retry_after) from exc
                 progress.sids.append(sid)
                 progress.statuses.append(status)
         except (TemporarySendError, PermanentSendError) as exc:
-            if isinstance(exc, TemporarySendError) and (progress.sids or progress.uncertain_since):
+            if isinstance(exc, TemporarySendError) and progress.started():
                 self._remember(message.message_id, progress)
+                exc.progress = progress.to_json()
             if progress.sids and isinstance(exc, PermanentSendError):
                 exc.reason = f"{exc.reason} ({len(progress.sids)} of {len(parts)} parts sent)"
                 exc.args = (exc.reason,)
@@ -686,17 +770,74 @@ class TwilioSmsChannel(TwilioChannel):
         data: dict[str, Any] = {}
         if len(parts) > 1:
             data["part_ids"] = progress.sids[1:]
-        return SendReceipt(progress.sids[0], progress.statuses[0], data)
+        return SendReceipt(
+            progress.sids[0],
+            progress.statuses[0],
+            data,
+            uncertain_resends=progress.uncertain_resends,
+        )
+
+    async def _look_before_resend(
+        self, message: OutboundMessage, progress: _Progress, to: str, body: str
+    ) -> Any | None:
+        """After a create that may have reached Twilio: Twilio's record of it, or None when
+        the part must be created (again). Never looks before ``check_delay`` has passed
+        since that create started: a create that timed out on our side may still be in
+        Twilio's hands, and listing too early finds nothing, so the resend would duplicate
+        it. When the look-up keeps failing (``check_attempts`` in a row), the part is sent
+        again anyway rather than never: the message converges to sent or failed. Every
+        create that follows an unresolved ambiguity counts as an uncertain resend."""
+        cfg = self.sms_config
+        since = progress.uncertain_since
+        assert since is not None
+        wait = (since - self.context.now()).total_seconds() + cfg.check_delay
+        if wait > 0:
+            raise TemporarySendError(
+                f"an earlier create may have reached Twilio: looking it up {cfg.check_delay:g} s"
+                f" after it started, so in {wait:.0f} s",
+                retry_after=wait,
+            )
+        try:
+            found = await self._lookup(to, body, since)
+        except TemporarySendError as exc:
+            progress.lookups_failed += 1
+            if progress.lookups_failed < cfg.check_attempts:
+                exc.reason = (
+                    f"{exc.reason} (look-up {progress.lookups_failed} of {cfg.check_attempts};"
+                    " then it is sent again anyway, as a possible duplicate)"
+                )
+                exc.args = (exc.reason,)
+                raise
+            log.warning(
+                "inbox %s, message %s: Twilio could not be asked %d times whether an earlier"
+                " create went through; sending again (a possible duplicate)",
+                self.slug,
+                message.message_id,
+                progress.lookups_failed,
+            )
+            found = None
+        progress.uncertain_since = None
+        progress.lookups_failed = 0
+        if found is None:
+            progress.uncertain_resends += 1
+        return found
 
     def _remember(self, message_id: int, progress: _Progress) -> None:
         self._progress[message_id] = progress
         while len(self._progress) > _REMEMBERED_SENDS:
             self._progress.popitem(last=False)
 
-    async def _create(self, to: str, body: str, media: Sequence[str]) -> tuple[str, str]:
+    async def _create(
+        self, to: str, body: str, media: Sequence[str], message_id: int | None = None
+    ) -> tuple[str, str]:
         cfg = self.sms_config
         client, http = self._client()
-        kwargs: dict[str, Any] = {"to": to, "status_callback": self.status_callback_url}
+        callback = self.status_callback_url
+        if message_id is not None:
+            # Twilio signs the whole URL: its reports name our message, so a second Twilio
+            # message for it (a create we gave up on that landed after all) is recognised.
+            callback += f"?message={message_id}"
+        kwargs: dict[str, Any] = {"to": to, "status_callback": callback}
         if cfg.from_number:
             kwargs["from_"] = cfg.from_number
         else:

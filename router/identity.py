@@ -44,11 +44,14 @@ from router.types import Actor, EventKind, OutboxState
 __all__ = [
     "CODE_ATTEMPTS",
     "CODE_TTL",
+    "SAME_NUMBER",
     "check_code",
     "contact_links",
     "erase_contact",
     "export_contact",
     "identity_payload",
+    "join_same_number",
+    "link_same_number",
     "link_verified",
     "merge_as",
     "merge_contacts",
@@ -370,6 +373,59 @@ def link_verified(
         tx.execute(update(Contact).where(Contact.id == contact_id).values({field: address}))
     _link(tx, "link", contact_id, actor, identity_id=identity_id, reason=f"proved by {verified_by}")
     return contact_id
+
+
+# -- one number, one customer ------------------------------------------------------------
+# A phone number verified by SMS (or an attested call) and the same number verified as a
+# WhatsApp sender (Meta's signed wa_id, which WhatsApp verified when the number registered)
+# are one person: their identities keep their kinds (replies go by the channel's kind) and
+# share one contact.
+SAME_NUMBER = {"phone": "whatsapp", "whatsapp": "phone"}
+
+
+def link_same_number(tx: Tx, contact_id: int, identity_id: int, kind: str, address: str) -> None:
+    """Record that a new verified ``kind`` identity joined ``contact_id``, which holds the
+    same number verified under the other kind (``GET /api/contacts/{id}/links``)."""
+    _link(
+        tx,
+        "link",
+        contact_id,
+        "system",
+        identity_id=identity_id,
+        reason=f"{kind} {address}: the same number as its verified {SAME_NUMBER[kind]} identity",
+    )
+
+
+def join_same_number(
+    tx: Tx, contact_id: int, identity_id: int, other_contact_id: int, other_identity_id: int
+) -> int:
+    """Two contacts hold one number verified under both kinds (made before the rule, or by
+    two deliveries racing): they are merged into the older, unless an admin split one of
+    the two identities off (that decision stands). Returns the contact to use."""
+    if contact_id == other_contact_id:
+        return contact_id
+    split = tx.execute(
+        select(ContactLink.id)
+        .where(
+            ContactLink.action == "split",
+            ContactLink.identity_id.in_([identity_id, other_identity_id]),
+        )
+        .limit(1)
+    ).first()
+    if split is not None:
+        return contact_id
+    survivor, merged = sorted((contact_id, other_contact_id))
+    address = tx.execute(
+        select(ContactIdentity.address).where(ContactIdentity.id == identity_id)
+    ).scalar_one()
+    merge_contacts(
+        tx,
+        merged,
+        survivor,
+        actor="system",
+        reason=f"one number: {address} is verified as phone and as WhatsApp",
+    )
+    return survivor
 
 
 def contact_links(conn: Connection, contact_id: int) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -341,6 +341,7 @@ class ClaimedSend:
 
 def _outbound(row: Any, **context: Any) -> OutboundMessage:
     recipient = (row.payload or {}).get("recipient", {})
+    progress = (row.payload or {}).get("progress")
     return OutboundMessage(
         message_id=row.message_id,
         conversation_id=row.conversation_id,
@@ -360,6 +361,7 @@ def _outbound(row: Any, **context: Any) -> OutboundMessage:
         sender_name=row.display_name,
         attempt=row.attempts,
         data={**(row.data or {}), **context},
+        progress=progress,
     )
 
 
@@ -517,7 +519,14 @@ def claim_due(
     return _load_claimed(tx.conn, claimed, tx.now)
 
 
-def _notify(tx: Tx, message_id: int, status: str, error: str | None = None) -> None:
+def _notify(
+    tx: Tx,
+    message_id: int,
+    status: str,
+    error: str | None = None,
+    *,
+    possible_duplicate: bool = False,
+) -> None:
     row = tx.execute(
         select(Message.conversation_id, Conversation.assigned_agent_id)
         .join(Conversation, Conversation.id == Message.conversation_id)
@@ -532,6 +541,7 @@ def _notify(tx: Tx, message_id: int, status: str, error: str | None = None) -> N
                 "message_id": message_id,
                 "status": status,
                 "error": error,
+                **({"possible_duplicate": True} if possible_duplicate else {}),
             },
         )
 
@@ -571,11 +581,22 @@ def mark_sent(tx: Tx, outbox_id: int, holder: str, receipt: SendReceipt) -> bool
             provider_id=receipt.provider_id,
             sent_at=tx.now,
             last_error=None,
+            uncertain_resends=Outbox.uncertain_resends + receipt.uncertain_resends,
         )
         .returning(Outbox.message_id)
     ).scalar_one_or_none()
     if done is None:
         return False
+    data = dict(receipt.data)
+    if receipt.uncertain_resends:
+        # the provider may hold an earlier copy too: counted and shown, never silent
+        data["possible_duplicate"] = True
+        log.warning(
+            "outbox %s: sent, but an earlier attempt may have gone out too (%d possible"
+            " duplicates)",
+            outbox_id,
+            receipt.uncertain_resends,
+        )
     message = tx.execute(select(Message.data).where(Message.id == done)).scalar_one()
     tx.execute(
         update(Message)
@@ -593,19 +614,32 @@ def mark_sent(tx: Tx, outbox_id: int, holder: str, receipt: SendReceipt) -> bool
             delivery_status=receipt.status if receipt.status in ("sent", "delivered") else "sent",
             external_id=receipt.provider_id,
             thread_id=receipt.data.get("thread_id"),
-            data={**(message or {}), **dict(receipt.data)},
+            data={**(message or {}), **data},
         )
     )
-    _notify(tx, int(done), "sent")
+    _notify(tx, int(done), "sent", possible_duplicate=bool(data.get("possible_duplicate")))
     return True
 
 
 def mark_retry(
-    tx: Tx, outbox_id: int, holder: str, error: str, at: datetime, max_attempts: int
+    tx: Tx,
+    outbox_id: int,
+    holder: str,
+    error: str,
+    at: datetime,
+    max_attempts: int,
+    progress: Mapping[str, Any] | None = None,
 ) -> str:
-    row = tx.execute(select(Outbox.attempts, Outbox.message_id).where(Outbox.id == outbox_id)).one()
+    """Back to ``queued`` for another attempt at ``at`` (``failed`` when the attempts are
+    used up); ``progress`` (the channel's state to resume from) is kept with the row."""
+    row = tx.execute(
+        select(Outbox.attempts, Outbox.message_id, Outbox.payload).where(Outbox.id == outbox_id)
+    ).one()
     if row.attempts >= max_attempts:
         return mark_failed(tx, outbox_id, holder, f"gave up after {row.attempts} attempts: {error}")
+    values: dict[str, Any] = {}
+    if progress is not None:
+        values["payload"] = {**(row.payload or {}), "progress": dict(progress)}
     tx.execute(
         update(Outbox)
         .where(
@@ -618,6 +652,7 @@ def mark_retry(
             next_attempt_at=at,
             last_error=error[:2000],
             claimed_by=None,
+            **values,
         )
     )
     tx.execute(
@@ -915,10 +950,13 @@ class OutboxSender:
         *,
         after: float | None = None,
         retry_after: float | None = None,
+        progress: Mapping[str, Any] | None = None,
     ) -> None:
         delay = after if after is not None else self._backoff(job.attempt, retry_after)
         at = self.db.clock.now() + timedelta(seconds=delay)
-        await self._record(mark_retry, job.outbox_id, self.holder, reason, at, self.max_attempts)
+        await self._record(
+            mark_retry, job.outbox_id, self.holder, reason, at, self.max_attempts, progress
+        )
 
     async def _send(self, job: ClaimedSend) -> None:
         channel = self.channel_for(job.inbox_id)
@@ -929,7 +967,7 @@ class OutboxSender:
         try:
             receipt = await channel.send(job.message)
         except TemporarySendError as exc:
-            await self._retry(job, exc.reason, retry_after=exc.retry_after)
+            await self._retry(job, exc.reason, retry_after=exc.retry_after, progress=exc.progress)
             return
         except PermanentSendError as exc:
             reason = exc.reason

@@ -18,6 +18,7 @@ concurrent duplicate a no-op.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import (
@@ -46,6 +47,7 @@ from router.csat import answer_of, record_score
 from router.db import Database, Tx, is_retryable, prepared, prepared_each
 from router.events import add_event, agent_stream
 from router.failpoints import failpoint
+from router.identity import SAME_NUMBER, join_same_number, link_same_number
 from router.models import (
     Contact,
     ContactHint,
@@ -53,6 +55,7 @@ from router.models import (
     Conversation,
     Inbox,
     Message,
+    Outbox,
     Quarantine,
     table,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "Pipeline",
     "apply_status",
     "ingest_message",
+    "is_stored",
     "quarantine",
     "quarantine_reject",
     "resolve_contact",
@@ -200,19 +204,72 @@ def _lock_contact(tx: Tx, contact_id: int) -> int:
     raise AssertionError(f"contact {contact_id}: a chain of more than 16 merges")
 
 
+def _lock_number(tx: Tx, address: str) -> None:
+    """Serialize the first deliveries from one number (PostgreSQL: a transaction-scoped
+    advisory lock), so an SMS and a WhatsApp message arriving together from a new number
+    cannot make two contacts. SQLite's single writer serializes them already."""
+    if tx.dialect != "postgresql":
+        return
+    digest = hashlib.sha256(f"omniroute number {address}".encode()).digest()
+    tx.execute(
+        text("SELECT pg_advisory_xact_lock(:key)"),
+        {"key": int.from_bytes(digest[:8], "big", signed=True)},
+    )
+
+
 def resolve_contact(tx: Tx, sender: Sender) -> tuple[int, int, bool]:
     """The contact owning ``sender``'s identity, created if new. Returns ``(contact_id,
     identity_id, created)``.
 
-    An identity belongs to exactly one contact; a new identity never joins an existing
-    contact here (linking is only ever through verified proofs, in router.identity). An
-    unverified sender is looked up among unverified claims only: claiming an address never
-    reaches the contact that proved it.
+    An identity belongs to exactly one contact; a new identity joins an existing contact
+    here only when that contact holds the same number verified under the other kind
+    (phone and whatsapp: one number, one customer); other linking is only ever through
+    verified proofs, in router.identity. An unverified sender is looked up among unverified
+    claims only: claiming an address never reaches the contact that proved it.
     """
     key = {"kind": sender.kind, "address": sender.address, "verified": bool(sender.verified)}
     found = tx.execute(_IDENTITY, key).first()
+    # one number, one customer: a verified phone and whatsapp identity share their contact
+    other_kind = SAME_NUMBER.get(sender.kind) if sender.verified else None
     if found is not None:
-        return int(found.contact_id), int(found.id), False
+        contact_id, identity_id = int(found.contact_id), int(found.id)
+        if other_kind is not None:
+            other = tx.execute(_IDENTITY, {**key, "kind": other_kind}).first()
+            if other is not None and int(other.contact_id) != contact_id:
+                first, second = sorted((contact_id, int(other.contact_id)))
+                live = {first: _lock_contact(tx, first), second: _lock_contact(tx, second)}
+                contact_id = join_same_number(
+                    tx,
+                    live[contact_id],
+                    identity_id,
+                    live[int(other.contact_id)],
+                    int(other.id),
+                )
+        return contact_id, identity_id, False
+    if other_kind is not None:
+        _lock_number(tx, sender.address)
+        found = tx.execute(_IDENTITY, key).first()
+        if found is not None:  # a concurrent delivery created it while we waited
+            return int(found.contact_id), int(found.id), False
+        other = tx.execute(_IDENTITY, {**key, "kind": other_kind}).first()
+        if other is not None:  # the number's contact: this identity joins it
+            contact_id = _lock_contact(tx, int(other.contact_id))
+            identity_id = int(
+                tx.execute(
+                    _NEW_IDENTITY[tx.dialect],
+                    {
+                        "contact_id": contact_id,
+                        "kind": sender.kind,
+                        "address": sender.address,
+                        "verified": True,
+                        "verified_by": sender.verified_by,
+                        "data": {},
+                        "created_at": tx.now,
+                    },
+                ).scalar_one()
+            )
+            link_same_number(tx, contact_id, identity_id, sender.kind, sender.address)
+            return contact_id, identity_id, False
     contact_id = int(
         tx.execute(
             _NEW_CONTACT,
@@ -223,7 +280,7 @@ def resolve_contact(tx: Tx, sender: Sender) -> tuple[int, int, bool]:
                 "created_at": tx.now,
                 "updated_at": tx.now,
                 "email": sender.address if sender.verified and sender.kind == "email" else None,
-                "phone": sender.address if sender.verified and sender.kind == "phone" else None,
+                "phone": sender.address if other_kind is not None else None,
             },
         ).scalar_one()
     )
@@ -642,6 +699,8 @@ def apply_status(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool | None:
     if row is None and status.failed_recipient:
         row = _last_sent_to(tx, inbox, status.failed_recipient, status.at or tx.now)
     if row is None:
+        if status.message_id is not None:
+            return _another_copy(tx, inbox, status)
         return None
     return _move_status(tx, row, status)
 
@@ -663,6 +722,66 @@ def _last_sent_to(tx: Tx, inbox: InboxInfo, address: str, before: Any) -> Any:
         .order_by(Message.id.desc())
         .limit(1)
     ).first()
+
+
+def _another_copy(tx: Tx, inbox: InboxInfo, status: StatusUpdate) -> bool | None:
+    """The provider reports on a message it holds for our message ``status.message_id``
+    under an id that message does not have: a create given up on (a timeout, a 5xx) landed
+    after all, beside the copy we kept. The customer got it twice: shown on the message
+    (``possible_duplicate``, ``duplicate_ids``), counted on its outbox row and logged."""
+    row = tx.execute(
+        select(
+            Message.id,
+            Message.external_id,
+            Message.data,
+            Message.delivery_status,
+            Message.conversation_id,
+            Message.agent_id,
+        ).where(
+            Message.id == status.message_id,
+            Message.inbox_id == inbox.id,
+            Message.direction == Direction.OUT.value,
+        )
+    ).first()
+    if row is None:
+        return None
+    if row.external_id is None:
+        return False  # still being sent: its look-up finds that copy
+    if status.status in _TERMINAL or status.status == "canceled":
+        return False  # that copy never reached the customer
+    data = dict(row.data or {})
+    known = {row.external_id, *data.get("part_ids", []), *data.get("duplicate_ids", [])}
+    if status.provider_id in known:
+        return False
+    duplicates = [*data.get("duplicate_ids", []), status.provider_id]
+    data.update(possible_duplicate=True, duplicate_ids=duplicates)
+    tx.execute(update(Message).where(Message.id == row.id).values(data=data))
+    counted = tx.execute(
+        select(Outbox.id, Outbox.uncertain_resends).where(Outbox.message_id == row.id)
+    ).first()
+    if counted is not None and counted.uncertain_resends < len(duplicates):
+        tx.execute(
+            update(Outbox).where(Outbox.id == counted.id).values(uncertain_resends=len(duplicates))
+        )
+    log.warning(
+        "inbox %s, message %s: the provider holds another copy (%s): sent twice",
+        inbox.slug,
+        row.id,
+        status.provider_id,
+    )
+    if row.agent_id is not None:
+        tx.emit(
+            agent_stream(row.agent_id),
+            "delivery",
+            {
+                "conversation_id": row.conversation_id,
+                "message_id": row.id,
+                "status": row.delivery_status,
+                "error": None,
+                "possible_duplicate": True,
+            },
+        )
+    return True
 
 
 def _move_status(tx: Tx, row: Any, status: StatusUpdate) -> bool:
@@ -862,6 +981,11 @@ def _accept_items(
             if isinstance(item, InboundMessage):
                 outcomes.append(IngestOutcome(None, None, quarantined=True))
     return outcomes
+
+
+def is_stored(conn: Connection, inbox_id: int, external_id: str) -> bool:
+    """Whether the inbox already stored a message with this dedupe key."""
+    return _find_message(conn, inbox_id, external_id) is not None
 
 
 def _find_message(conn: Connection, inbox_id: int, external_id: str) -> tuple[int, int] | None:

@@ -45,7 +45,7 @@ from router.metrics import Metrics
 from router.migrate import current_revision, head_revision
 from router.models import Inbox, Message, Process
 from router.outbox import OutboxSender, backlog
-from router.pipeline import InboxInfo, IngestOutcome, Pipeline, load_inbox
+from router.pipeline import InboxInfo, IngestOutcome, Pipeline, is_stored, load_inbox
 from router.ratelimit import RateLimiter
 from router.routing import ROUTE_BATCH, RouteResult, route_batch
 from router.rules_service import RulesService
@@ -474,6 +474,7 @@ class Runtime:
                 options=self._channel_options(config, inbox_config),
                 lease=self._channel_lease,
                 lease_ttl=self.settings.lease_ttl,
+                stored=self._stored_for(info.id),
             )
             channel = cls(slug, inbox_config, context)
             self.channels[slug] = channel
@@ -497,6 +498,12 @@ class Runtime:
         key = self.settings.secret_key
         base = key.get_secret_value().encode() if key is not None else b"omniroute-insecure"
         return hmac.new(base, b"channel tokens", hashlib.sha256).digest()
+
+    def _stored_for(self, inbox_id: int) -> Callable[[str], Coroutine[Any, Any, bool]]:
+        async def stored(external_id: str) -> bool:
+            return bool(await self.db.read(is_stored, inbox_id, external_id))
+
+        return stored
 
     def _deliver_for(
         self, slug: str

@@ -52,6 +52,8 @@ def message_payload(row: Any, channel: str | None = None) -> dict[str, Any]:
         ],
         "delivery_status": row.delivery_status,
         "error": row.error,
+        # the provider may hold more than one copy (a resend after an unclear attempt)
+        "possible_duplicate": bool(data.get("possible_duplicate")),
         "is_auto": row.is_auto,
         "is_note": row.is_note,
         "client_id": data.get("client_id"),

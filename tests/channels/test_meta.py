@@ -1147,6 +1147,27 @@ async def test_whatsapp_media_two_step_fetch(
     assert all(r["query"]["phone_number_id"] == PHONE_NUMBER_ID for r in node_requests)
 
 
+async def test_whatsapp_media_of_a_message_already_stored_is_not_fetched_again(
+    api_channel: ChannelFactory, fake: FakeGraph
+) -> None:
+    fake.add_media("1043287463409218", JPEG, "image/jpeg")
+    stored: set[str] = set()
+
+    async def is_stored(external_id: str) -> bool:
+        return external_id in stored
+
+    channel = api_channel("whatsapp")
+    channel.context.stored = is_stored
+    units = units_of(wa_image("1043287463409218", wamid="wamid.again", timestamp=1718000000))
+    [first] = await channel.parse_items_async(units)
+    assert isinstance(first, InboundMessage) and first.attachments[0].blob_key is not None
+    stored.add(first.external_id)
+    for _ in range(5):  # Meta's retries of the delivery: the core drops them as duplicates
+        [again] = await channel.parse_items_async(units)
+        assert isinstance(again, InboundMessage) and again.attachments[0].blob_key is None
+    assert len([r for r in fake.requests if r["path"].startswith("/media/")]) == 1
+
+
 async def test_whatsapp_media_failures_keep_the_message(
     api_channel: ChannelFactory, fake: FakeGraph
 ) -> None:

@@ -6,7 +6,8 @@ that counts every request it gets."""
 from __future__ import annotations
 
 import asyncio
-import time
+import dataclasses
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ import pytest
 from pydantic import ValidationError
 from twilio.request_validator import RequestValidator
 
+from adapters.clock import FakeClock
 from channels.base import (
     Attachment,
     ChannelContext,
@@ -434,6 +436,24 @@ async def test_unknown_payloads_are_ignored(
     assert channel.ack(request).body == EMPTY_TWIML
 
 
+async def test_a_signed_message_without_message_sid_is_rejected_raw_and_logged(
+    make_channel: ChannelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = make_channel()
+    drop = ("MessageSid", "SmsMessageSid", "SmsSid")
+    params = {k: v for k, v in sms_params("where is my order").items() if k not in drop}
+    request = twilio_request(SMS_URL, params)
+    assert channel.verify(request)
+    with caplog.at_level("WARNING", logger="channels.twilio_sms"):
+        [item] = channel.parse(request)
+    assert isinstance(item, Reject) and item.raw == request.body
+    assert "MessageSid" in item.reason
+    (line,) = [r.getMessage() for r in caplog.records if "without MessageSid" in r.getMessage()]
+    assert SLUG in line and TOKEN not in line and "where is my order" not in line
+    assert await channel.reimport(request.body, "") == [Reject(item.reason, request.body)]
+    assert channel.ack(request).body == EMPTY_TWIML  # answered, so Twilio does not retry
+
+
 async def test_reimport_tells_messages_from_statuses_by_their_fields(
     make_channel: ChannelFactory,
 ) -> None:
@@ -557,6 +577,75 @@ async def test_mms_media_is_fetched_into_the_blob_store(
     assert all(r.username == ACCOUNT for r in media_requests)
 
 
+async def test_copies_of_an_mms_fetch_each_medium_once(
+    make_channel: ChannelFactory, twilio_server: FakeTwilioServer, fake: FakeTwilio
+) -> None:
+    sids = [f"ME{digit * 32}" for digit in "34"]
+    for sid in sids:
+        fake.add_recording(sid, PNG + sid.encode(), "image/png")
+    base = f"{twilio_server.url}/2010-04-01/Accounts/{ACCOUNT}/Recordings"
+    stored: set[str] = set()
+
+    async def is_stored(external_id: str) -> bool:
+        return external_id in stored
+
+    channel = make_channel(
+        api_base_url=twilio_server.url,
+        media_hosts=["127.0.0.1"],
+        allow_insecure_media_for_tests=True,
+    )
+    channel.context.stored = is_stored
+    params = sms_params("two photos", NumMedia="2")
+    for index, sid in enumerate(sids):
+        params |= {f"MediaUrl{index}": f"{base}/{sid}", f"MediaContentType{index}": "image/png"}
+    request = twilio_request(SMS_URL, params)
+
+    def fetches() -> list[int]:
+        return [sum(r.path.endswith(f"/Recordings/{sid}") for r in fake.requests) for sid in sids]
+
+    # 20 copies at once (Twilio retrying while we are slow): one fetch per medium, shared
+    copies = await asyncio.gather(*(channel.parse_async(request) for _ in range(20)))
+    assert fetches() == [1, 1]
+    keys = set()
+    for [item] in copies:
+        assert isinstance(item, InboundMessage)
+        keys.add(tuple(a.blob_key for a in item.attachments))
+    assert len(keys) == 1 and None not in next(iter(keys))
+    # copies after the message is stored are not fetched at all, even by a fresh process
+    stored.add(params["MessageSid"])
+    again = make_channel(
+        api_base_url=twilio_server.url,
+        media_hosts=["127.0.0.1"],
+        allow_insecure_media_for_tests=True,
+    )
+    again.context.stored = is_stored
+    for _ in range(20):
+        [item] = await again.parse_async(request)
+        assert isinstance(item, InboundMessage) and all(
+            a.blob_key is None for a in item.attachments
+        )
+    assert fetches() == [1, 1]
+
+
+async def test_a_failed_media_fetch_is_tried_again_by_the_next_copy(
+    make_channel: ChannelFactory, twilio_server: FakeTwilioServer, fake: FakeTwilio
+) -> None:
+    sid = "ME" + "5" * 32
+    base = f"{twilio_server.url}/2010-04-01/Accounts/{ACCOUNT}/Recordings"
+    channel = make_channel(
+        api_base_url=twilio_server.url,
+        media_hosts=["127.0.0.1"],
+        allow_insecure_media_for_tests=True,
+    )
+    params = sms_params("photo", NumMedia="1", MediaUrl0=f"{base}/{sid}")
+    request = twilio_request(SMS_URL, params)
+    [first] = await channel.parse_async(request)  # not there yet: 404, refused
+    assert isinstance(first, InboundMessage) and first.data["media_errors"]
+    fake.add_recording(sid, PNG, "image/png")
+    [second] = await channel.parse_async(request)
+    assert isinstance(second, InboundMessage) and second.attachments[0].blob_key is not None
+
+
 async def test_mms_without_blob_store_keeps_urls(make_channel: ChannelFactory) -> None:
     channel = make_channel()
     channel.context.blobs = None
@@ -611,7 +700,8 @@ async def test_send_creates_a_message_with_status_callback(
         "To": CUSTOMER,
         "From": OUR_NUMBER,
         "Body": "Your order shipped",
-        "StatusCallback": f"{PUBLIC}/webhooks/twilio/{SLUG}/sms-status",
+        # the message id rides along: Twilio's reports on any copy of it name it
+        "StatusCallback": f"{PUBLIC}/webhooks/twilio/{SLUG}/sms-status?message=7",
     }
     request = fake.requests[-1]
     assert request.username == ACCOUNT  # HTTP Basic with the account SID and token
@@ -654,7 +744,7 @@ async def test_long_bodies_are_split(api_channel: ChannelFactory, fake: FakeTwil
     assert " ".join(bodies) == words
     assert receipt.provider_id == fake.messages[0]["sid"]
     assert receipt.data["part_ids"] == [m["sid"] for m in fake.messages[1:]]
-    assert all(m["form"]["StatusCallback"].endswith("/sms-status") for m in fake.messages)
+    assert all(m["form"]["StatusCallback"].endswith("/sms-status?message=7") for m in fake.messages)
 
 
 async def test_long_bodies_are_refused_when_configured(
@@ -687,21 +777,24 @@ async def test_a_failed_part_resumes_without_resending_earlier_parts(
     real_create = channel._create
     calls = 0
 
-    async def flaky(to: str, body: str, media: Sequence[str]) -> tuple[str, str]:
+    async def flaky(to: str, body: str, media: Sequence[str], mid: int) -> tuple[str, str]:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise TemporarySendError("network blip")
-        return await real_create(to, body, media)
+        return await real_create(to, body, media, mid)
 
     monkeypatch.setattr(channel, "_create", flaky)
     message = outbound("a" * 3000)
-    with pytest.raises(TemporarySendError):
+    with pytest.raises(TemporarySendError) as caught:
         await channel.send(message)
     assert len(fake.messages) == 1
-    receipt = await channel.send(message)
+    assert caught.value.progress is not None  # the outbox keeps it with the row
+    # another process (nothing in memory) resumes from what the row kept
+    receipt = await api_channel().send(dataclasses.replace(message, progress=caught.value.progress))
     assert [m["body"] for m in fake.messages] == ["a" * 1600, "a" * 1400]
     assert receipt.provider_id == fake.messages[0]["sid"]
+    assert receipt.uncertain_resends == 0
 
 
 async def test_429_is_temporary_with_retry_after(
@@ -715,40 +808,85 @@ async def test_429_is_temporary_with_retry_after(
     assert fake.messages == []
 
 
+def clocked(channel: TwilioSmsChannel, fake: FakeTwilio, clock: FakeClock) -> TwilioSmsChannel:
+    """The channel and the fake Twilio on one movable clock (date_created included)."""
+    channel.context.now = clock.now
+    fake._clock = clock.now
+    return channel
+
+
 async def test_500_is_temporary_and_the_retry_checks_first(
     api_channel: ChannelFactory, fake: FakeTwilio
 ) -> None:
-    channel = api_channel()
+    clock = FakeClock(datetime.now(UTC))
+    channel = clocked(api_channel(), fake, clock)
     fake.fail_next(1, status=500, resource="Messages")
     with pytest.raises(TemporarySendError) as caught:
         await channel.send(outbound())
     assert caught.value.retry_after is None
+    # a 5xx may hide a created message: the retry looks it up, but not before check_delay
+    with pytest.raises(TemporarySendError) as waiting:
+        await channel.send(outbound())
+    assert waiting.value.retry_after == pytest.approx(60, abs=1)
+    assert [r.method for r in fake.requests] == ["POST"]
+    clock.advance(60)
     receipt = await channel.send(outbound())
     assert len(fake.messages) == 1 and receipt.provider_id == fake.messages[0]["sid"]
-    # A 5xx may hide a created message: the retry listed before creating.
-    methods = [r.method for r in fake.requests]
-    assert methods == ["POST", "GET", "POST"]
+    assert [r.method for r in fake.requests] == ["POST", "GET", "POST"]
+    assert receipt.uncertain_resends == 1  # not found, created again: a possible duplicate
 
 
-async def test_a_hanging_twilio_is_temporary_within_the_timeout_and_never_duplicated(
+async def test_a_create_that_lands_after_the_timeout_is_found_not_created_twice(
     api_channel: ChannelFactory, fake: FakeTwilio
 ) -> None:
-    channel = api_channel(request_timeout=0.3)
-    fake.hang_next(1, seconds=1.0, resource="Messages")
-    started = time.monotonic()
+    clock = FakeClock(datetime.now(UTC))
+    channel = clocked(api_channel(request_timeout=0.3, check_delay=45), fake, clock)
+    lands = threading.Event()
+    fake.hang_next(1, seconds=30, resource="Messages", until=lands)
     with pytest.raises(TemporarySendError) as caught:
         await channel.send(outbound("are you there"))
-    assert time.monotonic() - started < 0.9
     assert "ReadTimeout" in caught.value.reason
-    for _ in range(150):  # like Twilio, the fake creates the message after the delay
+    # the outbox retries soon (backoff): Twilio is still working on the create, so
+    # listing now would find nothing and the resend would duplicate it. Nothing is asked.
+    clock.advance(2)
+    with pytest.raises(TemporarySendError) as waiting:
+        await channel.send(outbound("are you there"))
+    assert waiting.value.retry_after == pytest.approx(43, abs=1)
+    assert fake.messages == [] and [r.method for r in fake.requests] == ["POST"]
+    lands.set()  # Twilio finishes the create
+    for _ in range(250):
         if fake.messages:
             break
         await asyncio.sleep(0.02)
-    assert len(fake.messages) == 1
+    clock.advance(43)
     receipt = await channel.send(outbound("are you there"))
-    assert receipt.provider_id == fake.messages[0]["sid"]
-    assert len(fake.messages) == 1  # found, not sent again
+    assert len(fake.messages) == 1 and receipt.provider_id == fake.messages[0]["sid"]
+    assert receipt.uncertain_resends == 0  # found, not sent again
     assert [r.method for r in fake.requests] == ["POST", "GET"]
+
+
+async def test_a_lookup_that_keeps_failing_ends_in_a_counted_resend(
+    api_channel: ChannelFactory, fake: FakeTwilio
+) -> None:
+    channel = api_channel(check_delay=0, check_attempts=3)
+    fake.fail_next(1, status=502, resource="Messages", method="POST")
+    fake.fail_next(1000, status=503, resource="Messages", method="GET")  # lists are down
+    message = outbound("hello?")
+    with pytest.raises(TemporarySendError) as caught:
+        await channel.send(message)
+    reasons = []
+    for _ in range(2):
+        # each attempt may run in another process: only the row's progress carries over
+        message = dataclasses.replace(message, progress=caught.value.progress)
+        with pytest.raises(TemporarySendError) as caught:
+            await api_channel(check_delay=0, check_attempts=3).send(message)
+        reasons.append(caught.value.reason)
+    assert "look-up 1 of 3" in reasons[0] and "look-up 2 of 3" in reasons[1]
+    message = dataclasses.replace(message, progress=caught.value.progress)
+    receipt = await api_channel(check_delay=0, check_attempts=3).send(message)
+    assert [r.method for r in fake.requests] == ["POST", "GET", "GET", "GET", "POST"]
+    assert receipt.provider_id == fake.messages[0]["sid"] and len(fake.messages) == 1
+    assert receipt.uncertain_resends == 1
 
 
 async def test_unreachable_twilio_is_temporary(make_channel: ChannelFactory) -> None:

@@ -282,6 +282,8 @@ class _Fault:
     retry_after: int | None = None
     more_info: str | None = None
     hang_seconds: float = 0.0
+    method: str | None = None  # only requests with this method (GET: lists and fetches)
+    until: threading.Event | None = None  # a hang ends early when this is set
 
 
 @dataclass
@@ -358,12 +360,15 @@ class FakeTwilio:
         retry_after: int | None = None,
         *,
         resource: str | None = None,
+        method: str | None = None,
     ) -> None:
         """Answer the next ``n`` authenticated requests (to ``resource``, e.g. "Messages",
-        or to any resource) with ``status`` and Twilio's error object for it (429: code
-        20429 and, if ``retry_after`` is given, a ``Retry-After`` header)."""
+        or to any resource; with ``method``, e.g. "GET", only those) with ``status`` and
+        Twilio's error object for it (429: code 20429 and, if ``retry_after`` is given, a
+        ``Retry-After`` header). ``method="GET"`` on Messages: Twilio cannot list messages
+        while creating them still works."""
         code, message = _DEFAULT_FAULTS.get(status, (status, "Error"))
-        self._add_faults(n, resource, status, code, message, retry_after=retry_after)
+        self._add_faults(n, resource, status, code, message, retry_after=retry_after, method=method)
 
     def fail_next_with(
         self,
@@ -381,14 +386,26 @@ class FakeTwilio:
             n, resource, status, code, message, retry_after=retry_after, more_info=more_info
         )
 
-    def hang_next(self, n: int, seconds: float, *, resource: str | None = None) -> None:
-        """Delay the next ``n`` requests by ``seconds``, then answer them normally.
+    def hang_next(
+        self,
+        n: int,
+        seconds: float,
+        *,
+        resource: str | None = None,
+        method: str | None = None,
+        until: threading.Event | None = None,
+    ) -> None:
+        """Delay the next ``n`` requests (with ``method``, only those) by ``seconds``, or
+        until ``until`` is set if that comes first, then answer them normally.
 
         Like a slow Twilio, the request still takes effect after the delay even if the
         client has given up (a create then exists: the outcome was ambiguous to the client).
-        Stopping the ``FakeTwilioServer`` cuts pending delays short.
+        With ``until`` a test decides when a create that hangs lands. Stopping the
+        ``FakeTwilioServer`` cuts pending delays short.
         """
-        self._add_faults(n, resource, None, None, "", hang_seconds=seconds)
+        self._add_faults(
+            n, resource, None, None, "", hang_seconds=seconds, method=method, until=until
+        )
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -568,25 +585,38 @@ class FakeTwilio:
         retry_after: int | None = None,
         more_info: str | None = None,
         hang_seconds: float = 0.0,
+        method: str | None = None,
+        until: threading.Event | None = None,
     ) -> None:
         if resource is not None and resource not in RESOURCES:
             raise ValueError(f"resource must be one of {sorted(RESOURCES)}: {resource!r}")
         if n < 0:
             raise ValueError(n)
-        fault = _Fault(resource, status, code, message, retry_after, more_info, hang_seconds)
+        fault = _Fault(
+            resource,
+            status,
+            code,
+            message,
+            retry_after,
+            more_info,
+            hang_seconds,
+            method.upper() if method else None,
+            until,
+        )
         with self.lock:
             self._faults.extend(_Fault(**vars(fault)) for _ in range(n))
 
-    def _take_fault(self, resource: str) -> _Fault | None:
+    def _take_fault(self, resource: str, method: str) -> _Fault | None:
         with self.lock:
             for i, fault in enumerate(self._faults):
-                if fault.resource is None or fault.resource == resource:
-                    return self._faults.pop(i)
+                if fault.resource not in (None, resource) or fault.method not in (None, method):
+                    continue
+                return self._faults.pop(i)
         return None
 
-    async def _hang(self, seconds: float) -> None:
+    async def _hang(self, seconds: float, until: threading.Event | None = None) -> None:
         deadline = time.monotonic() + seconds
-        while not self._abort_hangs.is_set():
+        while not self._abort_hangs.is_set() and not (until is not None and until.is_set()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -720,10 +750,10 @@ class FakeTwilio:
             )
         if resource is None:
             return self._not_found(request.url.path)
-        fault = self._take_fault(resource)
+        fault = self._take_fault(resource, request.method)
         if fault is not None:
             if fault.hang_seconds > 0:
-                await self._hang(fault.hang_seconds)
+                await self._hang(fault.hang_seconds, fault.until)
             if fault.status is not None:
                 headers = {}
                 if fault.retry_after is not None:

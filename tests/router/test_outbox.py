@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import select, update
 
 from adapters.clock import FakeClock
-from channels.base import UncertainPolicy
+from channels.base import OutboundMessage, SendReceipt, TemporarySendError, UncertainPolicy
 from channels.fake import FakeChannel
 from router.models import Message, Outbox, Process
 from router.runtime import Runtime
+from router.serialize import message_payload
 from tests.router.test_pipeline import rows, settle
 from tests.support import post_fake
 
@@ -224,3 +225,36 @@ async def test_admin_can_resend_an_uncertain_message(
     await runtime.outbox.process_due()
     (after,) = await rows(runtime, Outbox)
     assert (after.state, after.uncertain_resends, len(fake(runtime).sent)) == ("sent", 1, 1)
+
+
+async def test_a_sends_progress_is_kept_with_the_row_and_its_possible_duplicates_counted(
+    runtime: Runtime,
+    client: httpx.AsyncClient,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a channel's attempt leaves to resume from travels with the outbox row (any
+    process may make the next attempt); a receipt's uncertain resends are counted on the
+    row and flag the message."""
+    await conversation_with_reply(runtime, client)
+    channel = fake(runtime)
+    seen: list[Any] = []
+
+    async def send(message: OutboundMessage) -> SendReceipt:
+        seen.append(message.progress)
+        if len(seen) == 1:
+            raise TemporarySendError("unclear", progress={"looked_up": False, "sids": []})
+        return SendReceipt("p-1", uncertain_resends=1)
+
+    monkeypatch.setattr(channel, "send", send)
+    await runtime.outbox.process_due()
+    (between,) = await rows(runtime, Outbox)
+    assert between.payload["progress"] == {"looked_up": False, "sids": []}
+    clock.advance(timedelta(minutes=10))
+    await runtime.outbox.process_due()
+    assert seen == [None, {"looked_up": False, "sids": []}]
+    (after,) = await rows(runtime, Outbox)
+    (message,) = await rows(runtime, Message, Message.direction == "out")
+    assert (after.state, after.uncertain_resends) == ("sent", 1)
+    assert message.data["possible_duplicate"] is True
+    assert message_payload(message)["possible_duplicate"] is True

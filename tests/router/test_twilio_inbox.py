@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
@@ -19,16 +20,18 @@ from twilio.request_validator import RequestValidator
 from adapters.clock import FakeClock
 from router.exceptions import Conflict
 from router.messaging import agent_write
-from router.models import ContactIdentity, Conversation, Message, Offer
+from router.models import ContactIdentity, Conversation, Message, Offer, Outbox, Quarantine
 from router.runtime import Runtime
 from router.settings import Settings
 from router.types import AgentPresence
 from tests.channels.test_twilio_sms import sms_params, status_params
-from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, FakeTwilioServer
+from tests.fakes.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, FakeTwilio, FakeTwilioServer
+from tests.router.test_api import admin_token
 from tests.router.test_live import make_agent
-from tests.router.test_pipeline import count, settle
+from tests.router.test_pipeline import count, rows, settle
 from tests.support import client_for, make_settings, started_runtime
 
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 RULES = "version: 1\nqueues:\n  general: {}\ndefault: {queue: general}\n"
 OUR_NUMBER = "+15550000000"
 
@@ -69,7 +72,7 @@ async def twilio(
 async def post(
     runtime: Runtime, client: httpx.AsyncClient, kind: str, params: dict[str, str], **kw: Any
 ) -> httpx.Response:
-    path = f"/webhooks/twilio/tw/{kind}"
+    path = f"/webhooks/twilio/tw/{kind}" + (f"?{kw['query']}" if kw.get("query") else "")
     url = runtime.settings.public_base_url.rstrip("/") + path
     token = kw.get("token", DEFAULT_AUTH_TOKEN)
     headers = {
@@ -97,7 +100,7 @@ async def test_signed_sms_in_reply_out_status_and_stop(
     await runtime.assignment.set_status(anna, AgentPresence.ONLINE, "test")
     offer = await runtime.db.read(lambda c: c.execute(select(Offer.id)).scalar_one())
     await runtime.assignment.accept(anna, offer)
-    await runtime.db.write(agent_write, anna, cid, "Hello from Anna")
+    mid = (await runtime.db.write(agent_write, anna, cid, "Hello from Anna"))["message_id"]
     runtime.outbox.wake()
 
     async def sent() -> Any:
@@ -122,7 +125,7 @@ async def test_signed_sms_in_reply_out_status_and_stop(
         OUR_NUMBER,
         "Hello from Anna",
     )
-    assert form["StatusCallback"].endswith("/webhooks/twilio/tw/sms-status")
+    assert form["StatusCallback"].endswith(f"/webhooks/twilio/tw/sms-status?message={mid}")
     # delivery status moves forward only
     for reported in ("delivered", "sent"):
         response = await post(
@@ -152,6 +155,47 @@ async def test_signed_sms_in_reply_out_status_and_stop(
     await runtime.db.write(agent_write, anna, cid, "Welcome back")
 
 
+async def test_a_signed_sms_without_message_sid_is_quarantined_and_answered(
+    twilio: tuple[Runtime, httpx.AsyncClient, FakeTwilioServer],
+) -> None:
+    runtime, client, _ = twilio
+    drop = ("MessageSid", "SmsMessageSid", "SmsSid")
+    params = {k: v for k, v in sms_params("lost?", From="+14155550100").items() if k not in drop}
+    response = await post(runtime, client, "sms", params)
+    assert response.status_code == 200 and b"<Response" in response.content
+    await settle(runtime)
+    assert await count(runtime, Message) == 0
+    (item,) = await rows(runtime, Quarantine)
+    assert "MessageSid" in item.reason and item.inbox_id == runtime.inboxes["tw"].id
+    raw = dict(parse_qsl(item.raw.decode(), keep_blank_values=True))
+    assert raw == params  # the raw form, for an admin
+
+
+async def test_duplicate_deliveries_of_an_mms_fetch_its_media_once(
+    tmp_path: Path, db_url: str
+) -> None:
+    with FakeTwilioServer() as server:
+        fake = server.fake
+        media = {f"ME{digit * 32}": PNG + digit.encode() for digit in "12"}
+        for sid, data in media.items():
+            fake.add_recording(sid, data, "image/png")
+        base = f"{server.url}/2010-04-01/Accounts/{DEFAULT_ACCOUNT_SID}/Recordings"
+        extra = {"media_hosts": ["127.0.0.1"], "allow_insecure_media_for_tests": True}
+        settings = twilio_settings(tmp_path, db_url, server, extra)
+        params = sms_params("photos", From="+14155550100", NumMedia="2")
+        for index, sid in enumerate(media):
+            params |= {f"MediaUrl{index}": f"{base}/{sid}", f"MediaContentType{index}": "image/png"}
+        async with started_runtime(settings) as runtime, client_for(runtime) as client:
+            for _ in range(20):  # Twilio's retries of one delivery
+                assert (await post(runtime, client, "sms", params)).status_code == 200
+            await settle(runtime)
+            (message,) = await rows(runtime, Message)
+        assert [a["size"] for a in message.attachments] == [len(d) for d in media.values()]
+        for sid in media:
+            fetches = [r for r in fake.requests if r.path.endswith(f"/Recordings/{sid}")]
+            assert len(fetches) == 1, sid
+
+
 async def test_a_source_sending_bad_signatures_is_rate_limited(
     twilio: tuple[Runtime, httpx.AsyncClient, FakeTwilioServer],
 ) -> None:
@@ -179,10 +223,12 @@ async def test_sends_survive_429_500_and_a_hang_without_duplicates(
             tmp_path,
             db_url,
             server,
-            {"request_timeout": 1},
+            # the look-up after the hang comes 200 s (clock) after its create: long after
+            # the fake Twilio lands it (2.5 s real, some 50 s on this test's clock)
+            {"request_timeout": 1, "check_delay": 200},
             outbox_interval=0.05,
             outbox_backoff_base=1,
-            outbox_backoff_max=4,
+            outbox_backoff_max=300,  # above check_delay: waiting for it is one attempt
         )
         async with started_runtime(settings, clock, workers=True) as runtime:
             async with client_for(runtime) as client:
@@ -217,3 +263,152 @@ async def test_sends_survive_429_500_and_a_hang_without_duplicates(
             bodies = sorted(m["form"]["Body"] for m in server.fake.messages)
             assert bodies == sorted(texts)  # each exactly once: the hung one was found, not resent
             assert server.fake.pending_faults == 0
+
+
+# -- sends whose outcome Twilio left unclear -----------------------------------------
+async def _reply_pending(runtime: Runtime, client: httpx.AsyncClient, text: str) -> tuple[int, str]:
+    """A customer wrote; Anna accepted and replied ``text``: ``(message id, Anna's token)``."""
+    await post(runtime, client, "sms", sms_params("hi", From="+14155550100"))
+    await settle(runtime)
+    cid = await runtime.db.read(lambda c: c.execute(select(Conversation.id)).scalar_one())
+    anna, token = await make_agent(runtime, "anna", "", "sms=2,total=2")
+    await runtime.assignment.set_status(anna, AgentPresence.ONLINE, "test")
+    offer = await runtime.db.read(lambda c: c.execute(select(Offer.id)).scalar_one())
+    await runtime.assignment.accept(anna, offer)
+    written = await runtime.db.write(agent_write, anna, cid, text)
+    runtime.outbox.wake()
+    return int(written["message_id"]), token
+
+
+async def _drive(
+    runtime: Runtime, clock: FakeClock, until: Callable[[Outbox], bool], step: float = 1
+) -> Outbox:
+    """Move the clock along (the retries' due times) until the reply's outbox row passes."""
+    for _ in range(600):
+        (row,) = await rows(runtime, Outbox)
+        if until(row):
+            return row
+        clock.advance(step)
+        runtime.outbox.wake()
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"outbox row stuck: {row.state} after {row.attempts} attempts")
+
+
+def _unclear_settings(
+    tmp_path: Path, db_url: str, server: FakeTwilioServer, **inbox: Any
+) -> Settings:
+    return twilio_settings(
+        tmp_path,
+        db_url,
+        server,
+        {"request_timeout": 0.5, **inbox},
+        outbox_interval=0.05,
+        outbox_backoff_base=1,
+        outbox_backoff_max=120,
+    )
+
+
+async def test_a_create_that_hangs_past_the_timeout_and_lands_later_is_sent_once(
+    tmp_path: Path, db_url: str
+) -> None:
+    clock = FakeClock()
+    with FakeTwilioServer(FakeTwilio(clock=clock.now)) as server:
+        fake = server.fake
+        lands = threading.Event()
+        fake.hang_next(1, 60, resource="Messages", method="POST", until=lands)
+        settings = _unclear_settings(tmp_path, db_url, server, check_delay=30)
+        async with started_runtime(settings, clock, workers=True) as runtime:
+            async with client_for(runtime) as client:
+                message_id, _ = await _reply_pending(runtime, client, "Your refund is on its way")
+            # the first attempt gives up on Twilio (the clock stands still meanwhile) ...
+            await _drive(runtime, clock, lambda r: r.attempts == 1 and r.state == "queued", 0)
+            clock.advance(5)  # ... and the outbox tries again seconds later
+            await _drive(runtime, clock, lambda r: r.attempts >= 2 and r.state != "sending", 0)
+            lands.set()  # Twilio finally creates the message the first attempt asked for
+            for _ in range(250):
+                if fake.messages:
+                    break
+                await asyncio.sleep(0.02)
+            row = await _drive(runtime, clock, lambda r: r.state in ("sent", "failed"))
+            (message,) = await rows(runtime, Message, Message.id == message_id)
+    assert [m["form"]["Body"] for m in fake.messages] == ["Your refund is on its way"]
+    assert (row.state, row.uncertain_resends) == ("sent", 0)
+    assert message.external_id == fake.messages[0]["sid"]  # found by the look-up
+    assert not (message.data or {}).get("possible_duplicate")
+
+
+async def test_a_create_that_lands_after_the_look_up_is_counted_and_reported(
+    tmp_path: Path, db_url: str
+) -> None:
+    clock = FakeClock()
+    with FakeTwilioServer(FakeTwilio(clock=clock.now)) as server:
+        fake = server.fake
+        lands = threading.Event()
+        fake.hang_next(1, 60, resource="Messages", method="POST", until=lands)
+        settings = _unclear_settings(tmp_path, db_url, server, check_delay=5)
+        async with started_runtime(settings, clock, workers=True) as runtime:
+            async with client_for(runtime) as client:
+                message_id, token = await _reply_pending(runtime, client, "See you Monday")
+                # Twilio still holds the first create when the look-up finds nothing
+                row = await _drive(runtime, clock, lambda r: r.state in ("sent", "failed"))
+                assert (row.state, row.uncertain_resends) == ("sent", 1)  # a possible duplicate
+                shown = await client.get(
+                    f"/api/messages/{message_id}", headers={"authorization": f"Bearer {token}"}
+                )
+                assert shown.json()["possible_duplicate"] is True
+                lands.set()  # ... and then lands: the customer gets it twice
+                for _ in range(250):
+                    if len(fake.messages) == 2:
+                        break
+                    await asyncio.sleep(0.02)
+                kept = row.provider_id
+                late = next(m for m in fake.messages if m["sid"] != kept)
+                # Twilio reports on both copies to the callback each create named
+                for record in fake.messages:
+                    callback = urlsplit(record["form"]["StatusCallback"])
+                    assert callback.query == f"message={message_id}"
+                    response = await post(
+                        runtime,
+                        client,
+                        "sms-status",
+                        status_params("delivered", MessageSid=record["sid"]),
+                        query=callback.query,
+                    )
+                    assert response.status_code == 200
+            (message,) = await rows(runtime, Message, Message.id == message_id)
+            (row,) = await rows(runtime, Outbox)
+    assert [m["form"]["Body"] for m in fake.messages] == ["See you Monday"] * 2
+    assert (message.external_id, message.delivery_status) == (kept, "delivered")
+    assert message.data["possible_duplicate"] is True
+    assert message.data["duplicate_ids"] == [late["sid"]]
+    assert row.uncertain_resends == 1  # counted once: when it was resent
+
+
+async def test_a_look_up_that_keeps_failing_converges_to_a_counted_resend(
+    tmp_path: Path, db_url: str
+) -> None:
+    clock = FakeClock()
+    with FakeTwilioServer(FakeTwilio(clock=clock.now)) as server:
+        fake = server.fake
+        fake.fail_next(1, 500, resource="Messages", method="POST")  # the create: unclear
+        fake.fail_next(1000, 503, resource="Messages", method="GET")  # Twilio cannot list
+        settings = _unclear_settings(tmp_path, db_url, server, check_delay=5)
+        async with (
+            started_runtime(settings, clock, workers=True) as runtime,
+            client_for(runtime) as client,
+        ):
+            message_id, token = await _reply_pending(runtime, client, "Ticket 4711 closed")
+            row = await _drive(runtime, clock, lambda r: r.state in ("sent", "failed"))
+            shown = await client.get(
+                f"/api/messages/{message_id}", headers={"authorization": f"Bearer {token}"}
+            )
+            admin = await admin_token(runtime)
+            report = await client.get(
+                "/api/admin/outbox", headers={"authorization": f"Bearer {admin}"}
+            )
+    assert (row.state, row.uncertain_resends) == ("sent", 1)
+    assert row.attempts < runtime.settings.outbox_max_attempts
+    assert [m["form"]["Body"] for m in fake.messages] == ["Ticket 4711 closed"]
+    assert [r.method for r in fake.requests if r.path.endswith("/Messages.json")].count("GET") == 3
+    assert shown.json()["possible_duplicate"] is True
+    assert [(o["message_id"], o["uncertain_resends"]) for o in report.json()] == [(message_id, 1)]
