@@ -21,7 +21,9 @@ from sqlalchemy import Connection, select
 from starlette.websockets import WebSocketDisconnected
 
 from channels.webchat import WebChatChannel, new_visitor_token, visitor_address
+from router import policy
 from router.abandon import visitor_back, visitor_left, waiting_chats
+from router.api.deps import declare
 from router.csat import visitor_answer
 from router.events import agent_stream, visitor_stream
 from router.failpoints import failpoint
@@ -87,7 +89,7 @@ def _assigned_agent(conn: Connection, identity_id: int) -> int | None:
     ).scalar_one_or_none()
 
 
-@router.websocket("/ws/chat")
+@router.websocket("/ws/chat", dependencies=[declare(policy.VISITOR)])
 async def chat_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
     with runtime.socket_open(ws, "visitor"):

@@ -7,11 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from router.api.deps import get_runtime, require
-from router.auth import Principal, set_password, verify_password
+from router import policy
+from router.api.deps import get_runtime, needs
+from router.auth import set_password, verify_password
 from router.exceptions import Forbidden
+from router.policy import Caller
 from router.runtime import Runtime
-from router.types import Role
 
 router = APIRouter(prefix="/api/me", tags=["me"])
 
@@ -22,7 +23,8 @@ class PasswordChange(BaseModel):
 
 
 @router.get("", summary="Who am I")
-async def me(user: Principal = Depends(require(Role.AGENT))) -> dict[str, Any]:
+async def me(caller: Caller = Depends(needs(policy.SELF))) -> dict[str, Any]:
+    user = caller.principal
     return {
         "id": user.user_id,
         "name": user.name,
@@ -35,8 +37,9 @@ async def me(user: Principal = Depends(require(Role.AGENT))) -> dict[str, Any]:
 async def change_password(
     change: PasswordChange,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(require(Role.AGENT)),
+    caller: Caller = Depends(needs(policy.SELF)),
 ) -> dict[str, bool]:
+    user = caller.principal
     if user.password_changed_at is not None:
         ok = (
             change.current is not None
