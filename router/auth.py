@@ -1,7 +1,8 @@
 """Users, tokens and passwords.
 
 Tokens are 256-bit random strings shown once and stored as SHA-256; passwords are argon2
-hashes. Every route declares the role it needs (agent < supervisor < admin).
+hashes. Roles are agent < supervisor < admin; what each may see and do is decided by
+router.policy, where every route and socket command declares its rule.
 """
 
 from __future__ import annotations

@@ -11,13 +11,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from router import policy
+from router.api.deps import declare
 from router.auth import authenticate_token, verify_password
 from router.csat import link_answer, link_signature
 from router.exceptions import Forbidden, Unauthorized
 from router.pages import CSP, page
 from router.runtime import Runtime
 from router.sessions import CSRF_HEADER, Sessions
-from router.types import Role
 
 __all__ = ["router"]
 
@@ -36,12 +37,12 @@ def _sessions(request: Request) -> Sessions:
     return sessions
 
 
-@router.get("/console/login")
+@router.get("/console/login", dependencies=[declare(policy.PUBLIC)])
 async def login_page() -> Response:
     return page("console-login.html")
 
 
-@router.post("/console/login")
+@router.post("/console/login", dependencies=[declare(policy.SIGN_IN)])
 async def login(body: Login, request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     sessions = _sessions(request)
@@ -66,7 +67,7 @@ async def login(body: Login, request: Request) -> Response:
     return response
 
 
-@router.get("/console/session")
+@router.get("/console/session", dependencies=[declare(policy.SESSION_INFO)])
 async def session(request: Request) -> dict[str, Any]:
     """Who is signed in, and the CSRF token the page sends with changes."""
     found = await _sessions(request).from_cookie(request)
@@ -85,7 +86,7 @@ async def session(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/console/logout")
+@router.post("/console/logout", dependencies=[declare(policy.SESSION_INFO)])
 async def logout(request: Request) -> Response:
     sessions = _sessions(request)
     found = await sessions.from_cookie(request)
@@ -97,20 +98,21 @@ async def logout(request: Request) -> Response:
     return response
 
 
-@router.get("/console/supervisor")
+@router.get("/console/supervisor", dependencies=[declare(policy.DASHBOARD_PAGE)])
 async def supervisor_console(request: Request) -> Response:
     found = await _sessions(request).from_cookie(request)
     if found is None:
         return RedirectResponse("/console/login", status_code=303)
-    if not found[0].allows(Role.SUPERVISOR):
-        raise Forbidden("the dashboard needs the supervisor role")
+    policy.check_role(found[0], policy.DASHBOARD_PAGE)
     return page("supervisor.html")
 
 
-@router.get("/console")
+@router.get("/console", dependencies=[declare(policy.CONSOLE_PAGE)])
 async def console(request: Request) -> Response:
-    if await _sessions(request).from_cookie(request) is None:
+    found = await _sessions(request).from_cookie(request)
+    if found is None:
         return RedirectResponse("/console/login", status_code=303)
+    policy.check_role(found[0], policy.CONSOLE_PAGE)
     return page("console.html")
 
 
@@ -136,7 +138,9 @@ def _survey_ok(request: Request, conversation_id: int, signature: str, score: in
     return hmac.compare_digest(expected, signature) and 0 <= score <= 10
 
 
-@router.get("/survey/{conversation_id}/{signature}/{score}")
+@router.get(
+    "/survey/{conversation_id}/{signature}/{score}", dependencies=[declare(policy.SURVEY_LINK)]
+)
 async def survey_confirm(
     conversation_id: int, signature: str, score: int, request: Request
 ) -> Response:
@@ -151,7 +155,9 @@ async def survey_confirm(
     return _survey_page("Your rating", f"You chose {score}.", form)
 
 
-@router.post("/survey/{conversation_id}/{signature}/{score}")
+@router.post(
+    "/survey/{conversation_id}/{signature}/{score}", dependencies=[declare(policy.SURVEY_LINK)]
+)
 async def survey_answer(
     conversation_id: int, signature: str, score: int, request: Request
 ) -> Response:

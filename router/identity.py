@@ -22,7 +22,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, delete, func, insert, or_, select, true, update
 
 from router.db import Tx
 from router.events import add_event
@@ -453,8 +453,15 @@ def contact_links(conn: Connection, contact_id: int) -> list[dict[str, Any]]:
     ]
 
 
-def suggestions(conn: Connection, contact_id: int, limit: int = 10) -> list[dict[str, Any]]:
-    """Contacts that may be the same person, with why; never linked automatically."""
+def suggestions(
+    conn: Connection,
+    contact_id: int,
+    limit: int = 10,
+    *,
+    visible: ColumnElement[bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Contacts that may be the same person, with why; never linked automatically.
+    ``visible`` (router.policy) keeps the contacts the reader may see."""
     _live_contact(conn, contact_id)
     mine = conn.execute(
         select(ContactIdentity.kind, ContactIdentity.address, ContactIdentity.verified).where(
@@ -502,6 +509,7 @@ def suggestions(conn: Connection, contact_id: int, limit: int = 10) -> list[dict
                 Contact.id.in_(sorted(found)),
                 Contact.merged_into_id.is_(None),
                 Contact.erased_at.is_(None),
+                true() if visible is None else visible,
             )
         )
     }

@@ -499,6 +499,8 @@ class ConversationEvent(Base):
     __table_args__ = (
         Index("ix_conversation_events_conversation", "conversation_id", "id"),
         Index("ix_conversation_events_kind_at", "kind", "at"),
+        # who held a conversation before (router.policy: agents see what they held)
+        Index("ix_conversation_events_agent", "agent_id", "conversation_id"),
     )
     id: Mapped[int] = _id()
     conversation_id: Mapped[int] = mapped_column(Id, ForeignKey("conversations.id"))

@@ -12,11 +12,13 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from router import policy
+from router.api.deps import declare
 from router.exceptions import NotFound
 
 __all__ = ["CSP", "page", "router"]
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False, dependencies=[declare(policy.PUBLIC)])
 STATIC = Path(__file__).resolve().parent / "static"
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import ColumnElement, Connection, func, select, true
 
 from router.models import Agent, AgentLoad, Conversation, ConversationEvent, User
 from router.serialize import iso
@@ -166,7 +166,12 @@ def _end_wrap(w: _Walk, agent: int | None, at: datetime) -> None:
 
 
 def _rows(
-    conn: Connection, start: datetime, end: datetime, queue: str | None, channel: str | None
+    conn: Connection,
+    start: datetime,
+    end: datetime,
+    queue: str | None,
+    channel: str | None,
+    visible: ColumnElement[bool] | None = None,
 ) -> dict[int, list[Any]]:
     """The events of every conversation with an event in the period (all of their events:
     a first response in the period may measure from a message before it)."""
@@ -181,6 +186,8 @@ def _rows(
     )
     if channel:
         query = query.where(Conversation.channel == channel)
+    if visible is not None:
+        query = query.where(visible)
     by: dict[int, list[Any]] = defaultdict(list)
     for row in conn.execute(query):
         by[row.conversation_id].append(row)
@@ -215,8 +222,10 @@ def kpi_report(
     queue: str | None = None,
     channel: str | None = None,
     agent_id: int | None = None,
+    visible: ColumnElement[bool] | None = None,
 ) -> dict[str, Any]:
-    """KPIs per queue, agent or channel for measurements dated in ``[start, end)``."""
+    """KPIs per queue, agent or channel for measurements dated in ``[start, end)``, of the
+    conversations ``visible`` keeps (router.policy; all without it)."""
     if by not in GROUPS:
         raise ValueError(f"by must be one of {', '.join(GROUPS)}")
 
@@ -237,7 +246,7 @@ def kpi_report(
     wrapping = frozenset(name for name, q in ruleset.queues.items() if q.wrap_up)
     measurements = [
         m
-        for rows in _rows(conn, start, end, queue, channel).values()
+        for rows in _rows(conn, start, end, queue, channel, visible).values()
         for m in measure(rows, rows[0].conversation_channel, elapsed, has_sla, wrapping)
         if start <= m.at < end
     ]
@@ -299,8 +308,11 @@ def _nps(scores: list[float]) -> dict[str, Any]:
     return {"count": len(scores), "score": round(100 * (promoters - detractors) / len(scores), 1)}
 
 
-def backlog(conn: Connection, now: datetime) -> list[dict[str, Any]]:
-    """Open conversations per queue now, with the oldest one's age."""
+def backlog(
+    conn: Connection, now: datetime, visible: ColumnElement[bool] | None = None
+) -> list[dict[str, Any]]:
+    """Open conversations per queue now (of those ``visible`` keeps), with the oldest
+    one's age."""
     rows = conn.execute(
         select(
             Conversation.queue,
@@ -308,7 +320,10 @@ def backlog(conn: Connection, now: datetime) -> list[dict[str, Any]]:
             func.count(),
             func.min(Conversation.created_at),
         )
-        .where(Conversation.state.in_([s.value for s in OPEN_STATES]))
+        .where(
+            Conversation.state.in_([s.value for s in OPEN_STATES]),
+            true() if visible is None else visible,
+        )
         .group_by(Conversation.queue, Conversation.state)
     ).all()
     out: dict[str, dict[str, Any]] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, or_, select
+from sqlalchemy import ColumnElement, Connection, or_, select
 
 from router.models import Contact, Conversation, ConversationEvent, Message, RoutingDecision
 from router.serialize import iso, message_payload, visitor_payload
@@ -16,12 +16,18 @@ __all__ = ["contact_timeline", "conversation_detail", "visitor_history"]
 
 
 def contact_timeline(
-    conn: Connection, contact_id: int, *, limit: int = 100, before: int | None = None
+    conn: Connection,
+    contact_id: int,
+    *,
+    limit: int = 100,
+    before: int | None = None,
+    visible: ColumnElement[bool] | None = None,
 ) -> dict[str, Any]:
     """The newest ``limit`` messages of the contact (before message id ``before``), oldest
     first, with the conversations they belong to, how each was routed and their events
     (routing, assignment, merges...) over the same span. A merged contact's timeline is
-    its survivor's."""
+    its survivor's. ``visible`` (router.policy) keeps the conversations the reader may
+    read; the others' messages and events are left out."""
     for _ in range(16):
         merged_into = conn.execute(
             select(Contact.merged_into_id).where(Contact.id == contact_id)
@@ -34,6 +40,8 @@ def contact_timeline(
         .join(Conversation, Conversation.id == Message.conversation_id)
         .where(Conversation.contact_id == contact_id)
     )
+    if visible is not None:
+        query = query.where(visible)
     if before is not None:
         query = query.where(Message.id < before)
     rows = conn.execute(query.order_by(Message.id.desc()).limit(limit + 1)).all()
@@ -92,7 +100,11 @@ def contact_timeline(
 
 
 def conversation_detail(
-    conn: Connection, conversation_id: int, *, limit: int = 100
+    conn: Connection,
+    conversation_id: int,
+    *,
+    limit: int = 100,
+    visible: ColumnElement[bool] | None = None,
 ) -> dict[str, Any] | None:
     conversation = conn.execute(
         select(Conversation).where(Conversation.id == conversation_id)
@@ -125,7 +137,7 @@ def conversation_detail(
             "language": contact.language,
             "vip": contact.vip,
         },
-        "timeline": contact_timeline(conn, conversation.contact_id, limit=limit),
+        "timeline": contact_timeline(conn, conversation.contact_id, limit=limit, visible=visible),
     }
 
 

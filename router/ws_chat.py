@@ -25,7 +25,9 @@ from sqlalchemy.exc import DBAPIError
 from starlette.websockets import WebSocketDisconnected
 
 from channels.webchat import WebChatChannel, minted, new_visitor_token, visitor_address
+from router import policy
 from router.abandon import visitor_back, visitor_left, waiting_chats
+from router.api.deps import declare
 from router.csat import visitor_answer
 from router.events import agent_stream, visitor_stream
 from router.exceptions import Unavailable
@@ -106,7 +108,7 @@ async def _returning(runtime: Runtime, token: object) -> str | None:
     return address if await runtime.db.read(_identity, address) is not None else None
 
 
-@router.websocket("/ws/chat")
+@router.websocket("/ws/chat", dependencies=[declare(policy.VISITOR)])
 async def chat_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
     with runtime.socket_open(ws, "visitor"):

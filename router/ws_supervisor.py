@@ -23,20 +23,26 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from sqlalchemy import Connection, select
 from starlette.websockets import WebSocketDisconnected
 
+from router import policy
 from router.api.agents import agents_view
+from router.api.deps import declare
 from router.api.queues import queue_stats
 from router.assignment.sla import NO_DUE
 from router.events import SUPERVISORS
-from router.exceptions import Forbidden, OmnirouteError, Unauthorized
+from router.exceptions import InvalidInput, OmnirouteError, Unauthorized
 from router.hub import Session
 from router.models import Conversation
+from router.policy import Caller, Rule
 from router.runtime import Runtime
 from router.serialize import shared_frame_text
 from router.sessions import hello_principal
-from router.types import OPEN_STATES, Role
+from router.types import OPEN_STATES
 from router.ws_frames import BadFrame, receive
 
-__all__ = ["dashboard", "router"]
+__all__ = ["COMMANDS", "dashboard", "router", "scoped"]
+
+# Every command of /ws/supervisor with its rule (router.policy).
+COMMANDS: dict[str, Rule] = {"ping": policy.DASHBOARD}
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -107,14 +113,35 @@ async def _shared_snapshot(runtime: Runtime) -> dict[str, Any]:
         return shared.value
 
 
+def scoped(snapshot: dict[str, Any], caller: Caller, agent_ids: set[int]) -> dict[str, Any]:
+    """The dashboard as ``caller`` may see it: their teams' queues and agents."""
+    if caller.queues is None:
+        return snapshot
+    return {
+        "queues": [q for q in snapshot["queues"] if q["name"] in caller.queues],
+        "agents": [a for a in snapshot["agents"] if a["id"] in agent_ids],
+    }
+
+
 async def _principal(ws: WebSocket, runtime: Runtime, hello: dict[str, Any]) -> Any:
-    principal = await hello_principal(ws, runtime.db, hello)
-    if not principal.allows(Role.SUPERVISOR):
-        raise Forbidden("this needs the supervisor role")
-    return principal
+    return policy.check_role(await hello_principal(ws, runtime.db, hello), policy.SUPERVISOR_SOCKET)
 
 
-@router.websocket("/ws/supervisor")
+async def _scope(runtime: Runtime, principal: Any) -> tuple[Caller, set[int]]:
+    ruleset = runtime.rules.active
+    unlimited = policy.sees_everything(principal, ruleset)
+    if unlimited is not None:
+        return unlimited, set()
+    caller: Caller = await runtime.db.read(policy.caller_of, principal, ruleset)
+    agents: set[int] = (
+        set()
+        if caller.sees_all
+        else await runtime.db.read(policy.visible_agent_ids, caller, ruleset)
+    )
+    return caller, agents
+
+
+@router.websocket("/ws/supervisor", dependencies=[declare(policy.SUPERVISOR_SOCKET)])
 async def supervisor_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
     with runtime.socket_open(ws, "supervisor"):
@@ -126,9 +153,16 @@ async def _supervisor_socket(ws: WebSocket) -> None:
     await ws.accept()
     lock = asyncio.Lock()
 
+    scope: Caller | None = None
+    scope_agents: set[int] = set()
+
     async def send(frame: dict[str, Any]) -> None:
         async with lock:
             await ws.send_text(shared_frame_text(frame))
+
+    async def send_event(frame: dict[str, Any]) -> None:
+        if scope is None or policy.frame_visible(scope, frame, scope_agents):
+            await send(frame)
 
     try:
         hello = await asyncio.wait_for(receive(ws), HELLO_TIMEOUT)
@@ -146,42 +180,34 @@ async def _supervisor_socket(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
-    session = Session(runtime.db, runtime.bus, send)
+    session = Session(runtime.db, runtime.bus, send_event)
     pusher: asyncio.Task[None] | None = None
     try:
+        scope, scope_agents = await _scope(runtime, principal)
         await session.open({SUPERVISORS: None}, [])
         await send({"type": "welcome", "user": principal.name, "role": principal.role.value})
         session.start()
 
         async def push() -> None:
+            nonlocal scope, scope_agents
             last = None
             while True:
                 snapshot = await _shared_snapshot(runtime)
                 if snapshot != last:
-                    await send({"type": "snapshot", **snapshot})
+                    # the scope follows rules and skill changes along with the snapshot
+                    scope, scope_agents = await _scope(runtime, principal)
+                    await send({"type": "snapshot", **scoped(snapshot, scope, scope_agents)})
                     last = snapshot
                 await asyncio.sleep(runtime.settings.supervisor_snapshot_interval)
 
         pusher = asyncio.create_task(push(), name="supervisor-snapshots")
-        while True:  # the socket only listens for pings (and for the client leaving)
+        while True:  # the socket listens for its commands (and for the client leaving)
             try:
                 frame = await receive(ws)
             except BadFrame as exc:
                 await send(exc.frame())
                 continue
-            if frame.get("type") == "ping":
-                await send({"type": "pong"})
-            else:
-                kind = frame.get("type")
-                await send(
-                    {
-                        "type": "error",
-                        "code": "invalid",
-                        "message": f'unknown frame type "{kind}"'
-                        if isinstance(kind, str)
-                        else 'a frame needs a "type"',
-                    }
-                )
+            await _command(principal, frame, send)
     except (WebSocketDisconnect, WebSocketDisconnected):
         pass
     finally:
@@ -190,3 +216,21 @@ async def _supervisor_socket(ws: WebSocket) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pusher
         await session.close()
+
+
+async def _command(principal: Any, cmd: dict[str, Any], send: Any) -> None:
+    """One frame from the dashboard (a JSON object, read by router.ws_frames): ``ping``
+    (answered ``pong``); anything else is an ``error`` frame."""
+    kind = cmd.get("type")
+    try:
+        rule = COMMANDS.get(kind) if isinstance(kind, str) else None
+        if rule is None:
+            raise InvalidInput(
+                f'unknown command "{kind}"' if isinstance(kind, str) else 'a frame needs a "type"'
+            )
+        policy.check_role(principal, rule)
+    except OmnirouteError as exc:
+        await send({"type": "error", "code": exc.code, "message": exc.message})
+        return
+    if kind == "ping":
+        await send({"type": "pong"})

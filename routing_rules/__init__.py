@@ -35,6 +35,7 @@ from routing_rules.model import (
     Ruleset,
     Sla,
     Sticky,
+    Team,
 )
 from routing_rules.reference import TraceStep, reference_evaluate
 from routing_rules.schema import OPERATORS, load_ruleset
@@ -63,6 +64,7 @@ __all__ = [
     "Ruleset",
     "Sla",
     "Sticky",
+    "Team",
     "Template",
     "TraceStep",
     "did_you_mean",

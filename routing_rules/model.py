@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ __all__ = [
     "Ruleset",
     "Sla",
     "Sticky",
+    "Team",
     "Test",
 ]
 
@@ -118,6 +120,24 @@ class QueueSpec:
     after_hours_overflow: tuple[OverflowStep, ...] = ()
     overflow: tuple[OverflowStep, ...] = ()
 
+    def admits(self, user: str, skills: Mapping[str, int]) -> bool:
+        """Whether an agent is eligible for this queue at all: a member when ``members`` is
+        set, else holding each of the queue's skills at its minimum. (A conversation may
+        ask for more: a rule's skills, the language; an overflow step may ask for less.)"""
+        if self.members is not None:
+            return user in self.members
+        return all(skills.get(skill, 0) >= level for skill, level in self.skills.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """Who supervises which queues (``teams:``): with teams configured, a supervisor sees
+    the conversations of their teams' queues only."""
+
+    name: str
+    queues: tuple[str, ...]
+    supervisors: tuple[str, ...] = ()
+
 
 # -- rules --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
@@ -178,7 +198,25 @@ class Ruleset:
     templates: dict[str, Template]
     rules: list[Rule]  # sorted: higher order first, ties in file order
     default: Action
+    teams: dict[str, Team] = field(default_factory=dict)
     _engine: Engine | None = field(default=None, repr=False)
+
+    def tested_facts(self) -> frozenset[str]:
+        """The facts the rules test (``contact.vip``, ``contact.plan``...)."""
+        found: set[str] = set()
+
+        def walk(cond: Condition | None) -> None:
+            if isinstance(cond, Test):
+                found.add(cond.fact.name)
+            elif isinstance(cond, NotOf):
+                walk(cond.item)
+            elif isinstance(cond, AllOf | AnyOf):
+                for item in cond.items:
+                    walk(item)
+
+        for rule in self.rules:
+            walk(rule.when)
+        return frozenset(found)
 
     @property
     def engine(self) -> Engine:

@@ -37,6 +37,7 @@ from routing_rules.model import (
     Ruleset,
     Sla,
     Sticky,
+    Team,
     Test,
 )
 from routing_rules.templates import Template, parse_template
@@ -58,7 +59,17 @@ OPERATORS = (
     "within",
 )
 
-_TOP_KEYS = ("version", "attributes", "hours", "queues", "templates", "rules", "default")
+_TOP_KEYS = (
+    "version",
+    "attributes",
+    "hours",
+    "queues",
+    "teams",
+    "templates",
+    "rules",
+    "default",
+)
+_TEAM_KEYS = ("queues", "supervisors")
 _QUEUE_KEYS = (
     "skills",
     "strategy",
@@ -452,6 +463,34 @@ class _Checker:
             self.err(m.key_node("after_hours") or m, where, "after_hours needs the queue's hours")
         clean = {k: v for k, v in kw.items() if v is not None}
         return QueueSpec(name, **clean)
+
+    # -- teams ----------------------------------------------------------------------
+    def team(self, name: str, node: Node) -> Team | None:
+        where = f"teams.{name}"
+        m = self.mapping(node, where, "a mapping with queues and supervisors")
+        if m is None:
+            return None
+        self.keys(m, where, _TEAM_KEYS, ("queues",))
+        queues: list[str] = []
+        queues_node = m.get("queues")
+        if queues_node is not None:
+            for w, item in self.each(queues_node, f"{where}.queues", "queue names"):
+                queue = self.ref(item, w, self.queue_names, "queue")
+                if queue is None:
+                    continue
+                if queue in queues:
+                    self.err(item, w, f'"{queue}" is listed twice')
+                else:
+                    queues.append(queue)
+            if isinstance(queues_node, SeqNode) and not queues_node.items:
+                self.err(queues_node, f"{where}.queues", "a team needs at least one queue")
+        supervisors_node = m.get("supervisors")
+        supervisors = (
+            self.strings(supervisors_node, f"{where}.supervisors", _USER, "user name")
+            if supervisors_node is not None
+            else []
+        )
+        return Team(name, tuple(queues), tuple(supervisors))
 
     def other_queue(self, node: Node, where: str, own: str) -> str | None:
         target = self.ref(node, where, self.queue_names, "queue")
@@ -847,6 +886,18 @@ def load_ruleset(
         if spec is not None:
             queues[key.text] = spec
 
+    teams: dict[str, Team] = {}
+    teams_section = checker.section(root, "teams")
+    if teams_section is not None and not teams_section.items:
+        checker.err(teams_section, "teams", "define at least one team (or leave teams out)")
+    for key, value in teams_section or ():
+        if not _NAME.match(key.text):
+            checker.err(key, "teams", f'invalid team name "{key.text}"')
+            continue
+        team = checker.team(key.text, value)
+        if team is not None:
+            teams[key.text] = team
+
     rules = checker.rules(root.get("rules"))
     default_node = root.get("default")
     default = checker.action(default_node, "default", need_queue=True) if default_node else None
@@ -869,4 +920,5 @@ def load_ruleset(
         templates=templates,
         rules=rules,
         default=default,
+        teams=teams,
     )

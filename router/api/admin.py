@@ -9,24 +9,24 @@ from fastapi.responses import Response
 from sqlalchemy import Connection, select, update
 
 from channels.base import Reject
-from router.api.deps import get_runtime, require
-from router.auth import Principal
+from router import policy
+from router.api.deps import get_runtime, needs
 from router.exceptions import Conflict, InvalidInput, NotFound
 from router.models import Outbox, Quarantine
 from router.outbox import resend
+from router.policy import Caller
 from router.runtime import Runtime
 from router.serialize import iso
-from router.types import Role
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
-admin = require(Role.ADMIN)
+admin = needs(policy.ADMIN)
 
 
 @router.get(
     "/rules", summary="The active ruleset, each process's version and the last load's errors"
 )
 async def get_rules(
-    runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+    runtime: Runtime = Depends(get_runtime), _: Caller = Depends(admin)
 ) -> dict[str, Any]:
     return await runtime.rules.status()
 
@@ -42,7 +42,7 @@ async def get_rules(
     },
 )
 async def put_rules(
-    request: Request, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(admin)
+    request: Request, runtime: Runtime = Depends(get_runtime), user: Caller = Depends(admin)
 ) -> dict[str, Any]:
     body = await request.body()
     ruleset = await runtime.rules.put(body, f"api:{user.name}")
@@ -73,14 +73,14 @@ def _quarantine(conn: Connection, limit: int) -> list[dict[str, Any]]:
 
 @router.get("/quarantine", summary="Inbound input that could not be handled, newest first")
 async def list_quarantine(
-    limit: int = 100, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+    limit: int = 100, runtime: Runtime = Depends(get_runtime), _: Caller = Depends(admin)
 ) -> list[dict[str, Any]]:
     return await runtime.db.read(_quarantine, min(max(limit, 1), 1000))
 
 
 @router.get("/quarantine/{item_id}/raw", summary="Download a quarantined item's raw bytes")
 async def quarantine_raw(
-    item_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+    item_id: int, runtime: Runtime = Depends(get_runtime), _: Caller = Depends(admin)
 ) -> Response:
     raw = await runtime.db.read(
         lambda c: c.execute(
@@ -102,7 +102,7 @@ async def quarantine_raw(
     "fails, 409 if only part of it was kept (the item stays in quarantine either way)",
 )
 async def quarantine_reimport(
-    item_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+    item_id: int, runtime: Runtime = Depends(get_runtime), _: Caller = Depends(admin)
 ) -> dict[str, Any]:
     row = await runtime.db.read(
         lambda c: c.execute(select(Quarantine).where(Quarantine.id == item_id)).first()
@@ -172,14 +172,14 @@ def _outbox_report(conn: Connection) -> list[dict[str, Any]]:
     summary="Sends that failed, are uncertain, or were resent after a crash (possible duplicates)",
 )
 async def outbox_report(
-    runtime: Runtime = Depends(get_runtime), _: Principal = Depends(admin)
+    runtime: Runtime = Depends(get_runtime), _: Caller = Depends(admin)
 ) -> list[dict[str, Any]]:
     return await runtime.db.read(_outbox_report)
 
 
 @router.post("/outbox/{outbox_id}/resend", summary="Send an uncertain or failed message again")
 async def outbox_resend(
-    outbox_id: int, runtime: Runtime = Depends(get_runtime), user: Principal = Depends(admin)
+    outbox_id: int, runtime: Runtime = Depends(get_runtime), user: Caller = Depends(admin)
 ) -> dict[str, Any]:
     done = await runtime.db.write(resend, outbox_id, f"resend requested by {user.name}")
     if not done:

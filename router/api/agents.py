@@ -8,14 +8,15 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Connection, bindparam, select
 
+from router import policy
 from router.agents import parse_capacity, parse_skills, update_agent
-from router.api.deps import get_runtime, require
-from router.auth import Principal
+from router.api.deps import get_runtime, needs
 from router.exceptions import InvalidInput, NotFound
 from router.models import Agent, AgentLoad, AgentSkill, User
+from router.policy import Caller
 from router.runtime import Runtime
 from router.serialize import iso
-from router.types import AgentPresence, Role
+from router.types import AgentPresence
 from router.ws_agent import agent_state
 
 router = APIRouter(prefix="/api/agents", tags=["agents"])
@@ -31,9 +32,12 @@ _SKILLS_OF = select(AgentSkill).where(AgentSkill.agent_id.in_(bindparam("ids", e
 _LOADS_OF = select(AgentLoad).where(AgentLoad.agent_id.in_(bindparam("ids", expanding=True)))
 
 
-def agents_view(conn: Connection, agent_id: int | None = None) -> list[dict[str, Any]]:
+def agents_view(
+    conn: Connection, agent_id: int | None = None, visible: Any = None
+) -> list[dict[str, Any]]:
+    """Every agent (``visible``: those the caller may see, router.policy), or one."""
     if agent_id is None:
-        rows = conn.execute(_AGENTS).all()
+        rows = conn.execute(_AGENTS if visible is None else _AGENTS.where(visible)).all()
     else:
         rows = conn.execute(_ONE_AGENT, {"agent_id": agent_id}).all()
     ids = [r.id for r in rows]
@@ -64,25 +68,25 @@ def agents_view(conn: Connection, agent_id: int | None = None) -> list[dict[str,
 
 @router.get("", summary="Every agent with presence, skills and load per channel")
 async def list_agents(
-    runtime: Runtime = Depends(get_runtime), _: Principal = Depends(require(Role.SUPERVISOR))
+    runtime: Runtime = Depends(get_runtime), caller: Caller = Depends(needs(policy.AGENTS))
 ) -> list[dict[str, Any]]:
-    return await runtime.db.read(agents_view)
+    visible = policy.visible_agents(caller, runtime.rules.active)
+    return await runtime.db.read(lambda c: agents_view(c, visible=visible))
 
 
 @router.get("/me/state", summary="My pending offers and my conversations")
 async def my_state(
-    runtime: Runtime = Depends(get_runtime), user: Principal = Depends(require(Role.AGENT))
+    runtime: Runtime = Depends(get_runtime), caller: Caller = Depends(needs(policy.OWN_WORK))
 ) -> dict[str, Any]:
-    if user.agent_id is None:
-        raise NotFound("you are not an agent")
-    return await runtime.db.read(agent_state, user.agent_id)
+    assert caller.agent_id is not None
+    return await runtime.db.read(agent_state, caller.agent_id)
 
 
 @router.get("/{agent_id}", summary="One agent")
 async def get_agent(
     agent_id: int,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(require(Role.SUPERVISOR)),
+    _: Caller = Depends(needs(policy.SUPERVISE_AGENT)),
 ) -> dict[str, Any]:
     found = await runtime.db.read(agents_view, agent_id)
     if not found:
@@ -100,12 +104,12 @@ async def set_status(
     agent_id: int,
     change: StatusChange,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(require(Role.SUPERVISOR)),
+    caller: Caller = Depends(needs(policy.SUPERVISE_AGENT)),
 ) -> dict[str, Any]:
     view = await runtime.assignment.set_status(
         agent_id,
         change.status,
-        f"set by {user.name}",
+        f"set by {caller.name}",
         then=lambda tx: agents_view(tx.conn, agent_id),
     )
     assert view is not None
@@ -126,7 +130,7 @@ async def patch_agent(
     agent_id: int,
     patch: AgentPatch,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(require(Role.ADMIN)),
+    _: Caller = Depends(needs(policy.ADMIN)),
 ) -> dict[str, Any]:
     skills = parse_skills(patch.skills) if patch.skills is not None else None
     capacity = parse_capacity(patch.capacity) if patch.capacity is not None else None

@@ -12,18 +12,17 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, select, update
 
-from router.api.deps import get_runtime, require
-from router.auth import Principal
+from router import policy
+from router.api.deps import get_runtime, needs
 from router.db import Tx
 from router.exceptions import Conflict, InvalidInput, NotFound
 from router.models import ContactIdentity, Conversation, Message
 from router.outbox import window_of
+from router.policy import Caller
 from router.routing import conversation_facts
 from router.runtime import Runtime
-from router.types import OPEN_STATES, Role
 
 router = APIRouter(tags=["conversations"])
-agent = require(Role.AGENT)
 _TAG = r"^[\w][\w .:/-]{0,63}$"
 
 
@@ -35,7 +34,7 @@ async def canned(
     conversation_id: int,
     q: str | None = Query(None, max_length=100, description="search in names and texts"),
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(agent),
+    _: Caller = Depends(needs(policy.READ_CONVERSATION)),
 ) -> list[dict[str, str]]:
     ruleset = runtime.rules.ruleset
     now = runtime.clock.now()
@@ -120,7 +119,7 @@ def _reply_options(
 async def reply_options(
     conversation_id: int,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(agent),
+    _: Caller = Depends(needs(policy.READ_CONVERSATION)),
 ) -> dict[str, Any]:
     channels = runtime.db.context.get("channels", {})
     slugs = {int(info.id): slug for slug, info in runtime.inboxes.items() if info.enabled}
@@ -139,7 +138,7 @@ async def put_tags(
     conversation_id: int,
     body: Tags,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(agent),
+    caller: Caller = Depends(needs(policy.TAG_CONVERSATION)),
 ) -> dict[str, list[str]]:
     tags = list(dict.fromkeys(t.strip() for t in body.tags if t.strip()))
     for tag in tags:
@@ -154,10 +153,7 @@ async def put_tags(
         ).first()
         if row is None:
             raise NotFound(f"no conversation {conversation_id}")
-        mine = row.assigned_agent_id == user.agent_id and row.state in [
-            s.value for s in OPEN_STATES
-        ]
-        if not mine and not user.allows(Role.SUPERVISOR):
+        if not policy.may_work(caller, row.assigned_agent_id, row.state):
             raise Conflict("the conversation is not assigned to you")
         tx.execute(
             update(Conversation)
@@ -177,7 +173,7 @@ async def attachment(
     message_id: int,
     index: int,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(agent),
+    _: Caller = Depends(needs(policy.READ_MESSAGE)),
 ) -> Response:
     attachments = await runtime.db.read(
         lambda c: c.execute(
@@ -209,7 +205,7 @@ async def attachment(
 async def upload(
     file: UploadFile,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(agent),
+    _: Caller = Depends(needs(policy.SELF)),
 ) -> dict[str, Any]:
     if runtime.blobs is None:
         raise InvalidInput("this server keeps no attachments")

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, String, cast, select, update
 
-from router.api.deps import get_runtime, require
-from router.auth import Principal
+from router import policy
+from router.api.deps import get_runtime, needs
 from router.db import Tx
 from router.exceptions import InvalidInput, NotFound
 from router.identity import (
@@ -23,14 +23,13 @@ from router.identity import (
     suggestions,
 )
 from router.models import Contact, ContactHint, ContactIdentity, Message
+from router.policy import Caller
 from router.runtime import Runtime
 from router.serialize import iso
-from router.types import Role
 from routing_rules import FactType
 from routing_rules.facts import is_number
 
 router = APIRouter(prefix="/api/contacts", tags=["contacts"])
-agent = require(Role.AGENT)
 
 
 def contact_view(conn: Connection, contact_id: int) -> dict[str, Any]:
@@ -105,7 +104,9 @@ def _patch(tx: Tx, contact_id: int, patch: ContactPatch) -> None:
 
 @router.get("/{contact_id}", summary="A contact with verified identities and unverified hints")
 async def get_contact(
-    contact_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+    contact_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    _: Caller = Depends(needs(policy.READ_CONTACT)),
 ) -> dict[str, Any]:
     return await runtime.db.read(contact_view, contact_id)
 
@@ -117,8 +118,9 @@ async def patch_contact(
     contact_id: int,
     patch: ContactPatch,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(agent),
+    caller: Caller = Depends(needs(policy.EDIT_CONTACT)),
 ) -> dict[str, Any]:
+    policy.check_contact_edit(caller, patch.model_fields_set, runtime.rules.active)
     if patch.attributes:
         _check_attributes(patch.attributes, runtime.rules.ruleset.attributes)
     await runtime.db.write(_patch, contact_id, patch)
@@ -139,14 +141,19 @@ class Reason(BaseModel):
 
 @router.get("/{contact_id}/suggestions", summary="Contacts that may be the same person, and why")
 async def get_suggestions(
-    contact_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+    contact_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    caller: Caller = Depends(needs(policy.READ_CONTACT)),
 ) -> list[dict[str, Any]]:
-    return await runtime.db.read(suggestions, contact_id)
+    visible = policy.visible_contacts(caller)
+    return await runtime.db.read(lambda c: suggestions(c, contact_id, visible=visible))
 
 
 @router.get("/{contact_id}/links", summary="The merges, splits, links and erasure of a contact")
 async def get_links(
-    contact_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+    contact_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    _: Caller = Depends(needs(policy.READ_CONTACT)),
 ) -> list[dict[str, Any]]:
     return await runtime.db.read(contact_links, contact_id)
 
@@ -159,15 +166,32 @@ async def post_merge(
     contact_id: int,
     body: Merge,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(agent),
+    caller: Caller = Depends(needs(policy.MERGE_CONTACTS)),
 ) -> dict[str, Any]:
     return await runtime.db.write(
-        merge_as,
+        merge_visible, caller, contact_id, body.from_contact, runtime.rules.active, body.reason
+    )
+
+
+def merge_visible(
+    tx: Tx,
+    caller: Caller,
+    contact_id: int,
+    from_contact: int,
+    ruleset: Any,
+    reason: str | None,
+) -> dict[str, Any]:
+    """A merge by ``caller``, who must see both contacts (the REST route and the agent
+    socket's ``merge_contacts``)."""
+    policy.check_target(tx.conn, caller, policy.Target.CONTACT, contact_id, ruleset)
+    policy.check_target(tx.conn, caller, policy.Target.CONTACT, from_contact, ruleset)
+    return merge_as(
+        tx,
         contact_id,
-        body.from_contact,
-        actor=f"user:{user.user_id}",
-        any_pair=user.allows(Role.SUPERVISOR),
-        reason=body.reason,
+        from_contact,
+        actor=f"user:{caller.user_id}",
+        any_pair=policy.may_merge_any(caller),
+        reason=reason,
     )
 
 
@@ -180,7 +204,7 @@ async def post_split(
     identity_id: int,
     body: Reason | None = None,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(require(Role.SUPERVISOR)),
+    caller: Caller = Depends(needs(policy.SPLIT_CONTACT)),
 ) -> dict[str, Any]:
     def split(tx: Tx) -> dict[str, Any]:
         owner = tx.execute(
@@ -189,7 +213,7 @@ async def post_split(
         if owner != contact_id:
             raise NotFound(f"contact {contact_id} has no identity {identity_id}")
         return split_identity(
-            tx, identity_id, actor=f"user:{user.user_id}", reason=body.reason if body else None
+            tx, identity_id, actor=f"user:{caller.user_id}", reason=body.reason if body else None
         )
 
     return await runtime.db.write(split)
@@ -199,7 +223,7 @@ async def post_split(
 async def get_export(
     contact_id: int,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(require(Role.ADMIN)),
+    _: Caller = Depends(needs(policy.CONTACT_DATA)),
 ) -> dict[str, Any]:
     return await runtime.db.read(export_contact, contact_id)
 
@@ -212,12 +236,12 @@ async def post_erase(
     contact_id: int,
     body: Reason | None = None,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(require(Role.ADMIN)),
+    caller: Caller = Depends(needs(policy.CONTACT_DATA)),
 ) -> dict[str, Any]:
     result = await runtime.db.write(
         erase_contact,
         contact_id,
-        actor=f"user:{user.user_id}",
+        actor=f"user:{caller.user_id}",
         reason=body.reason if body else None,
     )
     blobs = result.pop("blobs")

@@ -9,26 +9,38 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, select
 
 from channels.base import PermanentSendError, TemporarySendError
+from router import policy
 from router.agents import agent_by_name
-from router.api.deps import get_runtime, my_agent_id, require
-from router.auth import Principal
+from router.api.deps import get_runtime, needs
 from router.exceptions import Conflict, NotFound, Unavailable
 from router.messaging import agent_write
 from router.models import Agent, Conversation, Message
+from router.policy import Caller
 from router.runtime import Runtime
 from router.serialize import iso, message_payload
 from router.timeline import contact_timeline, conversation_detail
-from router.types import Role
 
 router = APIRouter(tags=["conversations"])
-agent = require(Role.AGENT)
-supervisor = require(Role.SUPERVISOR)
+
+
+def _agent_of(caller: Caller) -> int:
+    """The caller's agent id (the rule required an agent profile)."""
+    assert caller.agent_id is not None
+    return caller.agent_id
 
 
 def list_conversations(
-    conn: Connection, filters: dict[str, Any], limit: int, before: int | None
+    conn: Connection,
+    filters: dict[str, Any],
+    limit: int,
+    before: int | None,
+    visible: Any = None,
 ) -> dict[str, Any]:
+    """A page of conversations; ``visible`` is the caller's condition (router.policy), part
+    of the query, so paging and filters see only what the caller may read."""
     query = select(Conversation)
+    if visible is not None:
+        query = query.where(visible)
     for column in ("state", "queue", "channel", "contact_id"):
         if filters.get(column) is not None:
             query = query.where(getattr(Conversation, column) == filters[column])
@@ -67,7 +79,7 @@ async def get_conversations(
     limit: int = Query(50, ge=1, le=500),
     before: int | None = None,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(agent),
+    caller: Caller = Depends(needs(policy.CONVERSATIONS)),
 ) -> dict[str, Any]:
     filters = {
         "state": state,
@@ -76,7 +88,9 @@ async def get_conversations(
         "agent_id": agent_id,
         "contact_id": contact_id,
     }
-    return await runtime.db.read(list_conversations, filters, limit, before)
+    return await runtime.db.read(
+        list_conversations, filters, limit, before, policy.visible_conversations(caller)
+    )
 
 
 @router.get(
@@ -84,9 +98,15 @@ async def get_conversations(
     summary="A conversation with its contact's full cross-channel timeline",
 )
 async def get_conversation(
-    conversation_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+    conversation_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    caller: Caller = Depends(needs(policy.READ_CONVERSATION)),
 ) -> dict[str, Any]:
-    detail = await runtime.db.read(conversation_detail, conversation_id)
+    detail = await runtime.db.read(
+        lambda c: conversation_detail(
+            c, conversation_id, visible=policy.visible_conversations(caller)
+        )
+    )
     if detail is None:
         raise NotFound(f"no conversation {conversation_id}")
     return detail
@@ -126,20 +146,18 @@ async def post_message(
     conversation_id: int,
     body: Write,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(agent),
+    caller: Caller = Depends(needs(policy.WRITE_CONVERSATION)),
 ) -> dict[str, Any]:
-    if user.agent_id is None:
-        raise NotFound("you are not an agent")
     result = await runtime.db.write(
         agent_write,
-        user.agent_id,
+        _agent_of(caller),
         conversation_id,
         body.text,
         note=body.note,
         client_id=body.client_id,
         identity_id=body.identity_id,
         inbox_id=runtime.inbox_id_of(body.inbox),
-        supervisor=user.allows(Role.SUPERVISOR),
+        supervisor=policy.may_work_unheld(caller),
         template=body.template.model_dump() if body.template else None,
         attachments=body.attachments,
     )
@@ -149,9 +167,11 @@ async def post_message(
 
 @router.post("/api/conversations/{conversation_id}/resolve", summary="Resolve my conversation")
 async def resolve(
-    conversation_id: int, runtime: Runtime = Depends(get_runtime), me: int = Depends(my_agent_id)
+    conversation_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    caller: Caller = Depends(needs(policy.WORK_CONVERSATION)),
 ) -> dict[str, Any]:
-    result = await runtime.assignment.resolve(me, conversation_id)
+    result = await runtime.assignment.resolve(_agent_of(caller), conversation_id)
     return {"resolved": True, "wrap_up_until": result["wrap_up_until"]}
 
 
@@ -160,10 +180,12 @@ async def resolve(
     summary="Call the customer of my phone conversation back (my phone is rung in too)",
 )
 async def call_back(
-    conversation_id: int, runtime: Runtime = Depends(get_runtime), me: int = Depends(my_agent_id)
+    conversation_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    caller: Caller = Depends(needs(policy.WORK_CONVERSATION)),
 ) -> dict[str, str]:
     try:
-        return await runtime.voice.call_back(me, conversation_id)
+        return await runtime.voice.call_back(_agent_of(caller), conversation_id)
     except (TemporarySendError, PermanentSendError) as exc:
         raise Unavailable(f"Twilio: {exc.reason}") from exc
 
@@ -181,13 +203,13 @@ async def monitor(
     conversation_id: int,
     body: Monitor,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(supervisor),
+    caller: Caller = Depends(needs(policy.SUPERVISE_CONVERSATION)),
 ) -> dict[str, str]:
     to = body.to
-    if to is None and user.agent_id is not None:
+    if to is None and caller.agent_id is not None:
         phone = await runtime.db.read(
             lambda c: c.execute(
-                select(Agent.phone, Agent.sip).where(Agent.id == user.agent_id)
+                select(Agent.phone, Agent.sip).where(Agent.id == caller.agent_id)
             ).one()
         )
         to = phone.sip or phone.phone
@@ -204,9 +226,11 @@ async def monitor(
     summary="End the wrap-up of a conversation I resolved",
 )
 async def end_wrap_up(
-    conversation_id: int, runtime: Runtime = Depends(get_runtime), me: int = Depends(my_agent_id)
+    conversation_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    caller: Caller = Depends(needs(policy.WORK_CONVERSATION)),
 ) -> dict[str, bool]:
-    await runtime.assignment.end_wrap_up(me, conversation_id)
+    await runtime.assignment.end_wrap_up(_agent_of(caller), conversation_id)
     return {"ended": True}
 
 
@@ -223,9 +247,9 @@ async def escalate(
     conversation_id: int,
     body: Escalation,
     runtime: Runtime = Depends(get_runtime),
-    me: int = Depends(my_agent_id),
+    caller: Caller = Depends(needs(policy.WORK_CONVERSATION)),
 ) -> dict[str, str]:
-    queue = await runtime.assignment.escalate(me, conversation_id, body.reason)
+    queue = await runtime.assignment.escalate(_agent_of(caller), conversation_id, body.reason)
     return {"queue": queue}
 
 
@@ -242,9 +266,9 @@ async def send_to_routing(
     conversation_id: int,
     body: Reroute,
     runtime: Runtime = Depends(get_runtime),
-    me: int = Depends(my_agent_id),
+    caller: Caller = Depends(needs(policy.WORK_CONVERSATION)),
 ) -> dict[str, bool]:
-    await runtime.assignment.send_to_routing(me, conversation_id, body.note)
+    await runtime.assignment.send_to_routing(_agent_of(caller), conversation_id, body.note)
     return {"rerouted": True}
 
 
@@ -263,7 +287,7 @@ async def transfer(
     conversation_id: int,
     body: Transfer,
     runtime: Runtime = Depends(get_runtime),
-    me: int = Depends(my_agent_id),
+    caller: Caller = Depends(needs(policy.WORK_CONVERSATION)),
 ) -> dict[str, bool]:
     to_agent = None
     if body.to_agent is not None:
@@ -271,7 +295,11 @@ async def transfer(
         if to_agent is None:
             raise NotFound(f'no agent "{body.to_agent}"')
     await runtime.assignment.transfer(
-        me, conversation_id, to_queue=body.to_queue, to_agent=to_agent, note=body.note
+        _agent_of(caller),
+        conversation_id,
+        to_queue=body.to_queue,
+        to_agent=to_agent,
+        note=body.note,
     )
     return {"transferred": True}
 
@@ -290,18 +318,22 @@ async def assign(
     conversation_id: int,
     body: Assign,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(require(Role.SUPERVISOR)),
+    caller: Caller = Depends(needs(policy.SUPERVISE_CONVERSATION)),
 ) -> dict[str, bool]:
     agent_id = await runtime.db.read(agent_by_name, body.agent)
     if agent_id is None:
         raise NotFound(f'no agent "{body.agent}"')
-    await runtime.assignment.assign(conversation_id, agent_id, by=user.name, override=body.override)
+    await runtime.assignment.assign(
+        conversation_id, agent_id, by=caller.name, override=body.override
+    )
     return {"assigned": True}
 
 
 @router.get("/api/messages/{message_id}", summary="One message")
 async def get_message(
-    message_id: int, runtime: Runtime = Depends(get_runtime), _: Principal = Depends(agent)
+    message_id: int,
+    runtime: Runtime = Depends(get_runtime),
+    _: Caller = Depends(needs(policy.READ_MESSAGE)),
 ) -> dict[str, Any]:
     row = await runtime.db.read(
         lambda c: c.execute(select(Message).where(Message.id == message_id)).first()
@@ -321,8 +353,9 @@ async def timeline(
     limit: int = Query(100, ge=1, le=500),
     before: int | None = None,
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(agent),
+    caller: Caller = Depends(needs(policy.READ_CONTACT)),
 ) -> dict[str, Any]:
+    visible = policy.visible_conversations(caller)
     return await runtime.db.read(
-        lambda c: contact_timeline(c, contact_id, limit=limit, before=before)
+        lambda c: contact_timeline(c, contact_id, limit=limit, before=before, visible=visible)
     )

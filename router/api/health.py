@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from router.api.deps import get_runtime
+from router import policy
+from router.api.deps import declare, get_runtime
 from router.metrics import service_snapshot
 from router.runtime import Runtime
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], dependencies=[declare(policy.PUBLIC)])
 
 
 @router.get("/healthz", summary="The process is up")

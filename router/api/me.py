@@ -8,13 +8,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from router.api.deps import get_runtime, require
-from router.auth import Principal, set_password, verify_password
+from router import policy
+from router.api.deps import get_runtime, needs
+from router.auth import set_password, verify_password
 from router.exceptions import Forbidden, RateLimited
+from router.policy import Caller
 from router.ratelimit import RateLimiter
 from router.runtime import Runtime
 from router.sessions import PASSWORD_CHANGES, PASSWORD_WINDOW
-from router.types import Role
 
 router = APIRouter(prefix="/api/me", tags=["me"])
 
@@ -25,7 +26,8 @@ class PasswordChange(BaseModel):
 
 
 @router.get("", summary="Who am I")
-async def me(user: Principal = Depends(require(Role.AGENT))) -> dict[str, Any]:
+async def me(caller: Caller = Depends(needs(policy.SELF))) -> dict[str, Any]:
+    user = caller.principal
     return {
         "id": user.user_id,
         "name": user.name,
@@ -44,8 +46,9 @@ async def change_password(
     change: PasswordChange,
     request: Request,
     runtime: Runtime = Depends(get_runtime),
-    user: Principal = Depends(require(Role.AGENT)),
+    caller: Caller = Depends(needs(policy.SELF)),
 ) -> dict[str, bool]:
+    user = caller.principal
     # Every attempt counts, right or wrong, before the current password is checked: a
     # stolen session must not be a way to try passwords (docs/security.md).
     limiter: RateLimiter = request.app.state.sessions.password_changes

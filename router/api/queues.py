@@ -8,11 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from sqlalchemy import Connection, func, select
 
-from router.api.deps import get_runtime, require
-from router.auth import Principal
+from router import policy
+from router.api.deps import get_runtime, needs
 from router.models import Conversation, Queue
+from router.policy import Caller
 from router.runtime import Runtime
-from router.types import Role
 
 router = APIRouter(prefix="/api/queues", tags=["queues"])
 
@@ -59,6 +59,6 @@ def queue_stats(conn: Connection, now: datetime) -> list[dict[str, Any]]:
     summary="Queues from the active ruleset, with waiting, offered and assigned counts and the longest wait",
 )
 async def list_queues(
-    runtime: Runtime = Depends(get_runtime), _: Principal = Depends(require(Role.AGENT))
+    runtime: Runtime = Depends(get_runtime), _: Caller = Depends(needs(policy.SELF))
 ) -> list[dict[str, Any]]:
     return await runtime.db.read(queue_stats, runtime.clock.now())

@@ -9,16 +9,16 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, Response
 
+from router import policy
 from router.agents import agent_by_name
-from router.api.deps import get_runtime, require
-from router.auth import Principal
+from router.api.deps import get_runtime, needs
 from router.exceptions import InvalidInput, NotFound
+from router.policy import Caller
 from router.reports import backlog, fairness, kpi_report, to_csv
 from router.runtime import Runtime
-from router.types import Role
 
 router = APIRouter(prefix="/api/reports", tags=["reports"])
-supervisor = require(Role.SUPERVISOR)
+supervisor = needs(policy.REPORTS)
 
 
 def _period(
@@ -58,9 +58,10 @@ async def kpis(
     agent: str | None = Query(None, description="an agent's user name"),
     format: Literal["json", "csv"] = "json",
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(supervisor),
+    caller: Caller = Depends(supervisor),
 ) -> Response | dict[str, Any]:
     start, end = _period(runtime, start, end)
+    visible = policy.visible_conversations(caller)
     agent_id = None
     if agent is not None:
         agent_id = await runtime.db.read(agent_by_name, agent)
@@ -69,7 +70,15 @@ async def kpis(
     ruleset = runtime.rules.ruleset
     report = await runtime.db.read(
         lambda c: kpi_report(
-            c, ruleset, start, end, by=by, queue=queue, channel=channel, agent_id=agent_id
+            c,
+            ruleset,
+            start,
+            end,
+            by=by,
+            queue=queue,
+            channel=channel,
+            agent_id=agent_id,
+            visible=visible,
         )
     )
     return _answer(report, report["rows"], format, f"kpis-by-{by}")
@@ -79,9 +88,9 @@ async def kpis(
 async def get_backlog(
     format: Literal["json", "csv"] = "json",
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(supervisor),
+    caller: Caller = Depends(supervisor),
 ) -> Response | dict[str, Any]:
-    rows = await runtime.db.read(backlog, runtime.clock.now())
+    rows = await runtime.db.read(backlog, runtime.clock.now(), policy.visible_conversations(caller))
     return _answer({"rows": rows}, rows, format, "backlog")
 
 
@@ -95,13 +104,14 @@ async def get_fairness(
     end: datetime | None = None,
     format: Literal["json", "csv"] = "json",
     runtime: Runtime = Depends(get_runtime),
-    _: Principal = Depends(supervisor),
+    caller: Caller = Depends(supervisor),
 ) -> Response | dict[str, Any]:
     start, end = _period(runtime, start, end)
     ruleset = runtime.rules.ruleset
+    visible = policy.visible_conversations(caller)
 
     def read(c: Any) -> list[dict[str, Any]]:
-        return fairness(kpi_report(c, ruleset, start, end, by="agent"), c)
+        return fairness(kpi_report(c, ruleset, start, end, by="agent", visible=visible), c)
 
     rows = await runtime.db.read(read)
     return _answer({"rows": rows}, rows, format, "fairness")

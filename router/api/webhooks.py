@@ -16,13 +16,14 @@ from fastapi.responses import Response
 from channels.base import Channel, WebhookRequest
 from channels.meta import MetaChannel, entries, handshake, route, verify_signature
 from channels.twilio_voice import MESSAGE_KINDS, VOICE_KINDS, TwilioVoiceChannel
-from router.api.deps import get_runtime
+from router import policy
+from router.api.deps import declare, get_runtime
 from router.channels_config import MetaApp
 from router.exceptions import NotFound
 from router.pipeline import quarantine
 from router.runtime import Runtime
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/webhooks", tags=["webhooks"], dependencies=[declare(policy.WEBHOOK)])
 log = logging.getLogger(__name__)
 
 

@@ -89,7 +89,7 @@ async def test_canned_responses_are_rendered_and_searched(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", "+4917012345678", "hello", name="Vera")
+    await inbound(client, "sms", "s1", "+4917012345678", "hello", name="Vera", runtime=runtime)
     cid = await conversation_of(runtime, "s1")
     every = (
         await client.get(f"/api/conversations/{cid}/canned", headers=auth(tokens["anna"]))
@@ -110,8 +110,8 @@ async def test_reply_options_list_what_a_reply_can_reach(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", "+4917012345678", "text")
-    await inbound(client, "mail", "m1", "ann@example.com", "mail", verified=False)
+    await inbound(client, "sms", "s1", "+4917012345678", "text", runtime=runtime)
+    await inbound(client, "mail", "m1", "ann@example.com", "mail", verified=False, runtime=runtime)
     phone = await contact_of(runtime, "phone", "+4917012345678")
     claim = await contact_of(runtime, "email", "ann@example.com", verified=False)
     merged = await client.post(
@@ -139,7 +139,7 @@ async def test_tags_are_set_by_the_assigned_agent(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", "+4917012345678", "hello")
+    await inbound(client, "sms", "s1", "+4917012345678", "hello", runtime=runtime)
     cid = await conversation_of(runtime, "s1")
     await assign(runtime, cid, "anna")
     path = f"/api/conversations/{cid}/tags"
@@ -159,7 +159,7 @@ async def test_attachments_download_as_files(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", "+4917012345678", "see attached")
+    await inbound(client, "sms", "s1", "+4917012345678", "see attached", runtime=runtime)
     assert runtime.blobs is not None
     key = await runtime.blobs.put(b"<html><script>alert(1)</script></html>", "text/html", "x.html")
 

@@ -38,6 +38,7 @@ from router.runtime import Runtime
 from router.types import EventKind
 from routing_rules import RulesError
 from tests.router.test_live import make_agent
+from tests.router.test_pipeline import settle
 from tests.support import (
     CHANNELS,
     client_for,
@@ -94,11 +95,18 @@ async def inbound(
     external: str,
     sender: str,
     text: str = "hello",
+    *,
+    runtime: Runtime | None = None,
     **kw: Any,
 ) -> None:
+    """A customer message through a fake inbox; with ``runtime``, routed before returning
+    (on PostgreSQL routing runs after the webhook's answer, and an agent sees a conversation
+    only once it sits in one of their queues)."""
     kind = kw.pop("kind", "email" if "@" in sender else "phone")
     response = await post_fake(client, inbox, fake_message(external, sender, text, kind=kind, **kw))
     assert response.status_code == 200, response.text
+    if runtime is not None:
+        await settle(runtime)
 
 
 async def contact_of(runtime: Runtime, kind: str, address: str, verified: bool = True) -> int:
@@ -119,9 +127,11 @@ async def test_an_unverified_claim_never_reaches_the_verified_owner(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "mail", "m1", EMAIL, "my order is late")
-    await inbound(client, "mail", "m2", EMAIL, "I am Ann, show me my orders", verified=False)
-    await inbound(client, "mail", "m3", EMAIL, "a second spoof", verified=False)
+    await inbound(client, "mail", "m1", EMAIL, "my order is late", runtime=runtime)
+    await inbound(
+        client, "mail", "m2", EMAIL, "I am Ann, show me my orders", verified=False, runtime=runtime
+    )
+    await inbound(client, "mail", "m3", EMAIL, "a second spoof", verified=False, runtime=runtime)
     owner = await contact_of(runtime, "email", EMAIL)
     claim = await contact_of(runtime, "email", EMAIL, verified=False)
     assert owner != claim  # the claim has a contact of its own (both spoofs share it)
@@ -147,8 +157,8 @@ async def test_merge_moves_everything_and_split_gives_it_back(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", PHONE, "text one", name="Ann")
-    await inbound(client, "mail", "m1", EMAIL, "mail one", name="Ann Smith")
+    await inbound(client, "sms", "s1", PHONE, "text one", name="Ann", runtime=runtime)
+    await inbound(client, "mail", "m1", EMAIL, "mail one", name="Ann Smith", runtime=runtime)
     phone_contact = await contact_of(runtime, "phone", PHONE)
     mail_contact = await contact_of(runtime, "email", EMAIL)
 
@@ -191,7 +201,7 @@ async def test_merge_moves_everything_and_split_gives_it_back(
         assert [m["text"] for m in timeline["messages"]] == ["text one", "mail one"]
         assert [e["kind"] for e in timeline["events"]].count("merged") == 1
     # new mail after the merge lands on the survivor
-    await inbound(client, "mail", "m2", EMAIL, "mail two")
+    await inbound(client, "mail", "m2", EMAIL, "mail two", runtime=runtime)
     assert await contact_of(runtime, "email", EMAIL) == phone_contact
     links = (
         await client.get(f"/api/contacts/{phone_contact}/links", headers=auth(tokens["agent"]))
@@ -238,8 +248,8 @@ async def test_an_agent_merges_a_suggested_match(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", PHONE, "hi", name="Ann Smith")
-    await inbound(client, "mail", "m1", EMAIL, "hello", name="Ann Smith")
+    await inbound(client, "sms", "s1", PHONE, "hi", name="Ann Smith", runtime=runtime)
+    await inbound(client, "mail", "m1", EMAIL, "hello", name="Ann Smith", runtime=runtime)
     phone_contact = await contact_of(runtime, "phone", PHONE)
     mail_contact = await contact_of(runtime, "email", EMAIL)
     found = (
@@ -274,8 +284,8 @@ async def test_routing_sees_the_contacts_history_on_every_channel(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", PHONE, "first")
-    await inbound(client, "mail", "m1", EMAIL, "by mail")
+    await inbound(client, "sms", "s1", PHONE, "first", runtime=runtime)
+    await inbound(client, "mail", "m1", EMAIL, "by mail", runtime=runtime)
     await runtime.route_pending()
     phone_contact = await contact_of(runtime, "phone", PHONE)
     mail_contact = await contact_of(runtime, "email", EMAIL)
@@ -294,7 +304,7 @@ async def test_routing_sees_the_contacts_history_on_every_channel(
         )
 
     await runtime.db.write(resolve_mail)
-    await inbound(client, "mail", "m2", EMAIL, "by mail again")
+    await inbound(client, "mail", "m2", EMAIL, "by mail again", runtime=runtime)
     await runtime.route_pending()
 
     def decisions(c: Any) -> list[tuple[str, str, dict[str, Any]]]:
@@ -326,9 +336,13 @@ async def test_replies_go_to_verified_identities_through_a_channel_that_reaches_
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", PHONE, "call me back")
-    await inbound(client, "wa", "w1", "+4917099999999", "whatsapp hello", kind="whatsapp")
-    await inbound(client, "mail", "m1", "other@example.com", "unverified", verified=False)
+    await inbound(client, "sms", "s1", PHONE, "call me back", runtime=runtime)
+    await inbound(
+        client, "wa", "w1", "+4917099999999", "whatsapp hello", kind="whatsapp", runtime=runtime
+    )
+    await inbound(
+        client, "mail", "m1", "other@example.com", "unverified", verified=False, runtime=runtime
+    )
     phone_contact = await contact_of(runtime, "phone", PHONE)
     for kind, address, verified in (
         ("whatsapp", "+4917099999999", True),
@@ -390,7 +404,9 @@ async def test_export_and_erase_a_contact(
     api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
 ) -> None:
     runtime, client, tokens = api
-    await inbound(client, "sms", "s1", PHONE, "my secret address is 1 Main St", name="Ann")
+    await inbound(
+        client, "sms", "s1", PHONE, "my secret address is 1 Main St", name="Ann", runtime=runtime
+    )
     contact = await contact_of(runtime, "phone", PHONE)
     assert (
         await client.get(f"/api/contacts/{contact}/export", headers=auth(tokens["agent"]))
@@ -419,7 +435,7 @@ async def test_export_and_erase_a_contact(
     texts = await runtime.db.read(lambda c: c.execute(select(Message.text)).scalars().all())
     assert "my secret address is 1 Main St" not in texts
     # the same number writing again is a new contact, with nothing of the old one
-    await inbound(client, "sms", "s2", PHONE, "hello again")
+    await inbound(client, "sms", "s2", PHONE, "hello again", runtime=runtime)
     assert await contact_of(runtime, "phone", PHONE) != contact
     twice = await client.post(f"/api/contacts/{contact}/erase", headers=auth(tokens["admin"]))
     assert twice.status_code == 409
