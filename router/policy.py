@@ -219,7 +219,6 @@ RULES: dict[str, Rule] = {
 FRAMEWORK_ROUTES: dict[str, Rule] = {
     "/openapi.json": PUBLIC,
     "/docs": PUBLIC,
-    "/docs/oauth2-redirect": PUBLIC,
     "/redoc": PUBLIC,
 }
 

@@ -116,7 +116,6 @@ MATRIX: list[tuple[str, str, str, str, str]] = [
     # public, signed or visitor-gated: staff credentials change nothing
     ("GET", "/openapi.json", "-", "public", same(200)),
     ("GET", "/docs", "-", "public", same(200)),
-    ("GET", "/docs/oauth2-redirect", "-", "public", same(200)),
     ("GET", "/redoc", "-", "public", same(200)),
     ("GET", "/healthz", "-", "public", same(200)),
     ("GET", "/readyz", "-", "public", same(200)),
@@ -124,6 +123,7 @@ MATRIX: list[tuple[str, str, str, str, str]] = [
     ("GET", "/widget.js", "-", "public", same(200)),
     ("GET", "/widget.css", "-", "public", same(200)),
     ("GET", "/static/{name}", "-", "public", same(200)),
+    ("GET", "/static/docs/{name}", "-", "public", same(200)),
     ("GET", "/favicon.ico", "-", "public", same(204)),
     ("GET", "/demo", "-", "public", same(200)),
     ("GET", "/demo/agent", "-", "public", same(200)),
@@ -227,7 +227,8 @@ MATRIX: list[tuple[str, str, str, str, str]] = [
     # sockets: opening them (the hello)
     ("WS", "/ws/agent", "-", "agent-socket", "ok ok ok ok 403 401 401"),
     ("WS", "/ws/supervisor", "-", "supervisor-socket", "403 403 ok ok ok 401 401"),
-    ("WS", "/ws/chat", "-", "visitor", "ok ok ok ok ok ok ok"),
+    # a staff token is no visitor token: refused (token_rejected), and a new chat begins
+    ("WS", "/ws/chat", "-", "visitor", " ".join(["token_rejected"] * 5 + ["ok", "ok"])),
 ]
 
 # /ws/agent commands, by the callers who can open it: "A B S S*"
@@ -498,6 +499,8 @@ def _params(world: World, method: str, path: str, variant: str) -> dict[str, Any
         "score": 9,
         "signature": link_signature(world.runtime.channel_secret, conversation or 0),
     }
+    if path.startswith("/static/docs/"):
+        values["name"] = "swagger-ui.css"
     if path.endswith(("/merge", "/split")):
         values["contact_id"] = ids[f"merge_into_{team}"]
         values["identity_id"] = ids.get(f"split_identity_{team}")

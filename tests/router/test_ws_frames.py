@@ -189,7 +189,7 @@ async def test_the_supervisor_socket_answers_hostile_frames_and_stays_open(
     await supervisor.wait_for(lambda f: f.get("type") == "welcome")
     await _hostile_frames(supervisor, '{"type": "ping", "note": "TEXT"}')
     await supervisor.send({"type": "frobnicate"})
-    assert (await _error(supervisor))["message"] == 'unknown frame type "frobnicate"'
+    assert (await _error(supervisor))["message"] == 'unknown command "frobnicate"'
     await supervisor.send({"type": "ping"})
     await supervisor.wait_for(lambda f: f.get("type") == "pong")
     await supervisor.close()
