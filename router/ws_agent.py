@@ -22,6 +22,7 @@ from starlette.websockets import WebSocketDisconnected
 from router.agents import agent_by_name
 from router.assignment.core import conversation_summary
 from router.auth import Principal
+from router.credentials import CLOSE_CODE, MESSAGES, PRESENCE_REASONS, REVOKED, Credential
 from router.events import SUPERVISORS, agent_stream
 from router.exceptions import Forbidden, InvalidInput, NotFound, OmnirouteError, Unauthorized
 from router.hub import Session
@@ -29,6 +30,7 @@ from router.identity import merge_as
 from router.messaging import agent_write
 from router.models import ContactIdentity, Conversation, Message, Offer
 from router.outbox import resend
+from router.revocation import Watch
 from router.runtime import Runtime
 from router.sessions import hello_principal
 from router.timeline import contact_timeline
@@ -116,6 +118,10 @@ def _text(cmd: dict[str, Any], key: str, *, required: bool = True) -> str | None
     return value
 
 
+class SignedOut(Exception):
+    """The socket's credential ended: nothing more is sent to it."""
+
+
 class AgentConnection:
     def __init__(self, ws: WebSocket, runtime: Runtime, principal: Principal) -> None:
         self.ws = ws
@@ -124,10 +130,23 @@ class AgentConnection:
         assert principal.agent_id is not None
         self.agent_id: int = principal.agent_id
         self._send_lock = asyncio.Lock()
+        self.watch: Watch | None = None
 
     async def send(self, frame: dict[str, Any]) -> None:
+        if self.watch is not None and not await self.watch.valid():
+            raise SignedOut(self.watch.ended)
         async with self._send_lock:
             await self.ws.send_text(json.dumps(frame, default=str))
+
+    async def signed_out(self, reason: str) -> None:
+        """The credential ended (router.revocation): say why, close with 4401 and the reason."""
+        message = MESSAGES[reason]
+        async with self._send_lock:
+            with contextlib.suppress(Exception):
+                await self.ws.send_text(
+                    json.dumps({"type": "signed_out", "reason": reason, "message": message})
+                )
+        await self.ws.close(CLOSE_CODE, message)
 
     async def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         kind = cmd.get("type")
@@ -251,7 +270,7 @@ class AgentConnection:
         )
 
 
-async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, Any]]:
+async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, Credential, dict[str, Any]]:
     try:
         raw = await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT)
     except TimeoutError:
@@ -262,10 +281,10 @@ async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, 
         raise Unauthorized("the first frame must be a JSON hello") from None
     if not isinstance(hello, dict) or hello.get("type") != "hello":
         raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
-    principal = await hello_principal(ws, runtime.db, hello)
+    principal, credential = await hello_principal(ws, runtime.db, hello)
     if principal.agent_id is None:
         raise Forbidden("this user is not an agent")
-    return principal, hello
+    return principal, credential, hello
 
 
 @router.websocket("/ws/agent")
@@ -279,7 +298,7 @@ async def _agent_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
     await ws.accept()
     try:
-        principal, hello = await _hello(ws, runtime)
+        principal, credential, hello = await _hello(ws, runtime)
     except OmnirouteError as exc:
         with contextlib.suppress(Exception):
             await ws.send_text(
@@ -290,6 +309,19 @@ async def _agent_socket(ws: WebSocket) -> None:
     except WebSocketDisconnect:
         return
     conn = AgentConnection(ws, runtime, principal)
+    with runtime.guard.watching(credential, conn.signed_out) as watch:
+        conn.watch = watch
+        try:
+            await _serve_agent(ws, runtime, conn, hello)
+        finally:
+            await watch.closed()  # a socket signed out leaves with its code and reason
+
+
+async def _serve_agent(
+    ws: WebSocket, runtime: Runtime, conn: AgentConnection, hello: dict[str, Any]
+) -> None:
+    principal, watch = conn.principal, conn.watch
+    assert watch is not None
     resume: dict[str, Any] = hello["resume"] if isinstance(hello.get("resume"), dict) else {}
     streams: dict[str, int | None] = {
         agent_stream(conn.agent_id): _seq(resume.get(agent_stream(conn.agent_id)))
@@ -318,16 +350,24 @@ async def _agent_socket(ws: WebSocket) -> None:
         session.start()
         # Only now the agent goes online (and may be offered work): new offers arrive as
         # live events after the welcome, never lost between the snapshot and the stream.
-        connection_id = await runtime.assignment.connect(conn.agent_id)
+        # Refused if the credential ended since the hello (then no presence outlives it).
+        try:
+            connection_id = await runtime.assignment.connect(conn.agent_id, watch.credential)
+        except Unauthorized as exc:
+            watch.end(str(exc.detail.get("reason", REVOKED)))
+            return
         await _command_loop(ws, conn)
-    except (WebSocketDisconnect, WebSocketDisconnected):
-        pass  # the client left (or a send found it gone)
+    except (WebSocketDisconnect, WebSocketDisconnected, SignedOut):
+        pass  # the client left (or a send found it gone, or signed out)
     finally:
         await session.close()
         logout = getattr(conn, "logged_out", False)
         if connection_id is not None:
+            ended = PRESENCE_REASONS[watch.ended] if watch.ended is not None else None
             try:
-                await runtime.assignment.disconnect(conn.agent_id, connection_id, logout=logout)
+                await runtime.assignment.disconnect(
+                    conn.agent_id, connection_id, logout=logout, ended=ended
+                )
             except Exception:
                 log.exception("disconnect bookkeeping failed for agent %s", conn.agent_id)
 
@@ -361,6 +401,15 @@ async def _command_loop(ws: WebSocket, conn: AgentConnection) -> None:
             )
             continue
         request_id = cmd.get("id")
+        # A credential that ended acts no more, even before its socket is closed.
+        try:
+            if conn.watch is not None and not await conn.watch.valid(strict=True):
+                return
+        except OmnirouteError as exc:
+            await conn.send(
+                {"type": "error", "id": request_id, "code": exc.code, "message": exc.message}
+            )
+            continue
         if cmd.get("type") == "logout":
             conn.logged_out = True  # type: ignore[attr-defined]
             await conn.send({"type": "ack", "id": request_id, "result": {}})

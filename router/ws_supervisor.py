@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,8 @@ from starlette.websockets import WebSocketDisconnected
 from router.api.agents import agents_view
 from router.api.queues import queue_stats
 from router.assignment.sla import NO_DUE
+from router.auth import Principal
+from router.credentials import CLOSE_CODE, MESSAGES, Credential
 from router.events import SUPERVISORS
 from router.exceptions import Forbidden, OmnirouteError, Unauthorized
 from router.hub import Session
@@ -106,11 +109,13 @@ async def _shared_snapshot(runtime: Runtime) -> dict[str, Any]:
         return shared.value
 
 
-async def _principal(ws: WebSocket, runtime: Runtime, hello: dict[str, Any]) -> Any:
-    principal = await hello_principal(ws, runtime.db, hello)
+async def _principal(
+    ws: WebSocket, runtime: Runtime, hello: dict[str, Any]
+) -> tuple[Principal, Credential]:
+    principal, credential = await hello_principal(ws, runtime.db, hello)
     if not principal.allows(Role.SUPERVISOR):
         raise Forbidden("this needs the supervisor role")
-    return principal
+    return principal, credential
 
 
 @router.websocket("/ws/supervisor")
@@ -133,7 +138,7 @@ async def _supervisor_socket(ws: WebSocket) -> None:
         hello = json.loads(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT))
         if not isinstance(hello, dict) or hello.get("type") != "hello":
             raise Unauthorized('the first frame must be {"type": "hello"}')
-        principal = await _principal(ws, runtime, hello)
+        principal, credential = await _principal(ws, runtime, hello)
     except (TimeoutError, ValueError):
         with contextlib.suppress(Exception):
             await ws.close(1008, 'the first frame must be {"type": "hello"}')
@@ -145,6 +150,36 @@ async def _supervisor_socket(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
+
+    async def signed_out(reason: str) -> None:
+        """The credential ended (router.revocation): say why, close with 4401 and the reason."""
+        message = MESSAGES[reason]
+        async with lock:
+            with contextlib.suppress(Exception):
+                await ws.send_text(
+                    json.dumps({"type": "signed_out", "reason": reason, "message": message})
+                )
+        await ws.close(CLOSE_CODE, message)
+
+    with runtime.guard.watching(credential, signed_out) as watch:
+
+        async def send_checked(frame: dict[str, Any]) -> None:
+            if not await watch.valid():
+                raise WebSocketDisconnected()  # signed out: nothing more goes to it
+            await send(frame)
+
+        try:
+            await _serve_supervisor(ws, runtime, principal, send_checked)
+        finally:
+            await watch.closed()  # a socket signed out leaves with its code and reason
+
+
+async def _serve_supervisor(
+    ws: WebSocket,
+    runtime: Runtime,
+    principal: Principal,
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
     session = Session(runtime.db, runtime.bus, send)
     pusher: asyncio.Task[None] | None = None
     try:
