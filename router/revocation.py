@@ -76,7 +76,8 @@ class Watch:
         if self.ended is not None:
             return
         self.ended = reason
-        self._guard.signed_out += 1
+        if self._guard.on_signed_out is not None:
+            self._guard.on_signed_out(reason)
         self._closing = self._guard.tasks.spawn(self._run_close(reason), "signed-out close")
 
     async def _run_close(self, reason: str) -> None:
@@ -96,14 +97,21 @@ class Watch:
 class SocketGuard:
     """The sockets of one process, by user, and the checks that close them."""
 
-    def __init__(self, db: Database, bus: Bus, clock: Clock, interval: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        bus: Bus,
+        clock: Clock,
+        interval: float,
+        on_signed_out: Callable[[str], None] | None = None,
+    ) -> None:
         self.db = db
         self.bus = bus
         self.clock = clock
         self.interval = interval
+        self.on_signed_out = on_signed_out  # counts each socket closed, with the reason
         self.watches: dict[int, set[Watch]] = {}
         self.tasks = TaskGroup()
-        self.signed_out = 0  # sockets closed because their credential ended
         self._subscription: Subscription | None = None
 
     async def start(self) -> None:

@@ -188,7 +188,13 @@ class Runtime:
         self.assignment.rerouted.append(self.route_pending)
         self.voice = Voice(self)
         # Sockets close when the credential they signed in with ends (router.revocation).
-        self.guard = SocketGuard(self.db, self.bus, self.clock, settings.credential_check_interval)
+        self.guard = SocketGuard(
+            self.db,
+            self.bus,
+            self.clock,
+            settings.credential_check_interval,
+            on_signed_out=lambda reason: self.metrics.sockets_signed_out.labels(reason).inc(),
+        )
         self.db.context["credentials_changed"] = self._credentials_changed
         self.assignment.connecting.append(self.voice.connect)
         self._lock_file: Any = None
