@@ -4,7 +4,7 @@ session it signed in with (NULL: the API token).
 
 Revision ID: 0008
 Revises: 0007
-Create Date: 2026-11-27 10:00:00
+Create Date: 2026-12-07 23:00:00
 """
 
 from __future__ import annotations
