@@ -19,9 +19,19 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Connection, bindparam, insert, select, update
 
+from router.credentials import (
+    PASSWORD_CHANGED,
+    REVOKED,
+    TOKEN_ROTATED,
+    UNKNOWN,
+    WITH_PASSWORD,
+    WITH_TOKEN,
+    end_credentials,
+    end_sessions,
+)
 from router.db import Tx
 from router.exceptions import Conflict, InvalidInput, NotFound
-from router.models import Agent, User, UserSession
+from router.models import Agent, User
 from router.types import Role
 
 __all__ = [
@@ -91,6 +101,8 @@ def create_user(tx: Tx, name: str, role: Role | str) -> tuple[int, str]:
 
 
 def rotate_token(tx: Tx, name: str) -> str:
+    """A new token; the old one stops working, and with it every socket that signed in with
+    it and every console session opened with it (and their sockets)."""
     user = _user(tx.conn, name)
     token = new_token()
     tx.execute(
@@ -98,25 +110,23 @@ def rotate_token(tx: Tx, name: str) -> str:
         .where(User.id == user.id)
         .values(token_hash=hash_token(token), token_created_at=tx.now, revoked_at=None)
     )
+    ended = end_sessions(tx, user.id, TOKEN_ROTATED, signed_in_with=(WITH_TOKEN, UNKNOWN))
+    end_credentials(tx, user.id, TOKEN_ROTATED, token=True, sessions=ended)
     return token
 
 
-def _end_sessions(tx: Tx, user_id: int) -> None:
-    tx.execute(
-        update(UserSession)
-        .where(UserSession.user_id == user_id, UserSession.revoked_at.is_(None))
-        .values(revoked_at=tx.now)
-    )
-
-
 def revoke_user(tx: Tx, name: str) -> None:
-    """The token stops working and every signed-in browser of the user is signed out."""
+    """The token stops working, every console session of the user ends, and every socket of
+    theirs is closed; an agent goes offline and their work returns to its queues."""
     user = _user(tx.conn, name)
     tx.execute(update(User).where(User.id == user.id).values(token_hash=None, revoked_at=tx.now))
-    _end_sessions(tx, user.id)
+    ended = end_sessions(tx, user.id, REVOKED)
+    end_credentials(tx, user.id, REVOKED, token=True, sessions=ended, logout=True, everything=True)
 
 
 def set_password(tx: Tx, name: str, password: str) -> None:
+    """Set the password; the console sessions signed in with a password end (and their
+    sockets); the API token and the sessions opened with it do not depend on it."""
     if len(password) < MIN_PASSWORD:
         raise InvalidInput(f"a password needs at least {MIN_PASSWORD} characters")
     user = _user(tx.conn, name)
@@ -125,7 +135,8 @@ def set_password(tx: Tx, name: str, password: str) -> None:
         .where(User.id == user.id)
         .values(password_hash=_hasher.hash(password), password_changed_at=tx.now)
     )
-    _end_sessions(tx, user.id)  # a changed password signs every browser out
+    ended = end_sessions(tx, user.id, PASSWORD_CHANGED, signed_in_with=(WITH_PASSWORD, UNKNOWN))
+    end_credentials(tx, user.id, PASSWORD_CHANGED, token=False, sessions=ended)
 
 
 # Built once: a statement built per call costs several times its execution (every request

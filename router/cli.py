@@ -214,20 +214,34 @@ def _settings() -> Any:
         _fail_usage(exc.message)
 
 
-def _with_db(fn: Any) -> Any:
-    """Run ``fn(db)`` (async) against the configured database."""
+def _with_db(fn: Any, *, announce: bool = False) -> Any:
+    """Run ``fn(db)`` (async) against the configured database. ``announce``: a credential
+    that ``fn`` ends is announced on the Redis bus when one is configured, so running
+    servers close its sockets at once (without Redis they notice within
+    ``OMNIROUTE_CREDENTIAL_CHECK_INTERVAL``)."""
     import asyncio
 
+    from adapters.bus import make_bus
     from router.db import Database
+    from router.revocation import TOPIC
 
     settings = _settings()
 
     async def run() -> Any:
         db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        redis = announce and settings.redis_url
+        bus = make_bus(settings.redis_url, settings.redis_prefix) if redis else None
         await db.start()
+        if bus is not None:
+            await bus.start()
+            db.context["credentials_changed"] = lambda user_id: bus.publish(
+                TOPIC, {"user_id": user_id}
+            )
         try:
             return await fn(db)
         finally:
+            if bus is not None:
+                await bus.close()
             await db.close()
 
     try:
@@ -282,28 +296,31 @@ def users_passwd(
         ),
     ],
 ) -> None:
-    """Set a user's password (stored as an argon2 hash)."""
+    """Set a user's password (stored as an argon2 hash); the console sessions signed in
+    with the old one end, and their sockets close."""
     from router.auth import set_password
 
-    _with_db(lambda db: db.write(set_password, name, password))
+    _with_db(lambda db: db.write(set_password, name, password), announce=True)
     typer.echo(f"password for {name} set")
 
 
 @users_app.command("rotate")
 def users_rotate(name: str) -> None:
-    """Issue a new token (the old one stops working at once)."""
+    """Issue a new token: the old one, its sockets and the console sessions opened with it
+    stop working at once."""
     from router.auth import rotate_token
 
-    token = _with_db(lambda db: db.write(rotate_token, name))
+    token = _with_db(lambda db: db.write(rotate_token, name), announce=True)
     typer.echo(f"new token for {name} (shown once):\n{token}")
 
 
 @users_app.command("revoke")
 def users_revoke(name: str) -> None:
-    """Revoke a user's token and sessions."""
+    """Revoke a user: token, console sessions and sockets end at once; an agent goes
+    offline and their work returns to its queues."""
     from router.auth import revoke_user
 
-    _with_db(lambda db: db.write(revoke_user, name))
+    _with_db(lambda db: db.write(revoke_user, name), announce=True)
     typer.echo(f"{name} revoked")
 
 

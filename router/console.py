@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from router import policy
 from router.api.deps import declare
 from router.auth import authenticate_token, verify_password
+from router.credentials import WITH_PASSWORD, WITH_TOKEN
 from router.csat import link_answer, link_signature
 from router.exceptions import Forbidden, Unauthorized
 from router.pages import CSP, page
@@ -57,11 +58,13 @@ async def login(body: Login, request: Request) -> Response:
     principal = None
     if body.token:
         principal = await runtime.db.read(authenticate_token, body.token)
+        signed_in_with = WITH_TOKEN
     elif body.username and body.password:
         principal = await runtime.db.read(verify_password, body.username, body.password)
+        signed_in_with = WITH_PASSWORD
     if principal is None:
         raise Unauthorized("wrong user name or password (or token)")
-    signed = await sessions.sign_in(principal)
+    signed = await sessions.sign_in(principal, signed_in_with)
     response = JSONResponse({"signed_in": True, "name": principal.name})
     sessions.set_cookie(response, signed)
     return response
@@ -73,7 +76,7 @@ async def session(request: Request) -> dict[str, Any]:
     found = await _sessions(request).from_cookie(request)
     if found is None:
         raise Unauthorized("not signed in")
-    principal, token = found
+    principal, token = found.principal, found.token
     return {
         "user": {
             "id": principal.user_id,
@@ -93,7 +96,7 @@ async def logout(request: Request) -> Response:
     response = JSONResponse({"signed_out": True})
     if found is not None:
         await sessions.principal(request)  # the CSRF check for this change
-        await sessions.sign_out(found[1])
+        await sessions.sign_out(found.token)
     sessions.clear_cookie(response)
     return response
 
@@ -103,7 +106,7 @@ async def supervisor_console(request: Request) -> Response:
     found = await _sessions(request).from_cookie(request)
     if found is None:
         return RedirectResponse("/console/login", status_code=303)
-    policy.check_role(found[0], policy.DASHBOARD_PAGE)
+    policy.check_role(found.principal, policy.DASHBOARD_PAGE)
     return page("supervisor.html")
 
 
@@ -112,7 +115,7 @@ async def console(request: Request) -> Response:
     found = await _sessions(request).from_cookie(request)
     if found is None:
         return RedirectResponse("/console/login", status_code=303)
-    policy.check_role(found[0], policy.CONSOLE_PAGE)
+    policy.check_role(found.principal, policy.CONSOLE_PAGE)
     return page("console.html")
 
 

@@ -107,6 +107,12 @@ class Metrics:
         self.websockets = Gauge(
             "omniroute_websockets", "Open websocket connections", ["kind"], registry=r
         )
+        self.sockets_signed_out = Counter(
+            "omniroute_sockets_signed_out",
+            "Sockets closed because the credential they signed in with ended",
+            ["reason"],
+            registry=r,
+        )
         self.assignment_latency = Histogram(
             "omniroute_assignment_latency_seconds",
             "From entering a queue to an agent taking the conversation",

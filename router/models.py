@@ -201,7 +201,8 @@ class User(Base):
 
 class UserSession(Base):
     """A signed-in browser (the console): the cookie holds a random token, only its SHA-256
-    is stored. Ended by logout, expiry, a password change or revoking the user."""
+    is stored. Ended by sign-out, expiry, revoking the user, and by a change of the
+    credential it was opened with (docs/security.md, "Revocation")."""
 
     __tablename__ = "user_sessions"
     id: Mapped[int] = _id()
@@ -210,6 +211,10 @@ class UserSession(Base):
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    # how the browser signed in: password | token | unknown (opened before this was kept)
+    signed_in_with: Mapped[str] = mapped_column(String(16), server_default="unknown")
+    # why it ended: signed_out | revoked | token_rotated | password_changed
+    end_reason: Mapped[str | None] = mapped_column(String(32))
 
 
 class Agent(Base):
@@ -243,6 +248,8 @@ class AgentConnection(Base):
     agent_id: Mapped[int] = mapped_column(Id, ForeignKey("agents.id"), index=True)
     process_id: Mapped[str] = mapped_column(String(128), index=True)
     connected_at: Mapped[datetime]
+    # the console session the socket signed in with; NULL: the user's API token
+    session_id: Mapped[int | None] = mapped_column(Id)
 
 
 class AgentSkill(Base):

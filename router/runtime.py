@@ -47,6 +47,7 @@ from router.models import Inbox, Message, Process
 from router.outbox import OutboxSender, backlog
 from router.pipeline import InboxInfo, IngestOutcome, Pipeline, is_stored, load_inbox
 from router.ratelimit import RateLimiter
+from router.revocation import SocketGuard
 from router.routing import ROUTE_BATCH, RouteResult, route_batch
 from router.rules_service import RulesService
 from router.secret_check import secret_problems
@@ -193,6 +194,15 @@ class Runtime:
         self.rules.listeners.append(self._on_rules_activated)
         self.assignment.rerouted.append(self.route_pending)
         self.voice = Voice(self)
+        # Sockets close when the credential they signed in with ends (router.revocation).
+        self.guard = SocketGuard(
+            self.db,
+            self.bus,
+            self.clock,
+            settings.credential_check_interval,
+            on_signed_out=lambda reason: self.metrics.sockets_signed_out.labels(reason).inc(),
+        )
+        self.db.context["credentials_changed"] = self._credentials_changed
         self.assignment.connecting.append(self.voice.connect)
         self._lock_file: Any = None
         self.started = False
@@ -211,6 +221,7 @@ class Runtime:
             self._release_sqlite_lock()
             raise
         await self.bus.start()
+        await self.guard.start()
         await self.db.write(_register, self.process_id)
         await self.rules.start()
         await self.load_channels()
@@ -237,6 +248,7 @@ class Runtime:
         self.workers.spawn(
             periodic(self.abandon_sweep, s.worker_interval, "abandon sweep"), "abandon-sweep"
         )
+        self.workers.spawn(self.guard.run(), "credential-check")
 
     @contextlib.contextmanager
     def socket_open(self, ws: Any, kind: str) -> Iterator[None]:
@@ -294,6 +306,7 @@ class Runtime:
             except Exception:
                 log.exception("stopping channel %s failed", channel.slug)
         await self.rules.stop()
+        await self.guard.stop()
         if self.started:
             try:
                 await self.db.write(_unregister, self.process_id)
@@ -621,6 +634,12 @@ class Runtime:
         # outage others may have judged it dead and deleted them (docs/delivery.md).
         await self.assignment.reassert()
         self.metrics.outbox_backlog.set(await self.db.read(backlog))
+
+    async def _credentials_changed(self, user_id: int) -> None:
+        """After a commit that ended a credential of ``user_id``: every process closes the
+        sockets that depended on it; offers it withdrew go to other agents now."""
+        await self.guard.announce(user_id)
+        self.background.spawn(self.assignment.dispatch(), "dispatch-after-sign-off")
 
     async def _publish_records(self, records: list[StreamRecord]) -> None:
         await self.bus.publish_many([(f"stream:{r.stream}", r.frame()) for r in records])

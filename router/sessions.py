@@ -1,8 +1,10 @@
 """Console sign-in: a session cookie for browsers (docs/console.md).
 
 The cookie holds a random 256-bit token (only its SHA-256 is stored); it is HttpOnly,
-SameSite=Strict, Secure when we are served over https, and expires. A session ends on
-logout, at expiry, when the password changes or when the user is revoked. Requests that
+SameSite=Strict, Secure when we are served over https, and expires. A session remembers
+whether it signed in with the password or the API token, and ends on sign-out, at expiry,
+when the user is revoked and when that credential changes (docs/security.md, "Revocation";
+its sockets are closed then). Requests that
 change state and authenticate by cookie must carry ``X-CSRF-Token`` (an HMAC of the session
 token, handed to the page by ``GET /console/session``) and, when the browser sends one, our
 own ``Origin``. The agent websocket takes the cookie only from our own origin.
@@ -22,12 +24,21 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from router.auth import Principal, _principal, authenticate_token, hash_token, new_token
+from router.credentials import SIGNED_OUT, Credential, end_credentials
 from router.db import Database, Tx
 from router.exceptions import Forbidden, Unauthorized
 from router.models import User, UserSession
 from router.ratelimit import RateLimiter
 
-__all__ = ["COOKIE", "CSRF_HEADER", "Sessions", "hello_principal", "origin_of", "own_origins"]
+__all__ = [
+    "COOKIE",
+    "CSRF_HEADER",
+    "CookieSession",
+    "Sessions",
+    "hello_principal",
+    "origin_of",
+    "own_origins",
+]
 
 COOKIE = "omniroute_session"
 CSRF_HEADER = "x-csrf-token"
@@ -65,19 +76,36 @@ class SignedIn:
     expires_at: Any
 
 
-def _open(tx: Tx, user_id: int, token_hash: str, hours: float) -> Any:
+@dataclass(frozen=True, slots=True)
+class CookieSession:
+    """A request's valid console session: who, the cookie's token, the session's id."""
+
+    principal: Principal
+    token: str
+    session_id: int
+
+    @property
+    def credential(self) -> Credential:
+        return Credential(self.principal.user_id, session_id=self.session_id)
+
+
+def _open(tx: Tx, user_id: int, token_hash: str, hours: float, signed_in_with: str) -> Any:
     expires = tx.now + timedelta(hours=hours)
     tx.execute(
         insert(UserSession).values(
-            token_hash=token_hash, user_id=user_id, created_at=tx.now, expires_at=expires
+            token_hash=token_hash,
+            user_id=user_id,
+            created_at=tx.now,
+            expires_at=expires,
+            signed_in_with=signed_in_with,
         )
     )
     return expires
 
 
-def _lookup(conn: Connection, token_hash: str, now: Any) -> Principal | None:
+def _lookup(conn: Connection, token_hash: str, now: Any) -> tuple[Principal, int] | None:
     row = conn.execute(
-        select(User)
+        select(User, UserSession.id.label("session_id"))
         .join(UserSession, UserSession.user_id == User.id)
         .where(
             UserSession.token_hash == token_hash,
@@ -86,15 +114,22 @@ def _lookup(conn: Connection, token_hash: str, now: Any) -> Principal | None:
             User.revoked_at.is_(None),
         )
     ).first()
-    return _principal(conn, row) if row is not None else None
+    return (_principal(conn, row), int(row.session_id)) if row is not None else None
 
 
 def _close(tx: Tx, token_hash: str) -> None:
-    tx.execute(
+    """Sign-out: the session ends, its sockets close; an agent left without a socket logs
+    out (offline, work back to its queues), as the protocol's ``logout`` does."""
+    row = tx.execute(
         update(UserSession)
         .where(UserSession.token_hash == token_hash, UserSession.revoked_at.is_(None))
-        .values(revoked_at=tx.now)
-    )
+        .values(revoked_at=tx.now, end_reason=SIGNED_OUT)
+        .returning(UserSession.id, UserSession.user_id)
+    ).first()
+    if row is not None:
+        end_credentials(
+            tx, int(row.user_id), SIGNED_OUT, token=False, sessions=[int(row.id)], logout=True
+        )
 
 
 class Sessions:
@@ -113,9 +148,13 @@ class Sessions:
     def csrf(self, token: str) -> str:
         return hmac.new(self.secret, b"csrf:" + token.encode(), hashlib.sha256).hexdigest()
 
-    async def sign_in(self, principal: Principal) -> SignedIn:
+    async def sign_in(self, principal: Principal, signed_in_with: str) -> SignedIn:
+        """A new session for ``principal``, who proved themselves ``signed_in_with`` the
+        password or the API token (it ends when that credential changes)."""
         token = new_token()
-        expires = await self.db.write(_open, principal.user_id, hash_token(token), self.hours)
+        expires = await self.db.write(
+            _open, principal.user_id, hash_token(token), self.hours, signed_in_with
+        )
         return SignedIn(principal, token, expires)
 
     def set_cookie(self, response: Response, signed: SignedIn) -> None:
@@ -137,12 +176,12 @@ class Sessions:
     async def sign_out(self, token: str) -> None:
         await self.db.write(_close, hash_token(token))
 
-    async def from_cookie(self, connection: HTTPConnection) -> tuple[Principal, str] | None:
+    async def from_cookie(self, connection: HTTPConnection) -> CookieSession | None:
         token = connection.cookies.get(COOKIE)
         if not token or len(token) > 256:
             return None
-        principal = await self.db.read(_lookup, hash_token(token), self.db.clock.now())
-        return (principal, token) if principal is not None else None
+        found = await self.db.read(_lookup, hash_token(token), self.db.clock.now())
+        return CookieSession(found[0], token, found[1]) if found is not None else None
 
     def same_origin(self, connection: HTTPConnection, *, required: bool) -> bool:
         origin = connection.headers.get("origin")
@@ -156,7 +195,7 @@ class Sessions:
         found = await self.from_cookie(connection)
         if found is None:
             return None
-        principal, token = found
+        principal, token = found.principal, found.token
         method = connection.scope.get("method", "GET")
         if method not in _SAFE:
             sent = connection.headers.get(CSRF_HEADER, "")
@@ -169,10 +208,10 @@ class Sessions:
 
 async def hello_principal(
     connection: HTTPConnection, db: Database, hello: dict[str, Any]
-) -> Principal:
-    """Who opens a socket: the hello's ``token``, or without one the console's session
-    cookie, taken only from our own pages (a page of another site must not ride on the
-    cookie: cross-site websocket hijacking)."""
+) -> tuple[Principal, Credential]:
+    """Who opens a socket, and the credential the socket depends on: the hello's ``token``,
+    or without one the console's session cookie, taken only from our own pages (a page of
+    another site must not ride on the cookie: cross-site websocket hijacking)."""
     token = hello.get("token")
     if token is None:
         sessions: Sessions = connection.app.state.sessions
@@ -184,10 +223,10 @@ async def hello_principal(
         found = await sessions.from_cookie(connection)
         if found is None:
             raise Unauthorized("not signed in: send a token or sign in to the console")
-        return found[0]
+        return found.principal, found.credential
     if not isinstance(token, str):
         raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
     principal = await db.read(authenticate_token, token)
     if principal is None:
         raise Unauthorized("invalid token")
-    return principal
+    return principal, Credential(principal.user_id, token_hash=hash_token(token))

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     session_hours: float = Field(
         12.0, gt=0, le=24 * 30, description="how long a console sign-in lasts"
     )
+    credential_check_interval: float = Field(
+        2.0,
+        gt=0,
+        description="how often each process re-checks the credentials of its open sockets "
+        "(revocation's fallback when a bus notice is lost)",
+    )
     ws_compression: bool = Field(
         False,
         description=(

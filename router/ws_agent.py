@@ -26,6 +26,7 @@ from router.api.contacts import merge_visible
 from router.api.deps import declare
 from router.assignment.core import conversation_summary
 from router.auth import Principal
+from router.credentials import CLOSE_CODE, MESSAGES, PRESENCE_REASONS, REVOKED, Credential
 from router.events import SUPERVISORS, agent_stream
 from router.exceptions import InvalidInput, NotFound, OmnirouteError, Unauthorized
 from router.hub import Session
@@ -33,6 +34,7 @@ from router.messaging import agent_write
 from router.models import ContactIdentity, Conversation, Message, Offer
 from router.outbox import resend
 from router.policy import Caller, Rule
+from router.revocation import Watch
 from router.runtime import Runtime
 from router.sessions import hello_principal
 from router.timeline import contact_timeline
@@ -128,6 +130,10 @@ def _text(cmd: dict[str, Any], key: str, *, required: bool = True) -> str | None
 Handler = Callable[["AgentConnection", dict[str, Any], Caller], Awaitable[dict[str, Any]]]
 
 
+class SignedOut(Exception):
+    """The socket's credential ended: nothing more is sent to it."""
+
+
 class AgentConnection:
     def __init__(self, ws: WebSocket, runtime: Runtime, principal: Principal) -> None:
         self.ws = ws
@@ -140,8 +146,11 @@ class AgentConnection:
         # what stream events may reach this socket (router.policy.frame_visible)
         self.scope: Caller | None = None
         self.scope_agents: set[int] = set()
+        self.watch: Watch | None = None
 
     async def send(self, frame: dict[str, Any]) -> None:
+        if self.watch is not None and not await self.watch.valid():
+            raise SignedOut(self.watch.ended)
         async with self._send_lock:
             await self.ws.send_text(json.dumps(frame, default=str))
 
@@ -159,6 +168,16 @@ class AgentConnection:
             policy.authorize, self.principal, rule, rt.rules.active, object_id
         )
         return caller
+
+    async def signed_out(self, reason: str) -> None:
+        """The credential ended (router.revocation): say why, close with 4401 and the reason."""
+        message = MESSAGES[reason]
+        async with self._send_lock:
+            with contextlib.suppress(Exception):
+                await self.ws.send_text(
+                    json.dumps({"type": "signed_out", "reason": reason, "message": message})
+                )
+        await self.ws.close(CLOSE_CODE, message)
 
     async def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         kind = cmd.get("type")
@@ -351,7 +370,7 @@ COMMANDS: dict[str, tuple[Rule, Handler]] = {
 del C
 
 
-async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, Any]]:
+async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, Credential, dict[str, Any]]:
     try:
         hello = await asyncio.wait_for(receive(ws), HELLO_TIMEOUT)
     except TimeoutError:
@@ -362,8 +381,8 @@ async def _hello(ws: WebSocket, runtime: Runtime) -> tuple[Principal, dict[str, 
         raise
     if hello.get("type") != "hello":
         raise Unauthorized('the first frame must be {"type": "hello", "token": ...}')
-    principal = policy.check_role(await hello_principal(ws, runtime.db, hello), policy.AGENT_SOCKET)
-    return principal, hello
+    principal, credential = await hello_principal(ws, runtime.db, hello)
+    return policy.check_role(principal, policy.AGENT_SOCKET), credential, hello
 
 
 @router.websocket("/ws/agent", dependencies=[declare(policy.AGENT_SOCKET)])
@@ -377,7 +396,7 @@ async def _agent_socket(ws: WebSocket) -> None:
     runtime: Runtime = ws.app.state.runtime
     await ws.accept()
     try:
-        principal, hello = await _hello(ws, runtime)
+        principal, credential, hello = await _hello(ws, runtime)
     except OmnirouteError as exc:
         with contextlib.suppress(Exception):
             await ws.send_text(
@@ -388,6 +407,19 @@ async def _agent_socket(ws: WebSocket) -> None:
     except WebSocketDisconnect:
         return
     conn = AgentConnection(ws, runtime, principal)
+    with runtime.guard.watching(credential, conn.signed_out) as watch:
+        conn.watch = watch
+        try:
+            await _serve_agent(ws, runtime, conn, hello)
+        finally:
+            await watch.closed()  # a socket signed out leaves with its code and reason
+
+
+async def _serve_agent(
+    ws: WebSocket, runtime: Runtime, conn: AgentConnection, hello: dict[str, Any]
+) -> None:
+    principal, watch = conn.principal, conn.watch
+    assert watch is not None
     resume: dict[str, Any] = hello["resume"] if isinstance(hello.get("resume"), dict) else {}
     streams: dict[str, int | None] = {
         agent_stream(conn.agent_id): _seq(resume.get(agent_stream(conn.agent_id)))
@@ -422,16 +454,24 @@ async def _agent_socket(ws: WebSocket) -> None:
         session.start()
         # Only now the agent goes online (and may be offered work): new offers arrive as
         # live events after the welcome, never lost between the snapshot and the stream.
-        connection_id = await runtime.assignment.connect(conn.agent_id)
+        # Refused if the credential ended since the hello (then no presence outlives it).
+        try:
+            connection_id = await runtime.assignment.connect(conn.agent_id, watch.credential)
+        except Unauthorized as exc:
+            watch.end(str(exc.detail.get("reason", REVOKED)))
+            return
         await _command_loop(ws, conn)
-    except (WebSocketDisconnect, WebSocketDisconnected):
-        pass  # the client left (or a send found it gone)
+    except (WebSocketDisconnect, WebSocketDisconnected, SignedOut):
+        pass  # the client left (or a send found it gone, or signed out)
     finally:
         await session.close()
         logout = conn.logged_out
         if connection_id is not None:
+            ended = PRESENCE_REASONS[watch.ended] if watch.ended is not None else None
             try:
-                await runtime.assignment.disconnect(conn.agent_id, connection_id, logout=logout)
+                await runtime.assignment.disconnect(
+                    conn.agent_id, connection_id, logout=logout, ended=ended
+                )
             except Exception:
                 log.exception("disconnect bookkeeping failed for agent %s", conn.agent_id)
 
@@ -448,6 +488,15 @@ async def _command_loop(ws: WebSocket, conn: AgentConnection) -> None:
             await conn.send(exc.frame("id"))
             continue
         request_id = cmd.get("id")
+        # A credential that ended acts no more, even before its socket is closed.
+        try:
+            if conn.watch is not None and not await conn.watch.valid(strict=True):
+                return
+        except OmnirouteError as exc:
+            await conn.send(
+                {"type": "error", "id": request_id, "code": exc.code, "message": exc.message}
+            )
+            continue
         reply: dict[str, Any] | None
         try:
             result = await conn.handle(cmd)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +30,8 @@ from router.api.agents import agents_view
 from router.api.deps import declare
 from router.api.queues import queue_stats
 from router.assignment.sla import NO_DUE
+from router.auth import Principal
+from router.credentials import CLOSE_CODE, MESSAGES, Credential
 from router.events import SUPERVISORS
 from router.exceptions import InvalidInput, OmnirouteError, Unauthorized
 from router.hub import Session
@@ -123,8 +127,11 @@ def scoped(snapshot: dict[str, Any], caller: Caller, agent_ids: set[int]) -> dic
     }
 
 
-async def _principal(ws: WebSocket, runtime: Runtime, hello: dict[str, Any]) -> Any:
-    return policy.check_role(await hello_principal(ws, runtime.db, hello), policy.SUPERVISOR_SOCKET)
+async def _principal(
+    ws: WebSocket, runtime: Runtime, hello: dict[str, Any]
+) -> tuple[Principal, Credential]:
+    principal, credential = await hello_principal(ws, runtime.db, hello)
+    return policy.check_role(principal, policy.SUPERVISOR_SOCKET), credential
 
 
 async def _scope(runtime: Runtime, principal: Any) -> tuple[Caller, set[int]]:
@@ -153,22 +160,15 @@ async def _supervisor_socket(ws: WebSocket) -> None:
     await ws.accept()
     lock = asyncio.Lock()
 
-    scope: Caller | None = None
-    scope_agents: set[int] = set()
-
     async def send(frame: dict[str, Any]) -> None:
         async with lock:
             await ws.send_text(shared_frame_text(frame))
-
-    async def send_event(frame: dict[str, Any]) -> None:
-        if scope is None or policy.frame_visible(scope, frame, scope_agents):
-            await send(frame)
 
     try:
         hello = await asyncio.wait_for(receive(ws), HELLO_TIMEOUT)
         if hello.get("type") != "hello":
             raise Unauthorized('the first frame must be {"type": "hello"}')
-        principal = await _principal(ws, runtime, hello)
+        principal, credential = await _principal(ws, runtime, hello)
     except TimeoutError:
         with contextlib.suppress(Exception):
             await ws.close(1008, 'the first frame must be {"type": "hello"}')
@@ -180,6 +180,43 @@ async def _supervisor_socket(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
+
+    async def signed_out(reason: str) -> None:
+        """The credential ended (router.revocation): say why, close with 4401 and the reason."""
+        message = MESSAGES[reason]
+        async with lock:
+            with contextlib.suppress(Exception):
+                await ws.send_text(
+                    json.dumps({"type": "signed_out", "reason": reason, "message": message})
+                )
+        await ws.close(CLOSE_CODE, message)
+
+    with runtime.guard.watching(credential, signed_out) as watch:
+
+        async def send_checked(frame: dict[str, Any]) -> None:
+            if not await watch.valid():
+                raise WebSocketDisconnected()  # signed out: nothing more goes to it
+            await send(frame)
+
+        try:
+            await _serve_supervisor(ws, runtime, principal, send_checked)
+        finally:
+            await watch.closed()  # a socket signed out leaves with its code and reason
+
+
+async def _serve_supervisor(
+    ws: WebSocket,
+    runtime: Runtime,
+    principal: Principal,
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    scope: Caller | None = None
+    scope_agents: set[int] = set()
+
+    async def send_event(frame: dict[str, Any]) -> None:
+        if scope is None or policy.frame_visible(scope, frame, scope_agents):
+            await send(frame)
+
     session = Session(runtime.db, runtime.bus, send_event)
     pusher: asyncio.Task[None] | None = None
     try:

@@ -20,13 +20,14 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, exists, insert, select, update
+from sqlalchemy import delete, exists, insert, or_, select, update
 
 from router.assignment import core, flow
 from router.assignment.matcher import BATCH, dispatch_batch, plan_batch
 from router.assignment.timers import active_ruleset, due_timers
+from router.credentials import MESSAGES, Credential, problem_now
 from router.db import Database, Tx
-from router.exceptions import Unavailable
+from router.exceptions import Unauthorized, Unavailable
 from router.models import Agent, AgentConnection, AgentStatusEvent, Process
 from router.tasks import periodic
 from router.types import AgentPresence
@@ -38,11 +39,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _connect(tx: Tx, agent_id: int, process_id: str) -> int:
+def _lock_agent(tx: Tx, agent_id: int) -> None:
+    """Serialize the socket bookkeeping of one agent (PostgreSQL): two sockets closing at
+    once must not each see the other's row and both leave the agent online."""
+    tx.execute(select(Agent.id).where(Agent.id == agent_id).with_for_update())
+
+
+def _connect(tx: Tx, agent_id: int, process_id: str, credential: Credential | None) -> int:
+    if credential is not None:
+        # The credential may have ended since the hello: then no socket row (nor presence)
+        # may outlive the transaction that ended it (docs/security.md, "Revocation").
+        problem = problem_now(tx, credential)
+        if problem is not None:
+            raise Unauthorized(MESSAGES[problem], reason=problem)
+    _lock_agent(tx, agent_id)
     connection_id = int(
         tx.execute(
             insert(AgentConnection)
-            .values(agent_id=agent_id, process_id=process_id, connected_at=tx.now)
+            .values(
+                agent_id=agent_id,
+                process_id=process_id,
+                connected_at=tx.now,
+                session_id=credential.session_id if credential is not None else None,
+            )
             .returning(AgentConnection.id)
         ).scalar_one()
     )
@@ -51,10 +70,32 @@ def _connect(tx: Tx, agent_id: int, process_id: str) -> int:
     return connection_id
 
 
-def _disconnect(tx: Tx, agent_id: int, connection_id: int, logout: bool) -> list[int]:
+def _signed_off(tx: Tx, agent_id: int, reason: str, logout: bool) -> list[int]:
+    """The agent has no socket left and signed off: offline now (no presence grace),
+    pending offers withdrawn; ``logout``: their work returns to its queues."""
+    tx.execute(
+        update(Agent)
+        .where(Agent.id == agent_id, Agent.disconnected_at.is_(None))
+        .values(disconnected_at=tx.now)
+    )
+    withdrawn = core.set_presence(tx, agent_id, AgentPresence.OFFLINE, reason)
+    if logout:
+        withdrawn += flow.unassign_all(tx, agent_id, f"agent signed off ({reason})")
+    return withdrawn
+
+
+def _disconnect(
+    tx: Tx, agent_id: int, connection_id: int, logout: bool, ended: str | None = None
+) -> list[int]:
     """A socket closed: pending offers are withdrawn at once; presence waits out the grace
-    period (a reconnect keeps it); logging out goes offline now."""
-    tx.execute(delete(AgentConnection).where(AgentConnection.id == connection_id))
+    period (a reconnect keeps it); logging out goes offline now. A socket closed because
+    its credential ended (``ended``: why, as presence reasons say it) whose row is already
+    gone was taken care of by the transaction that ended the credential; otherwise (a
+    session that expired) the agent goes offline now when it was their last socket."""
+    _lock_agent(tx, agent_id)
+    gone = tx.execute(delete(AgentConnection).where(AgentConnection.id == connection_id)).rowcount
+    if ended is not None and not gone:
+        return []
     others = tx.execute(
         select(AgentConnection.id).where(AgentConnection.agent_id == agent_id).limit(1)
     ).first()
@@ -63,8 +104,47 @@ def _disconnect(tx: Tx, agent_id: int, connection_id: int, logout: bool) -> list
     if logout:
         withdrawn = core.set_presence(tx, agent_id, AgentPresence.OFFLINE, "logout")
         return withdrawn + flow.unassign_all(tx, agent_id, "agent logged out")
+    if ended is not None:
+        return _signed_off(tx, agent_id, ended, logout=False)
     tx.execute(update(Agent).where(Agent.id == agent_id).values(disconnected_at=tx.now))
     return core.withdraw_offers(tx, agent_id, "socket lost")
+
+
+def end_sockets(
+    tx: Tx,
+    agent_id: int,
+    *,
+    token: bool,
+    sessions: list[int],
+    reason: str,
+    logout: bool,
+    everything: bool,
+) -> list[int]:
+    """In the transaction that ended credentials of the agent's user (the agent row is
+    locked): the sockets that signed in with the API token (``token``) or one of
+    ``sessions`` end now. When that leaves the agent without a socket, or with
+    ``everything`` (every socket ends: a revoked user), the agent signs off now."""
+    if everything:
+        tx.execute(delete(AgentConnection).where(AgentConnection.agent_id == agent_id))
+        return _signed_off(tx, agent_id, reason, logout)
+    which = []
+    if token:
+        which.append(AgentConnection.session_id.is_(None))
+    if sessions:
+        which.append(AgentConnection.session_id.in_(sessions))
+    if not which:
+        return []
+    gone = tx.execute(
+        delete(AgentConnection).where(AgentConnection.agent_id == agent_id, or_(*which))
+    ).rowcount
+    if not gone:
+        return []
+    others = tx.execute(
+        select(AgentConnection.id).where(AgentConnection.agent_id == agent_id).limit(1)
+    ).first()
+    if others is not None:
+        return []
+    return _signed_off(tx, agent_id, reason, logout)
 
 
 def _presence_timeouts(tx: Tx, grace: float, alive_after: Any, me: str) -> list[int]:
@@ -113,13 +193,16 @@ def _presence_timeouts(tx: Tx, grace: float, alive_after: Any, me: str) -> list[
     return withdrawn
 
 
-def _reassert(tx: Tx, process_id: str, sockets: dict[int, int]) -> dict[int, int]:
-    """This process is alive and holds these agent sockets (connection id -> agent id): make
-    the database say so again. After an outage another process (or this one's own sweep)
-    may have judged it dead by its late heartbeat, deleted its connections and set its
-    agents offline: their rows come back, and an agent set offline only because the socket
-    seemed lost is online again. Returns the connection ids that were re-created (old id ->
-    new id)."""
+def _reassert(
+    tx: Tx, process_id: str, sockets: dict[int, tuple[int, Credential | None]]
+) -> dict[int, int]:
+    """This process is alive and holds these agent sockets (connection id -> agent id and
+    what the socket signed in with): make the database say so again. After an outage
+    another process (or this one's own sweep) may have judged it dead by its late heartbeat,
+    deleted its connections and set its agents offline: their rows come back, and an agent
+    set offline only because the socket seemed lost is online again. A socket whose
+    credential ended is not brought back (it is being closed). Returns the connection ids
+    that were re-created (old id -> new id)."""
     if (
         tx.execute(
             update(Process).where(Process.id == process_id).values(heartbeat_at=tx.now)
@@ -135,17 +218,27 @@ def _reassert(tx: Tx, process_id: str, sockets: dict[int, int]) -> dict[int, int
         ).scalars()
     )
     renamed: dict[int, int] = {}
-    for connection_id, agent_id in sockets.items():
+    agents: set[int] = set()
+    for connection_id, (agent_id, credential) in sockets.items():
         if connection_id in present:
             continue
+        if credential is not None and problem_now(tx, credential) is not None:
+            continue  # revoked, rotated, signed out: its row went with its credential
+        _lock_agent(tx, agent_id)
         renamed[connection_id] = int(
             tx.execute(
                 insert(AgentConnection)
-                .values(agent_id=agent_id, process_id=process_id, connected_at=tx.now)
+                .values(
+                    agent_id=agent_id,
+                    process_id=process_id,
+                    connected_at=tx.now,
+                    session_id=credential.session_id if credential is not None else None,
+                )
                 .returning(AgentConnection.id)
             ).scalar_one()
         )
-    for agent_id in {sockets[c] for c in renamed}:
+        agents.add(agent_id)
+    for agent_id in agents:
         tx.execute(update(Agent).where(Agent.id == agent_id).values(disconnected_at=None))
         presence = tx.execute(select(Agent.presence).where(Agent.id == agent_id)).scalar_one()
         last_reason = tx.execute(
@@ -198,7 +291,8 @@ class Assignment:
         self.connecting: list[Callable[[dict[str, Any]], Awaitable[Any]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False
-        self.sockets: dict[int, int] = {}  # this process's agent connections: id -> agent id
+        # this process's agent connections: id -> (agent id, what the socket signed in with)
+        self.sockets: dict[int, tuple[int, Credential | None]] = {}
         self._renamed: dict[int, int] = {}  # connection ids re-created by a re-assertion
 
     # -- triggers -------------------------------------------------------------------------
@@ -273,16 +367,25 @@ class Assignment:
         return sum(results), len(plan) >= BATCH
 
     # -- agent actions --------------------------------------------------------------------
-    async def connect(self, agent_id: int) -> int:
-        connection_id = await self.db.write(_connect, agent_id, self.process_id)
-        self.sockets[connection_id] = agent_id
+    async def connect(self, agent_id: int, credential: Credential | None = None) -> int:
+        """A socket of the agent is live: online, offers may come. With ``credential``, what
+        the socket signed in with: refused (Unauthorized) if it ended meanwhile."""
+        connection_id = await self.db.write(_connect, agent_id, self.process_id, credential)
+        self.sockets[connection_id] = (agent_id, credential)
         await self.dispatch()
         return connection_id
 
-    async def disconnect(self, agent_id: int, connection_id: int, *, logout: bool = False) -> None:
+    async def disconnect(
+        self,
+        agent_id: int,
+        connection_id: int,
+        *,
+        logout: bool = False,
+        ended: str | None = None,
+    ) -> None:
         connection_id = self.current_id(connection_id)
         self.sockets.pop(connection_id, None)
-        if await self.db.write(_disconnect, agent_id, connection_id, logout):
+        if await self.db.write(_disconnect, agent_id, connection_id, logout, ended):
             await self.dispatch()
 
     def current_id(self, connection_id: int) -> int:

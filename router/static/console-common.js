@@ -72,8 +72,21 @@
       return response.json().then(function (data) { session = data; return data; });
     });
   }
+  /* The socket was closed because its sign-in ended (close code 4401: revoked, token
+   * rotated, password changed, signed out elsewhere, expired): show why, with a link to sign
+   * in again, and stop reconnecting (the credential is dead). The sign-in page shows the
+   * reason too. */
+  function signedOut(reason) {
+    reason = reason || "signed out";
+    try { sessionStorage.setItem("omr-signed-out", reason); } catch (e) { /* private mode */ }
+    var banner = document.getElementById("banner");
+    var link = el("a", null, "Sign in again"); link.href = "/console/login";
+    banner.replaceChildren(el("span", "signed-out-reason", reason), document.createTextNode(" · "), link);
+    banner.classList.add("signed-out");
+    banner.hidden = false;
+  }
   window.omrConsole = {
     el: el, bdi: bdi, block: block, line: line, fileName: fileName, showControls: showControls,
-    isolated: isolated, api: api, upload: upload, signedIn: signedIn
+    isolated: isolated, api: api, upload: upload, signedIn: signedIn, signedOut: signedOut
   };
 })();

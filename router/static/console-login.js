@@ -2,6 +2,11 @@
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
+  /* Why the console was signed out (its socket said so: docs/console.md), shown once. */
+  try {
+    var why = sessionStorage.getItem("omr-signed-out");
+    if (why) { sessionStorage.removeItem("omr-signed-out"); $("login-notice").textContent = why; $("login-notice").hidden = false; }
+  } catch (e) { /* private mode */ }
   function signIn(body) {
     $("login-error").hidden = true;
     fetch("/console/login", {

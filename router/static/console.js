@@ -6,7 +6,7 @@
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
-  var ws = null, pending = {}, nextId = 1, retry = 500, lastSeq = {};
+  var ws = null, pending = {}, nextId = 1, retry = 500, lastSeq = {}, goneWhy = null;
   var offers = {}, conversations = {}, current = null, oldest = null;
   var unread = {}, sla = {}, cannedTimer = null, typingTimer = null, lastTyping = 0;
   var attached = [];  // uploads for the next reply: {blob_key, filename, content_type, size}
@@ -40,6 +40,7 @@
       var frame;
       try { frame = JSON.parse(event.data); } catch (e) { return; }
       if (frame.type === "welcome") { onWelcome(frame); }
+      else if (frame.type === "signed_out") { goneWhy = frame.message; }
       else if ((frame.type === "ack" || frame.type === "error") && frame.id && pending[frame.id]) {
         var p = pending[frame.id]; delete pending[frame.id];
         if (frame.type === "ack") { p.resolve(frame.result); } else { p.reject(new Error(frame.message)); }
@@ -47,8 +48,11 @@
       else { onEvent(frame); }
     });
     ws.addEventListener("close", function (event) {
+      var signedOut = event.code === 4401;  // the sign-in ended: reconnecting cannot help
+      var reason = event.reason || goneWhy || "signed out";
+      Object.keys(pending).forEach(function (id) { pending[id].reject(new Error(signedOut ? reason : "offline")); delete pending[id]; });
+      if (signedOut) { window.omrConsole.signedOut(reason); setStatus(reason); return; }
       $("banner").hidden = false;
-      Object.keys(pending).forEach(function (id) { pending[id].reject(new Error("offline")); delete pending[id]; });
       if (event.code === 1008 && /sign|cookie/.test(event.reason || "")) { location.assign("/console/login"); return; }
       setTimeout(connect, retry); retry = Math.min(retry * 2, 5000);
     });

@@ -127,8 +127,8 @@
       } else { onEvent(frame); }
     });
     ws.addEventListener("close", function (event) {
-      setStatus("offline" + (event.reason ? ": " + event.reason : "") + ", reconnecting…");
-      if (event.code === 1008) { return; }
+      setStatus(event.code === 4401 ? event.reason || "signed out" : "offline" + (event.reason ? ": " + event.reason : "") + ", reconnecting…");
+      if (event.code === 1008 || event.code === 4401) { return; }  // a dead token: no retry
       setTimeout(connect, retry); retry = Math.min(retry * 2, 10000);
     });
   }

@@ -3,7 +3,7 @@
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
-  var ws = null, retry = 500, agents = [], refreshTimer = null;
+  var ws = null, retry = 500, agents = [], refreshTimer = null, goneWhy = null;
   var SVG = "http://www.w3.org/2000/svg";
 
   var ui = window.omrConsole, el = ui.el, api = ui.api;
@@ -27,8 +27,13 @@
       else if (frame.type === "snapshot") { renderQueues(frame.queues); renderAgents(frame.agents); scheduleRefresh(); }
       else if (frame.type === "csat") { addRating(frame); loadCharts(); }
       else if (frame.type === "error") { setStatus(frame.message); }
+      else if (frame.type === "signed_out") { goneWhy = frame.message; }
     });
     ws.addEventListener("close", function (event) {
+      if (event.code === 4401) {  // the sign-in ended: show why, reconnecting cannot help
+        var reason = event.reason || goneWhy || "signed out";
+        window.omrConsole.signedOut(reason); setStatus(reason); return;
+      }
       $("banner").hidden = false;
       if (event.code === 1008) { setStatus(event.reason); if (/sign|cookie/.test(event.reason || "")) { location.assign("/console/login"); } return; }
       setTimeout(connect, retry); retry = Math.min(retry * 2, 5000);

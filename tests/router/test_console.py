@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from channels.webchat import WebChatChannel
-from router.auth import create_user, set_password
+from router.auth import create_user, revoke_user, set_password
 from router.models import ContactIdentity
 from router.runtime import Runtime
 from tests import peers
@@ -451,3 +451,55 @@ async def test_the_demo_works_when_opened_at_localhost(
     await accept_first_offer(agent, "Hello from localhost")
     await agent.shot("localhost")
     assert agent.errors == [] and visitor.errors == []
+
+
+async def test_the_console_and_the_dashboard_say_why_they_were_signed_out(
+    server: Server, browser: Browser, request: pytest.FixtureRequest
+) -> None:
+    """Anna's password changes while her console is open, and sue (a supervisor) is revoked
+    while her dashboard is open: each page shows the reason, offers to sign in again, and
+    does not reconnect with the dead session; the sign-in page repeats the reason."""
+    runtime = server.runtime
+    await runtime.db.write(lambda tx: create_user(tx, "sue", "supervisor"))
+    await runtime.db.write(set_password, "sue", PASSWORD)
+    agent, _ = await open_pages(browser, request)
+    sue = Watched(
+        await (await browser.new_context(viewport={"width": 1280, "height": 800})).new_page(),
+        "supervisor",
+        agent.directory,
+    )
+    sockets = {"agent": 0, "supervisor": 0}
+    agent.page.on("websocket", lambda _ws: sockets.__setitem__("agent", sockets["agent"] + 1))
+    sue.page.on(
+        "websocket", lambda _ws: sockets.__setitem__("supervisor", sockets["supervisor"] + 1)
+    )
+    await sign_in(agent, server.base)
+    page = sue.page
+    await page.goto(server.base + "/console/login")
+    await page.fill("#username", "sue")
+    await page.fill("#password", PASSWORD)
+    await page.click("#sign-in")
+    await page.wait_for_url("**/console/supervisor")
+    await page.wait_for_selector("#queues tr[data-queue=general]")
+    assert sockets == {"agent": 1, "supervisor": 1}
+
+    await runtime.db.write(set_password, "anna", "a brand new password")
+    await runtime.db.write(revoke_user, "sue")
+    for watched, reason in (
+        (agent, "signed out: your password was changed"),
+        (sue, "signed out: your access was revoked"),
+    ):
+        await watched.page.wait_for_function(
+            "t => document.querySelector('#banner:not([hidden]) .signed-out-reason')"
+            "?.textContent === t",
+            arg=reason,
+            timeout=15_000,
+        )
+        await watched.shot("signed-out")
+    await agent.page.wait_for_timeout(3000)  # longer than the console's reconnect backoff
+    assert sockets == {"agent": 1, "supervisor": 1}  # no reconnecting with a dead session
+    await agent.page.click("#banner a")
+    await agent.page.wait_for_url("**/console/login")
+    assert await agent.page.inner_text("#login-notice") == "signed out: your password was changed"
+    await agent.shot("login-again")
+    assert agent.errors == [] and sue.errors == []
