@@ -42,6 +42,7 @@ from router.agents import create_agent, parse_capacity
 from router.api.deps import needs, rule_of
 from router.app import create_app
 from router.auth import authenticate_token, create_user
+from router.credentials import WITH_TOKEN
 from router.csat import link_signature
 from router.db import Tx
 from router.models import Conversation, Message, Offer, Outbox, Quarantine
@@ -348,7 +349,7 @@ async def _build(world: World) -> None:
         if agent_id is not None:
             world.agents[name] = agent_id
         found = await rt.db.read(authenticate_token, token)
-        signed = await world.app.state.sessions.sign_in(found)
+        signed = await world.app.state.sessions.sign_in(found, WITH_TOKEN)
         world.sessions[principal] = (signed.token, world.app.state.sessions.csrf(signed.token))
     for victim in ("victim1", "victim2"):
         await rt.db.write(create_user, victim, "agent")
