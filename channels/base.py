@@ -349,6 +349,12 @@ class Channel:
     def policy(self) -> UncertainPolicy:
         return self.config.uncertain_policy or self.uncertain_policy
 
+    @property
+    def largest_attachment(self) -> int:
+        """The largest attachment (bytes) this inbox accepts: the blob store is sized to
+        take it, so no attachment the channel accepted is dropped for its size."""
+        return 0
+
     async def start(self) -> None:
         """Start pollers or clients. Webhook-only channels need nothing."""
 

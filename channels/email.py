@@ -198,6 +198,10 @@ class EmailChannel(Channel):
         self._lost = asyncio.Event()
         self._announced = False  # the server said EXISTS since the last search began
 
+    @property
+    def largest_attachment(self) -> int:
+        return self.cfg.max_size_mb * 1024 * 1024  # a mail's limit bounds its attachments
+
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         if self.context.deliver is None:

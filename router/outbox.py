@@ -1009,9 +1009,24 @@ class OutboxSender:
                 )
                 try:
                     found = await channel.find_sent(job.message, claimed_at)
-                except Exception:
-                    log.exception(
-                        "checking uncertain send %s failed; leaving it uncertain for now", outbox_id
+                except Exception as exc:
+                    failures = await self.db.write(_check_failed, outbox_id)
+                    if failures < CHECKS_BEFORE_RESEND:
+                        log.warning(
+                            "checking uncertain send %s failed (%s, %d of %d); trying again at"
+                            " the next recovery",
+                            outbox_id,
+                            type(exc).__name__,
+                            failures,
+                            CHECKS_BEFORE_RESEND,
+                        )
+                        continue
+                    # the provider cannot be asked: resend rather than never send, counted
+                    await self.db.write(
+                        resend,
+                        outbox_id,
+                        f"uncertain after a crash: the provider could not be asked"
+                        f" {failures} times, resent",
                     )
                     continue
                 if found is not None:
@@ -1027,6 +1042,23 @@ class OutboxSender:
         if ids:
             self.wake()
         return len(ids)
+
+
+# An uncertain send under policy ``check`` whose provider cannot be asked this many
+# recoveries in a row is resent (and counted as a possible duplicate): it converges.
+CHECKS_BEFORE_RESEND = 5
+
+
+def _check_failed(tx: Tx, outbox_id: int) -> int:
+    """Count a failed provider check on the row; returns the failures so far."""
+    payload = tx.execute(select(Outbox.payload).where(Outbox.id == outbox_id)).scalar_one()
+    failures = int((payload or {}).get("check_failures", 0)) + 1
+    tx.execute(
+        update(Outbox)
+        .where(Outbox.id == outbox_id)
+        .values(payload={**(payload or {}), "check_failures": failures})
+    )
+    return failures
 
 
 def _settle_found(tx: Tx, outbox_id: int, receipt: SendReceipt) -> None:

@@ -490,6 +490,9 @@ class Runtime:
                 stored=self._stored_for(info.id),
             )
             channel = cls(slug, inbox_config, context)
+            # the blob store takes the largest attachment any inbox accepts (an email inbox's
+            # max_size_mb may exceed its default): never an accepted file dropped for size
+            self.blobs.max_size = max(self.blobs.max_size, channel.largest_attachment)
             self.channels[slug] = channel
             # what the outbox consults inside a transaction (messaging windows)
             self.db.context.setdefault("channels", {})[info.id] = channel

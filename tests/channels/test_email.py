@@ -661,6 +661,29 @@ async def test_an_oversized_mail_is_never_reimported_without_its_body(
         assert resolved is not None
 
 
+async def test_an_attachment_the_inbox_accepts_is_never_dropped_for_its_size(
+    tmp_path: Path, sqlite_url: str, dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """An inbox whose max_size_mb is above the blob store's default limit (50 MiB): a 51 MiB
+    attachment within the inbox's limit is stored with its bytes. Before, it was stored as a
+    name without a file (blob_key null) and only a warning said so."""
+    user = next(_boxes)
+    size = 51 * 1024 * 1024
+    async with open_mailbox(tmp_path / "big", sqlite_url, dovecot, sink, user, max_size_mb=80) as (
+        runtime,
+        _,
+        _,
+    ):
+        await dovecot.append(user, USERS[user], oversized("<huge-1@x>", size))
+        await eventually(lambda: conversation_of(runtime, "<huge-1@x>"), timeout=120)
+        attachments = await runtime.db.read(
+            lambda c: c.execute(select(Message.attachments)).scalar_one()
+        )
+        [attachment] = attachments
+        assert attachment["size"] == size and attachment["blob_key"]
+        assert len(await runtime.blobs.get(attachment["blob_key"])) == size
+
+
 # -- bounces that are not RFC 3464 reports ---------------------------------------------------
 async def delivery(runtime: Runtime, message_id: str) -> tuple[str, str | None] | None:
     """(delivery status, error) of our outbound message ``message_id`` once it is sent."""

@@ -258,3 +258,30 @@ async def test_a_sends_progress_is_kept_with_the_row_and_its_possible_duplicates
     assert (after.state, after.uncertain_resends) == ("sent", 1)
     assert message.data["possible_duplicate"] is True
     assert message_payload(message)["possible_duplicate"] is True
+
+
+async def test_an_uncertain_send_whose_provider_cannot_be_asked_is_resent_in_the_end(
+    runtime: Runtime, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Policy check, and the provider's look-up keeps failing: after a bounded number of
+    recoveries the send is resent, counted as a possible duplicate, instead of staying
+    uncertain for good (before, every recovery left it so)."""
+    from router.outbox import CHECKS_BEFORE_RESEND
+
+    row = await conversation_with_reply(runtime, client)
+    channel = fake(runtime)
+    channel.uncertain_policy = UncertainPolicy.CHECK  # type: ignore[misc]
+    await crash_inside_send(runtime, row.id)
+
+    async def unreachable(*_: Any) -> Any:
+        raise httpx.ConnectError("provider down")
+
+    monkeypatch.setattr(channel, "find_sent", unreachable)
+    for _ in range(CHECKS_BEFORE_RESEND - 1):
+        await runtime.outbox.recover_uncertain()
+        (between,) = await rows(runtime, Outbox)
+        assert between.state == "uncertain"
+    await runtime.outbox.recover_uncertain()
+    await runtime.outbox.process_due()
+    (after,) = await rows(runtime, Outbox)
+    assert (after.state, after.uncertain_resends, len(channel.sent)) == ("sent", 1, 1)
