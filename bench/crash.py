@@ -715,7 +715,13 @@ def slow_provider_phase(args: argparse.Namespace) -> int:
             upgrade(url)
             tokens = asyncio.run(_seed_agents(url, 4, "slow"))
             inboxes = {
-                "tw": {**twilio_inbox(twilio.url), "request_timeout": timeout},
+                # look a create up twice the hang after it started (Twilio's default 60 s
+                # would only make the phase longer)
+                "tw": {
+                    **twilio_inbox(twilio.url),
+                    "request_timeout": timeout,
+                    "check_delay": hang * 2,
+                },
                 "sms": {
                     "channel": "sms",
                     "provider": "fake",

@@ -231,18 +231,25 @@ class TemporarySendError(Exception):
 
     ``progress``: JSON-able state the next attempt resumes from (parts already created, a
     create that may have gone through and must be looked up first); the outbox keeps it
-    with the row and hands it back as ``OutboundMessage.progress``."""
+    with the row and hands it back as ``OutboundMessage.progress``.
+
+    ``deferred``: nothing was tried, the channel only asks to be called again after
+    ``retry_after`` (waiting before a look-up): it is no attempt, uses none of the row's
+    attempts, and its wait is not shortened to the outbox's backoff ceiling."""
 
     def __init__(
         self,
         reason: str,
         retry_after: float | None = None,
         progress: Mapping[str, Any] | None = None,
+        *,
+        deferred: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
         self.progress = progress
+        self.deferred = deferred
 
 
 class PermanentSendError(Exception):

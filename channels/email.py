@@ -60,6 +60,7 @@ from channels.email_smtp import (
     build_message,
     make_message_id,
     send,
+    text_to_html,
 )
 from channels.threading import thread_token
 
@@ -683,7 +684,9 @@ class EmailChannel(Channel):
             to=message.recipient.address,
             subject=f"{base} {token}",
             text=message.text,
-            html=message.html,
+            # an agent's formatted text (links, line breaks) also as sanitized HTML:
+            # multipart/alternative, as mail clients expect
+            html=message.html if message.html is not None else text_to_html(message.text),
             attachments=attachments,
             message_id=message_id,
             in_reply_to=inbound[-1] if inbound else None,

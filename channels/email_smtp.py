@@ -37,11 +37,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from html import escape as html_escape
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Literal, Protocol
 
 import aiosmtplib
 import httpx
+import nh3
 
 from channels.base import PermanentSendError, TemporarySendError
 from channels.email_parse import MAX_DECODE_ROUNDS, decode_header_text
@@ -340,6 +342,41 @@ def _content_id(value: str) -> str:
     if not _CONTENT_ID.fullmatch(ident) or "=?" in ident:
         raise ValueError(f"invalid Content-ID {value!r}")
     return ident
+
+
+# What makes an agent's plain text "formatted" for a mail client: a link or a line break.
+_URL = re.compile(r"(?:https?://|mailto:)[^\s<>\"']+[^\s<>\"'.,;:!?)\]}]", re.IGNORECASE)
+
+
+def text_to_html(text: str) -> str | None:
+    """The HTML part for an agent's plain text, when it has formatting a mail client should
+    show (links, line breaks); None for a single line without a link (text/plain is enough).
+
+    Blank lines make paragraphs, single line breaks ``<br>``, http(s) and mailto URLs links;
+    everything else is text (escaped), and the result is sanitized with nh3 (only ``p``,
+    ``br`` and ``a href``, links with ``rel="noopener noreferrer"``)."""
+    if "\n" not in text.strip() and not _URL.search(text):
+        return None
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text.strip().replace("\r\n", "\n")):
+        lines = []
+        for line in block.split("\n"):
+            out, last = [], 0
+            for found in _URL.finditer(line):
+                out.append(html_escape(line[last : found.start()]))
+                url = html_escape(found.group(0))
+                out.append(f'<a href="{url}">{url}</a>')
+                last = found.end()
+            out.append(html_escape(line[last:]))
+            lines.append("".join(out))
+        paragraphs.append("<p>" + "<br>\n".join(lines) + "</p>")
+    return nh3.clean(
+        "\n".join(paragraphs),
+        tags={"p", "br", "a"},
+        attributes={"a": {"href"}},
+        url_schemes={"http", "https", "mailto"},
+        link_rel="noopener noreferrer",
+    )
 
 
 def build_message(

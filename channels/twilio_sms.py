@@ -796,6 +796,7 @@ class TwilioSmsChannel(TwilioChannel):
                 f"an earlier create may have reached Twilio: looking it up {cfg.check_delay:g} s"
                 f" after it started, so in {wait:.0f} s",
                 retry_after=wait,
+                deferred=True,  # waiting is no attempt: it must not use up the row's attempts
             )
         try:
             found = await self._lookup(to, body, since)

@@ -621,6 +621,25 @@ def mark_sent(tx: Tx, outbox_id: int, holder: str, receipt: SendReceipt) -> bool
     return True
 
 
+def mark_deferred(
+    tx: Tx,
+    outbox_id: int,
+    holder: str,
+    reason: str,
+    at: datetime,
+    progress: Mapping[str, Any] | None = None,
+) -> str:
+    """Back to ``queued`` until ``at`` without using an attempt: the channel did not try (it
+    waits before a look-up). The claim's attempt is given back."""
+    mark_retry(tx, outbox_id, holder, reason, at, max_attempts=1 << 30, progress=progress)
+    tx.execute(
+        update(Outbox)
+        .where(Outbox.id == outbox_id, Outbox.attempts > 0)
+        .values(attempts=Outbox.attempts - 1)
+    )
+    return "deferred"
+
+
 def mark_retry(
     tx: Tx,
     outbox_id: int,
@@ -967,6 +986,13 @@ class OutboxSender:
         try:
             receipt = await channel.send(job.message)
         except TemporarySendError as exc:
+            if exc.deferred and exc.retry_after is not None:
+                # not an attempt: call again then, attempts and backoff untouched
+                at = self.db.clock.now() + timedelta(seconds=max(0.0, exc.retry_after))
+                await self._record(
+                    mark_deferred, job.outbox_id, self.holder, exc.reason, at, exc.progress
+                )
+                return
             await self._retry(job, exc.reason, retry_after=exc.retry_after, progress=exc.progress)
             return
         except PermanentSendError as exc:

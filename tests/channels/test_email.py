@@ -899,3 +899,30 @@ async def test_a_nested_encoded_subject_never_adds_headers_to_our_replies(
         assert sent.get_content().strip() == body
         subject = str(sent["Subject"]).strip()
         assert "Reply-To: evil@example.org" in subject and subject.startswith("Re: x")
+
+
+async def test_an_agent_reply_with_links_and_line_breaks_is_sent_as_multipart_alternative(
+    mailbox: tuple[Runtime, str, Any], dovecot: peers.Dovecot, sink: peers.SmtpSink
+) -> None:
+    """Agent replies were text only; a reply with formatting (a link, line breaks) now also
+    carries a sanitized HTML part, as mail clients expect; a plain one-liner stays plain."""
+    runtime = mailbox[0]
+    cid, anna, first = await answered(
+        mailbox, dovecot, sink, mail("ann@example.net", "Kettle", "<fmt-1@x>")
+    )
+    plain = email.message_from_bytes(first.data, policy=email.policy.default)
+    assert plain.get_content_type() == "text/plain"
+    text = "Hi Ann,\n\nthe manual is at https://example.com/manual?p=2&x=1 <b>now</b>.\nBest"
+    await runtime.db.write(agent_write, anna, cid, text)
+    runtime.outbox.wake()
+    received = (await sink.wait_for(2))[-1]
+    message = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/alternative"
+    parts = {p.get_content_type(): p.get_content() for p in message.iter_parts()}
+    assert (
+        parts["text/plain"].strip() == text.replace("\n", "\r\n").strip()
+        or parts["text/plain"].replace("\r\n", "\n").strip() == text
+    )
+    html = parts["text/html"]
+    assert '<a href="https://example.com/manual?p=2&amp;x=1" rel="noopener noreferrer">' in html
+    assert "&lt;b&gt;now&lt;/b&gt;" in html and "<br>" in html

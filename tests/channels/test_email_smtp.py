@@ -565,3 +565,19 @@ async def test_silent_server_times_out_temporarily() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_formatted_text_gets_a_sanitized_html_part() -> None:
+    from channels.email_smtp import text_to_html
+
+    assert text_to_html("Thanks, it is done.") is None  # one line, no link: text only
+    html = text_to_html(
+        "Hi Ann,\n\nsee https://example.com/x?a=1&b=2. <script>alert(1)</script>\nThanks"
+    )
+    assert html is not None
+    assert '<a href="https://example.com/x?a=1&amp;b=2" rel="noopener noreferrer">' in html
+    assert "&lt;script&gt;" in html and "<script" not in html  # the agent's text is text
+    assert html.count("<p>") == 2 and "<br>" in html
+    tricky = text_to_html('a link "https://x.example/" onmouseover=alert(1) and javascript:x()')
+    assert tricky is not None and "onmouseover=" not in tricky.split(">", 1)[0]
+    assert 'href="javascript' not in tricky

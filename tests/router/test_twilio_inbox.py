@@ -322,8 +322,13 @@ async def test_a_create_that_hangs_past_the_timeout_and_lands_later_is_sent_once
                 message_id, _ = await _reply_pending(runtime, client, "Your refund is on its way")
             # the first attempt gives up on Twilio (the clock stands still meanwhile) ...
             await _drive(runtime, clock, lambda r: r.attempts == 1 and r.state == "queued", 0)
-            clock.advance(5)  # ... and the outbox tries again seconds later
-            await _drive(runtime, clock, lambda r: r.attempts >= 2 and r.state != "sending", 0)
+            clock.advance(5)  # ... and the outbox tries again seconds later: it waits
+            await _drive(
+                runtime,
+                clock,
+                lambda r: r.state == "queued" and "looking it up" in (r.last_error or ""),
+                0,
+            )
             lands.set()  # Twilio finally creates the message the first attempt asked for
             for _ in range(250):
                 if fake.messages:
@@ -335,6 +340,35 @@ async def test_a_create_that_hangs_past_the_timeout_and_lands_later_is_sent_once
     assert (row.state, row.uncertain_resends) == ("sent", 0)
     assert message.external_id == fake.messages[0]["sid"]  # found by the look-up
     assert not (message.data or {}).get("possible_duplicate")
+
+
+async def test_waiting_for_the_look_up_uses_no_attempts(tmp_path: Path, db_url: str) -> None:
+    """The wait before the look-up is no attempt: with a backoff ceiling (2 s) and attempts
+    (3) far below check_delay (30 s), the message that did reach Twilio is found and sent,
+    not failed after its attempts ran out while it waited (bench/crash.py's slow-provider
+    phase saw 24 delivered replies marked failed so)."""
+    clock = FakeClock()
+    with FakeTwilioServer(FakeTwilio(clock=clock.now)) as server:
+        fake = server.fake
+        lands = threading.Event()
+        fake.hang_next(1, 60, resource="Messages", method="POST", until=lands)
+        settings = _unclear_settings(tmp_path, db_url, server, check_delay=30).model_copy(
+            update={"outbox_backoff_max": 2, "outbox_max_attempts": 3}
+        )
+        async with started_runtime(settings, clock, workers=True) as runtime:
+            async with client_for(runtime) as client:
+                message_id, _ = await _reply_pending(runtime, client, "Back in stock")
+            await _drive(runtime, clock, lambda r: r.attempts == 1 and r.state == "queued", 0)
+            lands.set()
+            for _ in range(250):
+                if fake.messages:
+                    break
+                await asyncio.sleep(0.02)
+            row = await _drive(runtime, clock, lambda r: r.state in ("sent", "failed"))
+            (message,) = await rows(runtime, Message, Message.id == message_id)
+    assert (row.state, row.uncertain_resends) == ("sent", 0)
+    assert [m["form"]["Body"] for m in fake.messages] == ["Back in stock"]
+    assert message.external_id == fake.messages[0]["sid"]
 
 
 async def test_a_create_that_lands_after_the_look_up_is_counted_and_reported(
