@@ -648,6 +648,38 @@ def is_retryable(exc: DBAPIError) -> bool:
     return code in ("40001", "40P01")  # serialization failure, deadlock
 
 
+# SQLSTATE classes that are the database's trouble, not a statement's: connection
+# exceptions, insufficient resources, operator intervention (a shutdown), system errors.
+_TROUBLE_CLASSES = ("08", "53", "57", "58")
+
+
+def database_trouble(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database (its connection, its storage, its shutdown) failed,
+    rather than the statement: such a failure is retried, never blamed on the input."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError | TimeoutError | DatabaseUnavailable):
+            return True
+        code = getattr(current, "sqlstate", None)
+        if isinstance(code, str) and code.startswith(_TROUBLE_CLASSES):
+            return True
+        if type(current).__module__.startswith("asyncpg") and type(current).__name__ in (
+            "InterfaceError",
+            "ConnectionDoesNotExistError",
+            "ConnectionFailureError",
+            "InternalClientError",
+        ):
+            return True
+        if storage_failure(current) is not None:
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
 class Database:
     """Async facade over SQLite (writer thread + reader pool) or PostgreSQL (asyncpg)."""
 

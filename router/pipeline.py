@@ -44,7 +44,7 @@ from router.assignment.capacity import claim, holds_while_waiting
 from router.assignment.flow import reserve, sticky_wait
 from router.assignment.timers import CLOSE, clear_timers, current_ruleset
 from router.csat import answer_of, record_score
-from router.db import Database, Tx, is_retryable, prepared, prepared_each
+from router.db import Database, Tx, database_trouble, is_retryable, prepared, prepared_each
 from router.events import add_event, agent_stream
 from router.failpoints import failpoint
 from router.identity import SAME_NUMBER, join_same_number, link_same_number
@@ -956,8 +956,10 @@ def _accept_items(
         except (OperationalError, InterfaceError, InternalError):
             raise  # the database, not the item: fail the delivery so the provider retries
         except DBAPIError as exc:
-            if is_retryable(exc):
-                raise  # deadlock or serialization failure: the whole delivery is retried
+            if is_retryable(exc) or database_trouble(exc):
+                # a deadlock or serialization failure, or the database itself (a connection
+                # terminated, a shutdown, a full disk): the whole delivery is retried
+                raise
             log.exception("ingest of an item for %s failed; quarantined", inbox.slug)
             quarantine(
                 tx,
@@ -969,6 +971,8 @@ def _accept_items(
             if isinstance(item, InboundMessage):
                 outcomes.append(IngestOutcome(None, None, quarantined=True))
         except Exception as exc:
+            if database_trouble(exc):
+                raise  # the database, not the item (a lost connection): retried, not blamed
             # Never lose an accepted item: keep it raw with the reason for an admin.
             log.exception("ingest of an item for %s failed; quarantined", inbox.slug)
             quarantine(

@@ -87,3 +87,39 @@ async def test_ready_follows_postgres_and_redis_and_recovers_by_itself(tmp_path:
 
 async def _has(reasons: Awaitable[list[str]], reason: str) -> bool:
     return reason in await reasons
+
+
+async def test_a_connection_lost_mid_delivery_fails_the_delivery_and_quarantines_nothing(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL stops under a delivery: its pooled connection is terminated in the middle
+    of the ingest. That is the database's trouble, not the item's: the provider gets a 503
+    and retries; nothing is quarantined (before, the item was quarantined as if it were bad,
+    and the provider got its 200)."""
+    from router.models import Quarantine
+
+    pg = peers.need(lambda: peers.PrivatePostgres.start(tmp_path / "pg"))
+    with pg:
+        await asyncio.to_thread(upgrade, pg.url)
+        settings = make_settings(tmp_path / "conf", pg.url)
+        async with started_runtime(settings) as runtime, client_for(runtime) as client:
+            assert (await post_fake(client, "sms", fake_message("m0"))).status_code == 200
+            pg.stop()
+            refused = await post_fake(client, "sms", fake_message("m1"))
+            assert refused.status_code == 503, refused.text
+            pg.restart()
+
+            async def delivered() -> bool:
+                return (await post_fake(client, "sms", fake_message("m1"))).status_code == 200
+
+            await until(delivered)
+            stored = await runtime.db.read(
+                lambda c: (
+                    c.execute(select(Message.external_id).order_by(Message.id)).scalars().all()
+                )
+            )
+            quarantined = await runtime.db.read(
+                lambda c: c.execute(select(func.count()).select_from(Quarantine)).scalar_one()
+            )
+        assert [s for s in stored if s.startswith("m")] == ["m0", "m1"]
+        assert quarantined == 0
