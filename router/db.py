@@ -958,8 +958,8 @@ class Database:
             return
         self.commits += 1
         self.writes += sum(1 for _, ok, _ in outcomes if ok)
-        for job, ok, value in outcomes:
-            job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
+        # The batch is timed and recorded before its callers are answered: whoever was
+        # answered sees it in the metrics (and a slow one in the log) already.
         elapsed = time.perf_counter() - started
         if elapsed >= SLOW_BATCH_SECONDS:
             log.warning(
@@ -972,6 +972,8 @@ class Database:
                 self.on_batch(len(batch), elapsed)
             except Exception:
                 log.exception("on_batch callback failed")
+        for job, ok, value in outcomes:
+            job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
 
     # -- reads --------------------------------------------------------------------------
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
