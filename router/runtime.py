@@ -278,16 +278,23 @@ class Runtime:
                     await asyncio.gather(*(tell(ws) for ws in sockets))
 
     async def abandon_sweep(self) -> list[int]:
-        """Web chats whose visitor left before an agent joined, for too long: abandoned."""
+        """Web chats whose visitor left before an agent joined, for too long: abandoned
+        (the queue's ``abandon_after`` when it sets one, else the inbox's)."""
         after = {
             int(self.inboxes[slug].id): channel.abandon_after_seconds
             for slug, channel in self.channels.items()
             if isinstance(channel, WebChatChannel)
         }
+        ruleset = self.rules.active
+        queues = {
+            name: spec.abandon_after.total_seconds()
+            for name, spec in (ruleset.queues.items() if ruleset is not None else ())
+            if spec.abandon_after is not None
+        }
         # a read first: the sweep runs every worker interval, and writes only when one is due
-        if not after or not await self.db.read(gone_visitors, after, self.clock.now()):
+        if not after or not await self.db.read(gone_visitors, after, self.clock.now(), queues):
             return []
-        return await self.db.write(abandon_gone_visitors, after)
+        return await self.db.write(abandon_gone_visitors, after, queues)
 
     async def stop(self, *, drain: float = 0.0) -> None:
         """Stop; with ``drain`` (seconds), gracefully: connected agents and visitors are told
