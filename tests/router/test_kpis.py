@@ -203,6 +203,10 @@ async def test_kpis_of_a_hand_computed_day(
         150.0,
     )
     assert (anna_row["offers"], ben_row["offers"]) == (5, 1)
+    # credited to the agent who resolved first: anna A, E (FCR) and B (reopened: not);
+    # ben C (transferred to him: not FCR)
+    assert (anna_row["resolved"], anna_row["fcr_rate"]) == (3, 0.6667)
+    assert (ben_row["resolved"], ben_row["fcr_rate"]) == (1, 0.0)
     # only what happened in the period counts: Thursday alone holds B's measurements
     thursday = (
         await client.get(
