@@ -211,7 +211,12 @@ class Runtime:
     # -- life cycle ---------------------------------------------------------------------
     async def start(self, *, workers: bool = True) -> None:
         self._stopped = False
-        configure_failpoints(self.settings.failpoints or os.environ.get("OMNIROUTE_FAILPOINTS", ""))
+        try:
+            configure_failpoints(
+                self.settings.failpoints or os.environ.get("OMNIROUTE_FAILPOINTS", "")
+            )
+        except ValueError as exc:  # the settings' check missed it: the environment changed
+            raise ConfigError(f"OMNIROUTE_FAILPOINTS: {exc}") from None
         self.take_sqlite_lock()
         await self.db.start()
         try:

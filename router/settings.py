@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from router import failpoints as _failpoints
 from router.exceptions import ConfigError
 
 __all__ = ["Settings", "load_settings"]
@@ -85,7 +86,11 @@ class Settings(BaseSettings):
         ),
     )
     process_id: str = Field(default_factory=lambda: f"{socket.gethostname()}")
-    failpoints: str = ""
+    failpoints: str = Field(
+        "",
+        description="crash tests only: kill the process at these named lines "
+        "(docs/delivery.md, Failpoints); an unknown name is an error",
+    )
     demo: bool = False
 
     # workers (seconds)
@@ -168,6 +173,12 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"entry {number} is not an IP address or CIDR network") from None
         return ",".join(entries)
+
+    @field_validator("failpoints")
+    @classmethod
+    def _failpoints(cls, value: str) -> str:
+        _failpoints.parse(value)  # an unknown name fails here, at start-up
+        return value
 
     @field_validator("secret_key")
     @classmethod
