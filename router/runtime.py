@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from adapters.clock import Clock, SystemClock
 from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
+from router import retention
 from router.abandon import abandon_gone_visitors, gone_visitors
 from router.assignment.service import Assignment, register_process
 from router.channel_state import InboxState
@@ -253,6 +254,10 @@ class Runtime:
         self.workers.spawn(
             periodic(self.abandon_sweep, s.worker_interval, "abandon sweep"), "abandon-sweep"
         )
+        self.workers.spawn(
+            periodic(self.prune_streams, s.stream_prune_interval, "stream retention"),
+            "stream-retention",
+        )
         self.workers.spawn(self.guard.run(), "credential-check")
 
     @contextlib.contextmanager
@@ -300,6 +305,29 @@ class Runtime:
         if not after or not await self.db.read(gone_visitors, after, self.clock.now(), queues):
             return []
         return await self.db.write(abandon_gone_visitors, after, queues)
+
+    async def prune_streams(self, batch: int = retention.PRUNE_BATCH) -> int:
+        """Delete the stream events older than ``stream_retention_days``, a batch per
+        transaction, if this process holds the retention lease (one pruner among the
+        processes). The number deleted."""
+        horizon = self.clock.now() - timedelta(days=self.settings.stream_retention_days)
+        # a read first: most runs find nothing to do and need no write (nor the lease)
+        if not await self.db.read(retention.due_stream_events, horizon):
+            return 0
+        if not await self.db.write(
+            try_acquire, retention.LEASE, self.process_id, self.settings.lease_ttl
+        ):
+            return 0  # another process prunes
+        deleted = 0
+        while True:
+            count = await self.db.write(retention.prune_stream_events, horizon, batch)
+            deleted += count
+            if count < batch:
+                break
+            await asyncio.sleep(0)  # between batches, other writers go first
+        if deleted:
+            log.info("stream retention: deleted %d stream events before %s", deleted, horizon)
+        return deleted
 
     async def stop(self, *, drain: float = 0.0) -> None:
         """Stop; with ``drain`` (seconds), gracefully: connected agents and visitors are told

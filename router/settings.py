@@ -120,7 +120,15 @@ class Settings(BaseSettings):
     presence_grace: float = Field(
         60.0, ge=0, description="after a socket loss, presence goes offline after this"
     )
-    stream_retention_days: float = Field(7.0, gt=0)
+    stream_retention_days: float = Field(
+        7.0,
+        gt=0,
+        description="stream events (websocket resume) older than this are deleted; a client "
+        "resuming from before them gets resync_required",
+    )
+    stream_prune_interval: float = Field(
+        300.0, gt=0, description="how often the retention lease's holder prunes stream events"
+    )
     db_wait: float | None = Field(
         None,
         ge=0,
