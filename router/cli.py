@@ -544,7 +544,6 @@ def _demo_environment(var: Path) -> None:
         "OMNIROUTE_DATA_DIR": str(var),
         "OMNIROUTE_SECRET_KEY": secret_file.read_text().strip(),
         "OMNIROUTE_DEMO_FAKE_SECRET": fake_secret.read_text().strip(),
-        "OMNIROUTE_DEMO": "true",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -91,7 +91,6 @@ class Settings(BaseSettings):
         description="crash tests only: kill the process at these named lines "
         "(docs/delivery.md, Failpoints); an unknown name is an error",
     )
-    demo: bool = False
 
     # workers (seconds)
     worker_interval: float = Field(1.0, gt=0)
@@ -100,14 +99,6 @@ class Settings(BaseSettings):
     rules_poll_interval: float = Field(5.0, gt=0)
     heartbeat_interval: float = Field(5.0, gt=0)
     lease_ttl: float = Field(30.0, gt=0)
-    new_conversation_grace: float = Field(
-        2.0, ge=0, description="a `new` conversation older than this is routed by the sweep"
-    )
-    send_timeout: float = Field(
-        60.0,
-        gt=0,
-        description="a send claimed longer ago than this, by a dead process, is uncertain",
-    )
     outbox_max_attempts: int = Field(12, ge=1)
     outbox_backoff_base: float = Field(1.0, gt=0)
     outbox_backoff_max: float = Field(600.0, gt=0)
@@ -137,7 +128,6 @@ class Settings(BaseSettings):
     )
 
     # limits
-    message_max_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(
         1024 * 1024,
         ge=1024,

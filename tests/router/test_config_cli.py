@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from router.cli import app
 from router.exceptions import ConfigError
 from router.migrate import head_revision, pending_diff, upgrade
-from router.settings import load_settings
+from router.settings import Settings, load_settings
 from tests.router.test_pipeline import settle
 from tests.support import (
     CHANNELS,
@@ -311,3 +312,34 @@ async def test_readyz_reports_unmigrated_schema_and_lost_database(
         assert response.status_code == 503 and response.json()["reasons"] == [
             "migrations not current"
         ]
+
+
+def _attributes_read(tree: ast.AST) -> set[str]:
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+
+
+def test_every_setting_is_read_somewhere() -> None:
+    """A field of Settings that no code reads is a knob that does nothing (an admin sets it
+    and nothing changes): each must be read as an attribute in the product's source outside
+    settings.py, or by a Settings method that is. Wire a new setting or do not add it."""
+    settings_py = ROOT / "router" / "settings.py"
+    read: set[str] = set()
+    for package in ("router", "channels", "adapters", "routing_rules", "migrations"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path != settings_py:
+                read |= _attributes_read(ast.parse(path.read_text(), str(path)))
+    settings_class = next(
+        node
+        for node in ast.parse(settings_py.read_text()).body
+        if isinstance(node, ast.ClassDef) and node.name == "Settings"
+    )
+    methods = [m for m in settings_class.body if isinstance(m, ast.FunctionDef)]
+    while True:  # methods called from outside, and the methods they call, read fields too
+        before = len(read)
+        for method in methods:
+            if method.name in read:
+                read |= _attributes_read(method)  # e.g. websocket_options: ws_compression
+        if len(read) == before:
+            break
+    unread = sorted(set(Settings.model_fields) - read)
+    assert unread == [], f"settings nothing reads: {', '.join(unread)}"
