@@ -80,16 +80,11 @@ from common.serving import UNLIMITED_WEBCHAT  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from channels.fake import read_sent_log  # noqa: E402
+from router.failpoints import NAMES  # noqa: E402
 from router.models import Agent, AgentLoad, Conversation, Message, Offer, Outbox  # noqa: E402
 
 KINDS = ("twilio", "meta", "fake", "webchat")
-FAILPOINTS = (
-    "after_ingest_commit",
-    "after_route_commit",
-    "before_outbox_send",
-    "after_provider_send",
-    "after_visitor_commit",
-)
+FAILPOINTS = NAMES  # every failpoint the server has
 RULES = """\
 version: 1
 queues:

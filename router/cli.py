@@ -1,7 +1,8 @@
 """The ``omniroute`` command line.
 
 Exit codes: 0 success, 1 the input has errors (each printed as
-``PATH:LINE:COL: where: message``), 2 usage or I/O errors.
+``PATH:LINE:COL: where: message``) or test cases failed, or a replayed decision differs from
+the stored one, 2 usage or I/O errors.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def _fact_warnings(facts: dict[str, Any], ruleset: Any) -> list[str]:
 @rules_app.command("explain")
 def rules_explain(
     rules: Annotated[
-        Path | None, typer.Argument(help="the rules file (not with --decision)")
+        Path | None,
+        typer.Argument(
+            help="the rules file (with --decision: replay the stored facts against it instead)"
+        ),
     ] = None,
     facts: Annotated[Path | None, typer.Option("--facts", help="a JSON object of facts")] = None,
     trace: Annotated[bool, typer.Option("--trace", help="show each rule tried")] = False,
@@ -105,9 +109,13 @@ def rules_explain(
     ] = None,
 ) -> None:
     """Print the Decision JSON for some facts (``--trace``: why each rule did or did not match),
-    or replay a stored decision against the ruleset it was made with (``--decision ID``)."""
+    or replay a stored decision (``--decision ID``) against the ruleset it was made with, or
+    against RULES ("what would this file have decided?"), with the difference from the
+    stored decision (exit 1 when it differs)."""
     if decision is not None:
-        _replay_decision(decision, trace)
+        if facts is not None:
+            _fail_usage("--decision replays the stored facts: give --facts or --decision, not both")
+        _replay_decision(decision, trace, rules)
         return
     if rules is None or facts is None:
         _fail_usage("give RULES and --facts FACTS.json, or --decision ID")
@@ -123,7 +131,8 @@ def rules_explain(
     _print_decision(ruleset, given, trace)
 
 
-def _print_decision(ruleset: Any, given: dict[str, Any], trace: bool) -> Any:
+def _evaluate(ruleset: Any, given: dict[str, Any], trace: bool) -> Any:
+    """The decision for ``given`` (``trace``: each rule tried is printed)."""
     steps: list[TraceStep] = []
     decision = reference_evaluate(given, ruleset, steps)
     assert ruleset.engine.evaluate(given) == decision, (
@@ -135,42 +144,60 @@ def _print_decision(ruleset: Any, given: dict[str, Any], trace: bool) -> Any:
             typer.echo(f"rule {step.rule}: {outcome}")
         if not any(s.matched for s in steps):
             typer.echo("no rule matched: default")
+    return decision
+
+
+def _print_decision(ruleset: Any, given: dict[str, Any], trace: bool) -> Any:
+    decision = _evaluate(ruleset, given, trace)
     typer.echo(json.dumps(decision.to_dict(), indent=2))
     return decision
 
 
-def _replay_decision(decision_id: int, trace: bool) -> None:
+def _replay_decision(decision_id: int, trace: bool, rules: Path | None = None) -> None:
+    """Replay a stored decision's facts against the ruleset it was made with, or against
+    the rules file ``rules`` (a what-if: the difference from the stored decision is the
+    answer). Exit 1 when the replay differs from the stored decision."""
     from sqlalchemy import select
 
-    from router.models import RoutingDecision
+    from router.models import Conversation, Inbox, RoutingDecision
     from router.models import Ruleset as RulesetRow
 
-    def load(conn: Any) -> tuple[Any, Any]:
+    file_ruleset = _load_rules(rules) if rules is not None else None  # errors before the DB
+
+    def load(conn: Any) -> tuple[Any, Any, Any]:
         row = conn.execute(select(RoutingDecision).where(RoutingDecision.id == decision_id)).first()
         if row is None:
-            return None, None
+            return None, None, None
         text = conn.execute(
             select(RulesetRow.text)
             .where(RulesetRow.version == row.ruleset_version)
             .order_by(RulesetRow.id.desc())
             .limit(1)
         ).scalar_one_or_none()
-        return row, text
+        default_queue = conn.execute(
+            select(Inbox.default_queue)
+            .join(Conversation, Conversation.inbox_id == Inbox.id)
+            .where(Conversation.id == row.conversation_id)
+        ).scalar_one_or_none()
+        return row, text, default_queue
 
-    row, text = _with_db(lambda db: db.read(load))
+    row, text, default_queue = _with_db(lambda db: db.read(load))
     if row is None:
         _fail_usage(f"no routing decision {decision_id}")
+    typer.echo(
+        f"decision {decision_id} for conversation {row.conversation_id} with ruleset {row.ruleset_version}"
+    )
+    typer.echo("facts: " + json.dumps(row.facts, sort_keys=True))
+    stored = row.decision
+    if file_ruleset is not None:
+        _what_if(file_ruleset, rules, row.facts, stored, default_queue, trace)
+        return
     if text is None:
         _fail_usage(
             f"decision {decision_id} was made with ruleset {row.ruleset_version}, which is not stored"
         )
     ruleset = load_ruleset(text.encode("utf-8"), f"ruleset {row.ruleset_version}")
-    typer.echo(
-        f"decision {decision_id} for conversation {row.conversation_id} with ruleset {row.ruleset_version}"
-    )
-    typer.echo("facts: " + json.dumps(row.facts, sort_keys=True))
     replayed = _print_decision(ruleset, row.facts, trace).to_dict()
-    stored = row.decision
     same = {k: v for k, v in replayed.items() if k != "queue"} == {
         k: v for k, v in stored.items() if k != "queue"
     }
@@ -179,6 +206,47 @@ def _replay_decision(decision_id: int, trace: bool) -> None:
     elif replayed != stored:
         typer.echo("replay differs from the stored decision: " + json.dumps(stored))
         raise typer.Exit(1)
+
+
+def _what_if(
+    ruleset: Any,
+    path: Path | None,
+    facts: dict[str, Any],
+    stored: dict[str, Any],
+    default_queue: str | None,
+    trace: bool,
+) -> None:
+    """The decision ``ruleset`` (from ``path``) makes for a stored decision's facts, as the
+    server would make it (the inbox's ``default_queue`` replacing the default), and each key
+    that differs from the stored decision (the ruleset's version always does, so it is not
+    compared)."""
+    from router.routing import decision_for_inbox
+
+    typer.echo(f"replayed against {path} (ruleset {ruleset.version})")
+    if "history." in ruleset.text and not any(k.startswith("history.") for k in facts):
+        typer.echo(
+            "warning: this file uses history.* facts, which the stored facts lack (the ruleset "
+            "of the decision did not use them): tests on them are false",
+            err=True,
+        )
+    raw = _evaluate(ruleset, facts, trace)
+    decision = decision_for_inbox(raw, ruleset, default_queue)
+    if decision is not raw:
+        typer.echo(f"(the inbox's default_queue {default_queue!r} replaces the default queue)")
+    replayed = decision.to_dict()
+    typer.echo(json.dumps(replayed, indent=2))
+    differences = [
+        f"  {key}: stored {json.dumps(stored.get(key))}, {path} {json.dumps(replayed[key])}"
+        for key in replayed
+        if key != "ruleset" and stored.get(key) != replayed[key]
+    ]
+    if not differences:
+        typer.echo("same as the stored decision")
+        return
+    typer.echo("differs from the stored decision:")
+    for line in differences:
+        typer.echo(line)
+    raise typer.Exit(1)
 
 
 @rules_app.command("test")
@@ -476,7 +544,6 @@ def _demo_environment(var: Path) -> None:
         "OMNIROUTE_DATA_DIR": str(var),
         "OMNIROUTE_SECRET_KEY": secret_file.read_text().strip(),
         "OMNIROUTE_DEMO_FAKE_SECRET": fake_secret.read_text().strip(),
-        "OMNIROUTE_DEMO": "true",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

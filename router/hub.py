@@ -44,6 +44,13 @@ def stream_positions(conn: Connection, streams: list[str]) -> dict[str, tuple[in
     return {s: (int(last.get(s, 0)), int(oldest[s]) if s in oldest else None) for s in streams}
 
 
+def _continues(replay: list[dict[str, Any]], start: int, last: int) -> bool:
+    """Whether a catch-up from ``start`` is whole: every seq from ``start + 1`` on, at least
+    up to ``last`` (the stream's position when the resume began)."""
+    seqs = [int(frame["seq"]) for frame in replay]
+    return seqs == list(range(start + 1, start + 1 + len(seqs))) and start + len(seqs) >= last
+
+
 @dataclass
 class ResumeResult:
     replay: list[dict[str, Any]] = field(default_factory=list)
@@ -129,7 +136,13 @@ class Session:
                     start = given
             follower = StreamFollower(self.db, stream, start)
             self.followers[stream] = follower
-            result.replay.extend(await follower.catch_up())
+            replay = await follower.catch_up()
+            if not _continues(replay, start, last):
+                # pruned between the positions and the catch-up (retention runs in another
+                # transaction, maybe another process): what the client missed is gone
+                result.resync.append(stream)
+                replay = []
+            result.replay.extend(replay)
             result.positions[stream] = follower.last_seq
         self.bus.on_reconnect(self._after_outage)
         return result

@@ -47,7 +47,7 @@ from router.db import Database, Tx
 from router.events import add_event, agent_stream
 from router.exceptions import Conflict, InvalidInput, NotFound, Unavailable
 from router.failpoints import failpoint
-from router.models import ContactIdentity, Conversation, Message, Outbox, Process
+from router.models import ContactIdentity, Conversation, Inbox, Message, Outbox, Process
 from router.serialize import message_payload
 from router.tasks import periodic
 from router.types import Actor, ConversationState, DeliveryStatus, Direction, EventKind, OutboxState
@@ -316,13 +316,18 @@ def enqueue_message(
                 )
         tx.execute(update(Conversation).where(Conversation.id == conversation_id).values(**changes))
     if conversation.assigned_agent_id is not None:
-        row = tx.execute(select(Message).where(Message.id == message_id)).one()
+        row = tx.execute(
+            select(Message, Inbox.channel.label("inbox_channel"))
+            .join(Inbox, Inbox.id == Message.inbox_id)
+            .where(Message.id == message_id)
+        ).one()
         tx.emit(
             agent_stream(conversation.assigned_agent_id),
             "message",
             {
                 "conversation_id": conversation_id,
-                "message": message_payload(row, conversation.channel),
+                # the reply's own channel (an answer by SMS to a call says sms)
+                "message": message_payload(row, row.inbox_channel),
             },
         )
     return message_id

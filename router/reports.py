@@ -61,7 +61,8 @@ class _Walk:
     handling: dict[int, datetime] = field(default_factory=dict)  # agent -> since
     # agent -> since, for a conversation resolved and still in its wrap-up
     wrap: dict[int, datetime] = field(default_factory=dict)
-    resolved: list[datetime] = field(default_factory=list)
+    # each resolve: when, by whom, in which queue (FCR counts at the first, for its agent)
+    resolved: list[tuple[datetime, int | None, str | None]] = field(default_factory=list)
     reopened: bool = False
     transferred: bool = False
 
@@ -126,7 +127,7 @@ def measure(
             since = w.handling.pop(agent, None) if agent is not None else None
             if since is not None and agent is not None:
                 w.wrap[agent] = since  # handle time runs on through a wrap-up, if any
-            w.resolved.append(at)
+            w.resolved.append((at, agent, w.queue))
             if w.cycle.start is not None:
                 w.add("resolution", at, agent, elapsed(w.queue, w.cycle.start, at))
             if w.queue not in w.wrapping:  # no wrap-up: the handling ends with the resolve
@@ -154,7 +155,10 @@ def measure(
             )
     if w.resolved:
         fcr = len(w.resolved) == 1 and not w.reopened and not w.transferred
-        w.add("fcr", w.resolved[0], None, 1.0 if fcr else 0.0)
+        # dated, queued and credited as the first resolve: per agent, ``resolved`` and
+        # ``fcr_rate`` count the conversations that agent resolved first
+        at, agent, queue = w.resolved[0]
+        w.out.append(Measurement("fcr", at, queue, agent, w.channel, 1.0 if fcr else 0.0))
     return w.out
 
 

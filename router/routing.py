@@ -35,7 +35,7 @@ from router.outbox import enqueue_message
 from router.types import OPEN_STATES, Actor, ConversationState, EventKind, Priority
 from routing_rules import Decision, Ruleset, evaluate
 
-__all__ = ["ROUTE_BATCH", "RouteResult", "conversation_facts", "route_batch"]
+__all__ = ["ROUTE_BATCH", "RouteResult", "conversation_facts", "decision_for_inbox", "route_batch"]
 
 ROUTE_BATCH = 200
 
@@ -253,9 +253,7 @@ def _facts(
     return {k: v for k, v in facts.items() if v is not None}
 
 
-def _decision_for_inbox(
-    decision: Decision, ruleset: Ruleset, default_queue: str | None
-) -> Decision:
+def decision_for_inbox(decision: Decision, ruleset: Ruleset, default_queue: str | None) -> Decision:
     """When no rule matched, the inbox's ``default_queue`` (if set) replaces ``default.queue``."""
     if decision.rule is not None or not default_queue or default_queue not in ruleset.queues:
         return decision
@@ -280,7 +278,7 @@ def _route_one(
     # the history.* facts cost a few queries: only when the rules (or templates) use them
     history = history_facts(tx, row) if "history." in ruleset.text else None
     facts = _facts(row, message, email, ruleset, tx.now.isoformat(), history)
-    decision = _decision_for_inbox(evaluate(facts, ruleset), ruleset, row.default_queue)
+    decision = decision_for_inbox(evaluate(facts, ruleset), ruleset, row.default_queue)
     decision_id = int(
         tx.execute(
             _DECISION,

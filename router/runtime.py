@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from adapters.clock import Clock, SystemClock
 from channels import Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
+from router import retention
 from router.abandon import abandon_gone_visitors, gone_visitors
 from router.assignment.service import Assignment, register_process
 from router.channel_state import InboxState
@@ -211,7 +212,12 @@ class Runtime:
     # -- life cycle ---------------------------------------------------------------------
     async def start(self, *, workers: bool = True) -> None:
         self._stopped = False
-        configure_failpoints(self.settings.failpoints or os.environ.get("OMNIROUTE_FAILPOINTS", ""))
+        try:
+            configure_failpoints(
+                self.settings.failpoints or os.environ.get("OMNIROUTE_FAILPOINTS", "")
+            )
+        except ValueError as exc:  # the settings' check missed it: the environment changed
+            raise ConfigError(f"OMNIROUTE_FAILPOINTS: {exc}") from None
         self.take_sqlite_lock()
         await self.db.start()
         try:
@@ -248,6 +254,10 @@ class Runtime:
         self.workers.spawn(
             periodic(self.abandon_sweep, s.worker_interval, "abandon sweep"), "abandon-sweep"
         )
+        self.workers.spawn(
+            periodic(self.prune_streams, s.stream_prune_interval, "stream retention"),
+            "stream-retention",
+        )
         self.workers.spawn(self.guard.run(), "credential-check")
 
     @contextlib.contextmanager
@@ -278,16 +288,46 @@ class Runtime:
                     await asyncio.gather(*(tell(ws) for ws in sockets))
 
     async def abandon_sweep(self) -> list[int]:
-        """Web chats whose visitor left before an agent joined, for too long: abandoned."""
+        """Web chats whose visitor left before an agent joined, for too long: abandoned
+        (the queue's ``abandon_after`` when it sets one, else the inbox's)."""
         after = {
             int(self.inboxes[slug].id): channel.abandon_after_seconds
             for slug, channel in self.channels.items()
             if isinstance(channel, WebChatChannel)
         }
+        ruleset = self.rules.active
+        queues = {
+            name: spec.abandon_after.total_seconds()
+            for name, spec in (ruleset.queues.items() if ruleset is not None else ())
+            if spec.abandon_after is not None
+        }
         # a read first: the sweep runs every worker interval, and writes only when one is due
-        if not after or not await self.db.read(gone_visitors, after, self.clock.now()):
+        if not after or not await self.db.read(gone_visitors, after, self.clock.now(), queues):
             return []
-        return await self.db.write(abandon_gone_visitors, after)
+        return await self.db.write(abandon_gone_visitors, after, queues)
+
+    async def prune_streams(self, batch: int = retention.PRUNE_BATCH) -> int:
+        """Delete the stream events older than ``stream_retention_days``, a batch per
+        transaction, if this process holds the retention lease (one pruner among the
+        processes). The number deleted."""
+        horizon = self.clock.now() - timedelta(days=self.settings.stream_retention_days)
+        # a read first: most runs find nothing to do and need no write (nor the lease)
+        if not await self.db.read(retention.due_stream_events, horizon):
+            return 0
+        if not await self.db.write(
+            try_acquire, retention.LEASE, self.process_id, self.settings.lease_ttl
+        ):
+            return 0  # another process prunes
+        deleted = 0
+        while True:
+            count = await self.db.write(retention.prune_stream_events, horizon, batch)
+            deleted += count
+            if count < batch:
+                break
+            await asyncio.sleep(0)  # between batches, other writers go first
+        if deleted:
+            log.info("stream retention: deleted %d stream events before %s", deleted, horizon)
+        return deleted
 
     async def stop(self, *, drain: float = 0.0) -> None:
         """Stop; with ``drain`` (seconds), gracefully: connected agents and visitors are told

@@ -30,7 +30,10 @@ def iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def message_payload(row: Any, channel: str | None = None) -> dict[str, Any]:
+def message_payload(row: Any, channel: str) -> dict[str, Any]:
+    """A message as agents see it. ``channel`` is the channel of the message's own inbox
+    (``Message.inbox_id``), not its conversation's: one conversation may hold messages of
+    several channels (a call answered by SMS)."""
     data = row.data or {}
     return {
         "id": row.id,

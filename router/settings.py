@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from router import failpoints as _failpoints
 from router.exceptions import ConfigError
 
 __all__ = ["Settings", "load_settings"]
@@ -85,8 +86,11 @@ class Settings(BaseSettings):
         ),
     )
     process_id: str = Field(default_factory=lambda: f"{socket.gethostname()}")
-    failpoints: str = ""
-    demo: bool = False
+    failpoints: str = Field(
+        "",
+        description="crash tests only: kill the process at these named lines "
+        "(docs/delivery.md, Failpoints); an unknown name is an error",
+    )
 
     # workers (seconds)
     worker_interval: float = Field(1.0, gt=0)
@@ -95,14 +99,6 @@ class Settings(BaseSettings):
     rules_poll_interval: float = Field(5.0, gt=0)
     heartbeat_interval: float = Field(5.0, gt=0)
     lease_ttl: float = Field(30.0, gt=0)
-    new_conversation_grace: float = Field(
-        2.0, ge=0, description="a `new` conversation older than this is routed by the sweep"
-    )
-    send_timeout: float = Field(
-        60.0,
-        gt=0,
-        description="a send claimed longer ago than this, by a dead process, is uncertain",
-    )
     outbox_max_attempts: int = Field(12, ge=1)
     outbox_backoff_base: float = Field(1.0, gt=0)
     outbox_backoff_max: float = Field(600.0, gt=0)
@@ -115,7 +111,15 @@ class Settings(BaseSettings):
     presence_grace: float = Field(
         60.0, ge=0, description="after a socket loss, presence goes offline after this"
     )
-    stream_retention_days: float = Field(7.0, gt=0)
+    stream_retention_days: float = Field(
+        7.0,
+        gt=0,
+        description="stream events (websocket resume) older than this are deleted; a client "
+        "resuming from before them gets resync_required",
+    )
+    stream_prune_interval: float = Field(
+        300.0, gt=0, description="how often the retention lease's holder prunes stream events"
+    )
     db_wait: float | None = Field(
         None,
         ge=0,
@@ -124,7 +128,6 @@ class Settings(BaseSettings):
     )
 
     # limits
-    message_max_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(
         1024 * 1024,
         ge=1024,
@@ -168,6 +171,12 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"entry {number} is not an IP address or CIDR network") from None
         return ",".join(entries)
+
+    @field_validator("failpoints")
+    @classmethod
+    def _failpoints(cls, value: str) -> str:
+        _failpoints.parse(value)  # an unknown name fails here, at start-up
+        return value
 
     @field_validator("secret_key")
     @classmethod

@@ -9,7 +9,14 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, or_, select
 
-from router.models import Contact, Conversation, ConversationEvent, Message, RoutingDecision
+from router.models import (
+    Contact,
+    Conversation,
+    ConversationEvent,
+    Inbox,
+    Message,
+    RoutingDecision,
+)
 from router.serialize import iso, message_payload, visitor_payload
 
 __all__ = ["contact_timeline", "conversation_detail", "visitor_history"]
@@ -35,9 +42,12 @@ def contact_timeline(
         if merged_into is None:
             break
         contact_id = int(merged_into)
+    # each message's channel is its inbox's: one conversation may hold several channels
+    # (a call answered by SMS, a chat continued by email)
     query = (
-        select(Message, Conversation.channel.label("conversation_channel"))
+        select(Message, Inbox.channel.label("inbox_channel"))
         .join(Conversation, Conversation.id == Message.conversation_id)
+        .join(Inbox, Inbox.id == Message.inbox_id)
         .where(Conversation.contact_id == contact_id)
     )
     if visible is not None:
@@ -81,7 +91,7 @@ def contact_timeline(
         events = events.where(ConversationEvent.at <= rows[-1].created_at)
     return {
         "contact_id": contact_id,
-        "messages": [message_payload(r, r.conversation_channel) for r in rows],
+        "messages": [message_payload(r, r.inbox_channel) for r in rows],
         "events": [
             {
                 "conversation_id": e.conversation_id,
@@ -146,8 +156,7 @@ def visitor_history(
 ) -> list[dict[str, Any]]:
     """What a web-chat visitor may see: their own messages and the replies sent to them."""
     rows = conn.execute(
-        select(Message, Conversation.channel.label("conversation_channel"))
-        .join(Conversation, Conversation.id == Message.conversation_id)
+        select(Message)
         .where(
             Message.identity_id == identity_id,
             Message.is_note.is_(False),

@@ -219,7 +219,6 @@ def server_env(settings: Settings, port: int) -> dict[str, str]:
         "OMNIROUTE_WORKER_INTERVAL": "0.2",
         "OMNIROUTE_OUTBOX_INTERVAL": "0.2",
         "OMNIROUTE_HEARTBEAT_INTERVAL": "0.5",
-        "OMNIROUTE_NEW_CONVERSATION_GRACE": "0",
     }
     if settings.channels_path is not None:
         env["OMNIROUTE_CHANNELS_PATH"] = str(settings.channels_path)

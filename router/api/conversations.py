@@ -14,7 +14,7 @@ from router.agents import agent_by_name
 from router.api.deps import get_runtime, needs
 from router.exceptions import Conflict, NotFound, Unavailable
 from router.messaging import agent_write
-from router.models import Agent, Conversation, Message
+from router.models import Agent, Conversation, Inbox, Message
 from router.policy import Caller
 from router.runtime import Runtime
 from router.serialize import iso, message_payload
@@ -336,11 +336,15 @@ async def get_message(
     _: Caller = Depends(needs(policy.READ_MESSAGE)),
 ) -> dict[str, Any]:
     row = await runtime.db.read(
-        lambda c: c.execute(select(Message).where(Message.id == message_id)).first()
+        lambda c: c.execute(
+            select(Message, Inbox.channel)
+            .join(Inbox, Inbox.id == Message.inbox_id)
+            .where(Message.id == message_id)
+        ).first()
     )
     if row is None:
         raise NotFound(f"no message {message_id}")
-    return message_payload(row)
+    return message_payload(row, row.channel)
 
 
 @router.get(

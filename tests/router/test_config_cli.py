@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from router.cli import app
 from router.exceptions import ConfigError
 from router.migrate import head_revision, pending_diff, upgrade
-from router.settings import load_settings
+from router.settings import Settings, load_settings
 from tests.router.test_pipeline import settle
 from tests.support import (
     CHANNELS,
@@ -229,6 +230,60 @@ async def test_rules_explain_replays_a_stored_decision(tmp_path: Path, sqlite_ur
     ) == (2, "error: no routing decision 99\n")
 
 
+async def test_rules_explain_replays_a_stored_decision_against_a_rules_file(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """``explain FILE --decision N`` answers "what would this file have decided": the stored
+    facts against FILE's rules, with each key that differs (it used to ignore FILE)."""
+    settings = make_settings(tmp_path / "conf", sqlite_url)
+    async with started_runtime(settings) as runtime, client_for(runtime) as client:
+        await post_fake(
+            client, "sms", {"id": "d1", "from": "+4917012345600", "text": "please refund me"}
+        )
+        await settle(runtime)
+    env = {"OMNIROUTE_DATABASE_URL": sqlite_url}
+    # refunds to sales, at normal priority, with no tag
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(
+        RULES.replace(
+            "then: {queue: billing, priority: high, tags: [refund]}", "then: {queue: sales}"
+        )
+    )
+    code, out = await asyncio.to_thread(
+        run, ["rules", "explain", str(changed), "--decision", "1", "--trace"], env
+    )
+    assert code == 1, out
+    lines = out.splitlines()
+    assert lines[0].startswith("decision 1 for conversation 1 with ruleset sha256:")
+    assert lines[2].startswith(f"replayed against {changed} (ruleset sha256:")
+    assert "rule refund: matched" in lines
+    assert lines[lines.index("differs from the stored decision:") + 1 :] == [
+        f'  queue: stored "billing", {changed} "sales"',
+        f'  priority: stored "high", {changed} "normal"',
+        f'  skills: stored {{"billing": 3}}, {changed} {{}}',
+        f'  tags: stored ["refund"], {changed} []',
+    ]
+    # the same rules in another file (another version): the same decision
+    same = tmp_path / "same.yaml"
+    same.write_text(RULES + "# a comment changes the version, not the decision\n")
+    code, out = await asyncio.to_thread(
+        run, ["rules", "explain", str(same), "--decision", "1"], env
+    )
+    assert code == 0 and out.splitlines()[-1] == "same as the stored decision", out
+    # a bad file: its located errors, before the database is asked
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        RULES.replace("queue: billing, priority: high", "queue: nowhere, priority: high")
+    )
+    code, out = await asyncio.to_thread(run, ["rules", "explain", str(bad), "--decision", "1"], env)
+    assert code == 1 and out.startswith(f"{bad}:") and "nowhere" in out, out
+    facts = tmp_path / "facts.json"
+    facts.write_text("{}")
+    assert await asyncio.to_thread(
+        run, ["rules", "explain", str(same), "--decision", "1", "--facts", str(facts)], env
+    ) == (2, "error: --decision replays the stored facts: give --facts or --decision, not both\n")
+
+
 def test_db_upgrade_creates_and_migrates(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sub' / 'fresh.db'}"
     code, out = run(["db", "upgrade"], {"OMNIROUTE_DATABASE_URL": url})
@@ -257,3 +312,34 @@ async def test_readyz_reports_unmigrated_schema_and_lost_database(
         assert response.status_code == 503 and response.json()["reasons"] == [
             "migrations not current"
         ]
+
+
+def _attributes_read(tree: ast.AST) -> set[str]:
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+
+
+def test_every_setting_is_read_somewhere() -> None:
+    """A field of Settings that no code reads is a knob that does nothing (an admin sets it
+    and nothing changes): each must be read as an attribute in the product's source outside
+    settings.py, or by a Settings method that is. Wire a new setting or do not add it."""
+    settings_py = ROOT / "router" / "settings.py"
+    read: set[str] = set()
+    for package in ("router", "channels", "adapters", "routing_rules", "migrations"):
+        for path in (ROOT / package).rglob("*.py"):
+            if path != settings_py:
+                read |= _attributes_read(ast.parse(path.read_text(), str(path)))
+    settings_class = next(
+        node
+        for node in ast.parse(settings_py.read_text()).body
+        if isinstance(node, ast.ClassDef) and node.name == "Settings"
+    )
+    methods = [m for m in settings_class.body if isinstance(m, ast.FunctionDef)]
+    while True:  # methods called from outside, and the methods they call, read fields too
+        before = len(read)
+        for method in methods:
+            if method.name in read:
+                read |= _attributes_read(method)  # e.g. websocket_options: ws_compression
+        if len(read) == before:
+            break
+    unread = sorted(set(Settings.model_fields) - read)
+    assert unread == [], f"settings nothing reads: {', '.join(unread)}"

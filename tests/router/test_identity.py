@@ -33,6 +33,7 @@ from router.models import (
     ConversationEvent,
     Message,
     RoutingDecision,
+    StreamEvent,
 )
 from router.runtime import Runtime
 from router.types import EventKind
@@ -398,6 +399,55 @@ async def test_replies_go_to_verified_identities_through_a_channel_that_reaches_
         headers=auth(tokens["agent"]),
     )
     assert unknown.status_code == 422 and 'no inbox \\"nope\\"' in unknown.text
+
+
+async def test_each_message_carries_its_own_inbox_channel(
+    api: tuple[Runtime, httpx.AsyncClient, dict[str, str]],
+) -> None:
+    """One conversation holding an SMS, a WhatsApp message and a WhatsApp reply: the
+    timeline, the message endpoint and the agent's stream label each with its own channel,
+    not the conversation's (sms)."""
+    runtime, client, tokens = api
+    await inbound(client, "sms", "s1", PHONE, "by sms", runtime=runtime)
+    await inbound(client, "wa", "w1", PHONE, "by whatsapp", kind="whatsapp", runtime=runtime)
+    conversations = await runtime.db.read(
+        lambda c: c.execute(select(Conversation.id, Conversation.channel)).all()
+    )
+    assert len(conversations) == 1 and conversations[0].channel == "sms"
+    conversation_id = int(conversations[0].id)
+    agent_id = await runtime.db.read(lambda c: c.execute(select(Agent.id)).scalar_one())
+    await runtime.assignment.assign(conversation_id, agent_id, by="test", override=True)
+    reply = await runtime.db.write(
+        lambda tx: agent_write(
+            tx,
+            agent_id,
+            conversation_id,
+            "answered by whatsapp",
+            inbox_id=runtime.inbox_id_of("wa"),
+        )
+    )
+    contact = await contact_of(runtime, "phone", PHONE)
+    timeline = (
+        await client.get(f"/api/contacts/{contact}/timeline", headers=auth(tokens["admin"]))
+    ).json()
+    assert [(m["text"], m["channel"]) for m in timeline["messages"]] == [
+        ("by sms", "sms"),
+        ("by whatsapp", "whatsapp"),
+        ("answered by whatsapp", "whatsapp"),
+    ]
+    one = await client.get(f"/api/messages/{reply['message_id']}", headers=auth(tokens["admin"]))
+    assert one.json()["channel"] == "whatsapp"
+    streamed = await runtime.db.read(
+        lambda c: [
+            e.payload["message"]["channel"]
+            for e in c.execute(
+                select(StreamEvent).where(
+                    StreamEvent.stream == f"agent:{agent_id}", StreamEvent.type == "message"
+                )
+            )
+        ]
+    )
+    assert streamed == ["whatsapp"]
 
 
 async def test_export_and_erase_a_contact(

@@ -203,6 +203,10 @@ async def test_kpis_of_a_hand_computed_day(
         150.0,
     )
     assert (anna_row["offers"], ben_row["offers"]) == (5, 1)
+    # credited to the agent who resolved first: anna A, E (FCR) and B (reopened: not);
+    # ben C (transferred to him: not FCR)
+    assert (anna_row["resolved"], anna_row["fcr_rate"]) == (3, 0.6667)
+    assert (ben_row["resolved"], ben_row["fcr_rate"]) == (1, 0.0)
     # only what happened in the period counts: Thursday alone holds B's measurements
     thursday = (
         await client.get(
@@ -306,3 +310,54 @@ async def test_a_visitor_who_leaves_before_an_agent_joins_abandons_the_chat(
         assert state == "closed"
         assert [(k, d["wait_seconds"]) for k, d in events] == [("abandoned", 240.0)]
         assert await runtime.abandon_sweep() == []
+
+
+async def test_a_queue_abandon_after_wins_over_the_inbox_one(
+    tmp_path: Path, db_url: str, clock: FakeClock
+) -> None:
+    """A chat routed to a queue with ``abandon_after: 2m`` is abandoned after two minutes,
+    where the inbox's default would wait five; a queue without one keeps the inbox's."""
+    clock.set(utc(2026, 11, 25, 9, 0))
+    rules = RULES.replace("  phone: {}\n", "  phone: {}\n  quick: {abandon_after: 2m}\n").replace(
+        "rules:\n",
+        "rules:\n  - {id: quick, when: {message.text: {starts_with: quick}}, then: {queue: quick}}\n",
+    )
+    settings = make_settings(tmp_path / "conf", db_url, rules=rules, channels=WEB_CHANNELS)
+    async with started_runtime(settings, clock) as runtime, live_server(runtime) as base:
+
+        async def chat(text: str) -> int:
+            visitor, _ = await connect_visitor(base)
+            await visitor.send({"type": "message", "client_id": str(uuid.uuid4()), "text": text})
+            await visitor.wait_for(lambda f: f["type"] == "ack")
+            cid = await runtime.db.read(
+                lambda c: c.execute(
+                    select(Conversation.id).join(Message).where(Message.text == text)
+                ).scalar_one()
+            )
+            await visitor.close()
+
+            async def left() -> bool:
+                data = await runtime.db.read(
+                    lambda c: c.execute(
+                        select(Conversation.data).where(Conversation.id == cid)
+                    ).scalar_one()
+                )
+                return "visitor_left_at" in (data or {})
+
+            await eventually(left)
+            return int(cid)
+
+        quick = await chat("quick question")
+        slow = await chat("a question")
+        queues = await runtime.db.read(
+            lambda c: dict(c.execute(select(Conversation.id, Conversation.queue)).all())
+        )
+        assert queues == {quick: "quick", slow: "general"}
+        clock.set(utc(2026, 11, 25, 9, 1, 59))
+        assert await runtime.abandon_sweep() == []
+        clock.set(utc(2026, 11, 25, 9, 2))  # the queue's two minutes
+        assert await runtime.abandon_sweep() == [quick]
+        clock.set(utc(2026, 11, 25, 9, 4, 59))
+        assert await runtime.abandon_sweep() == []
+        clock.set(utc(2026, 11, 25, 9, 5))  # the inbox's five minutes
+        assert await runtime.abandon_sweep() == [slow]

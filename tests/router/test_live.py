@@ -8,6 +8,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -192,16 +193,16 @@ async def test_agent_resumes_with_exactly_the_missed_events(live: tuple[Runtime,
     await visitor.close()
 
 
-async def test_resume_from_before_retention_gets_resync_required(live: tuple[Runtime, str]) -> None:
+async def test_resume_from_before_retention_gets_resync_required(
+    live: tuple[Runtime, str], clock: FakeClock
+) -> None:
     runtime, base = live
     agent_id, token = await make_agent(runtime, "anna")
-    for i in range(3):
+    for i in range(2):
         await runtime.db.write(lambda tx, i=i: tx.emit(f"agent:{agent_id}", "note", {"i": i}))
-    await runtime.db.write(
-        lambda tx: tx.execute(
-            __import__("sqlalchemy").text("DELETE FROM stream_events WHERE seq < 3")
-        )
-    )
+    clock.advance(timedelta(days=runtime.settings.stream_retention_days, seconds=1))
+    await runtime.db.write(lambda tx: tx.emit(f"agent:{agent_id}", "note", {"i": 2}))
+    assert await runtime.prune_streams() == 2  # the retention's work: seq 1 and 2
     agent, _ = await connect_agent(base, token, resume={f"agent:{agent_id}": 0})
     assert (await agent.wait_for(lambda f: f.get("type") == "resync_required")) == {
         "type": "resync_required",

@@ -257,7 +257,7 @@ async def test_a_sends_progress_is_kept_with_the_row_and_its_possible_duplicates
     (message,) = await rows(runtime, Message, Message.direction == "out")
     assert (after.state, after.uncertain_resends) == ("sent", 1)
     assert message.data["possible_duplicate"] is True
-    assert message_payload(message)["possible_duplicate"] is True
+    assert message_payload(message, channel.channel_id)["possible_duplicate"] is True
 
 
 async def test_an_uncertain_send_whose_provider_cannot_be_asked_is_resent_in_the_end(

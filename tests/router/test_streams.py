@@ -1,21 +1,29 @@
 """Stream events: per-stream sequence numbers are gapless in commit order, even under
-concurrent writers, and a rolled-back write leaves no trace in any stream."""
+concurrent writers, and a rolled-back write leaves no trace in any stream; events past the
+retention are pruned (in batches, by the lease holder), and a resume from before them must
+reload (``resync_required``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from adapters.clock import FakeClock
 from router import db as db_module
+from router import retention
 from router.db import StreamRecord, Tx
+from router.hub import ResumeResult, Session
+from router.leases import try_acquire
 from router.models import EventStream, StreamEvent
 from router.runtime import Runtime
+from tests.channels.test_email import eventually
 from tests.support import make_settings, started_runtime
 
 
@@ -191,3 +199,103 @@ async def _timed_batches(
     assert len(slow_lines) == 1 and "a batch of 1 writes took" in slow_lines[0]
     assert total() - before >= 0.5
     assert b"omniroute_db_write_batch_seconds_bucket" in runtime.metrics.render()
+
+
+# -- retention (docs/agent-protocol.md: OMNIROUTE_STREAM_RETENTION_DAYS) -----------------------
+async def emit(runtime: Runtime, stream: str, n: int) -> None:
+    for i in range(n):
+        await runtime.db.write(lambda tx, i=i: tx.emit(stream, "e", {"i": i}))
+
+
+async def stored(runtime: Runtime) -> list[tuple[str, int]]:
+    return [
+        (r.stream, int(r.seq))
+        for r in await runtime.db.read(
+            lambda c: c.execute(
+                select(StreamEvent.stream, StreamEvent.seq).order_by(StreamEvent.id)
+            ).all()
+        )
+    ]
+
+
+async def resume(runtime: Runtime, streams: dict[str, int | None]) -> ResumeResult:
+    session = Session(runtime.db, runtime.bus, lambda frame: asyncio.sleep(0))
+    try:
+        return await session.open(streams, [])
+    finally:
+        await session.close()
+
+
+async def test_stream_events_past_retention_are_pruned_in_batches_by_the_lease_holder(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    start = clock.now()
+    await emit(runtime, "agent:1", 5)
+    await emit(runtime, "supervisors", 2)
+    clock.advance(timedelta(days=3))
+    await emit(runtime, "agent:1", 2)
+    # seven days after the first events, to the second: nothing is old enough yet
+    clock.set(start + timedelta(days=7))
+    assert await runtime.prune_streams(batch=2) == 0
+    clock.advance(1)
+    # another process holds the retention lease: it prunes, this one does not
+    assert await runtime.db.write(try_acquire, retention.LEASE, "other", 60.0)
+    assert await runtime.prune_streams(batch=2) == 0
+    assert len(await stored(runtime)) == 9
+    clock.advance(61)  # the other process died: its lease expires
+    # one batch is one transaction of at most ``batch`` rows, the oldest first
+    horizon = clock.now() - timedelta(days=runtime.settings.stream_retention_days)
+    assert await runtime.db.write(retention.prune_stream_events, horizon, 2) == 2
+    assert (await stored(runtime))[:2] == [("agent:1", 3), ("agent:1", 4)]
+    assert await runtime.prune_streams(batch=2) == 5  # three more batches
+    assert await stored(runtime) == [("agent:1", 6), ("agent:1", 7)]
+    assert await runtime.prune_streams(batch=2) == 0
+    # sequences go on where they were
+    await emit(runtime, "supervisors", 1)
+    assert (await stored(runtime))[-1] == ("supervisors", 3)
+    # a resume from before the horizon must reload; from the oldest kept, it replays
+    old = await resume(runtime, {"agent:1": 4, "supervisors": 2})
+    assert (old.resync, old.positions) == (["agent:1"], {"agent:1": 7, "supervisors": 3})
+    assert [(f["stream"], f["seq"]) for f in old.replay] == [("supervisors", 3)]
+    recent = await resume(runtime, {"agent:1": 5})
+    assert recent.resync == [] and [f["seq"] for f in recent.replay] == [6, 7]
+
+
+async def test_a_resume_across_a_pruned_hole_gets_resync_required(
+    runtime: Runtime, clock: FakeClock
+) -> None:
+    """Pruning goes by the events' time; a process whose clock lagged wrote an event older
+    than the ones around it, so retention can leave a hole in the middle of a stream (as
+    can a prune between a resume's positions and its catch-up): the resume must not skip
+    it silently."""
+    start = clock.now()
+    clock.set(start + timedelta(days=2))
+    await emit(runtime, "agent:1", 1)
+    clock.set(start)  # the lagging process
+    await emit(runtime, "agent:1", 1)
+    clock.set(start + timedelta(days=2))
+    await emit(runtime, "agent:1", 1)
+    clock.set(start + timedelta(days=8))
+    assert await runtime.prune_streams() == 1
+    assert await stored(runtime) == [("agent:1", 1), ("agent:1", 3)]
+    across = await resume(runtime, {"agent:1": 0})
+    assert (across.resync, across.replay, across.positions) == (["agent:1"], [], {"agent:1": 3})
+    after = await resume(runtime, {"agent:1": 2})
+    assert after.resync == [] and [f["seq"] for f in after.replay] == [3]
+
+
+async def test_the_retention_worker_prunes_on_its_own(
+    tmp_path: Path, db_url: str, clock: FakeClock
+) -> None:
+    settings = make_settings(
+        tmp_path / "conf", db_url, stream_prune_interval=0.05, stream_retention_days=1
+    )
+    async with started_runtime(settings, clock, workers=True) as runtime:
+        await emit(runtime, "agent:1", 3)
+        clock.advance(timedelta(days=1, seconds=1))
+        await emit(runtime, "agent:1", 1)
+
+        async def pruned() -> bool:
+            return await stored(runtime) == [("agent:1", 4)]
+
+        await eventually(pruned)
