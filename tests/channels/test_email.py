@@ -910,13 +910,13 @@ async def test_an_agent_reply_with_links_and_line_breaks_is_sent_as_multipart_al
     cid, anna, first = await answered(
         mailbox, dovecot, sink, mail("ann@example.net", "Kettle", "<fmt-1@x>")
     )
-    plain = email.message_from_bytes(first.data, policy=email.policy.default)
+    plain = email.message_from_bytes(first.raw, policy=email.policy.default)
     assert plain.get_content_type() == "text/plain"
     text = "Hi Ann,\n\nthe manual is at https://example.com/manual?p=2&x=1 <b>now</b>.\nBest"
     await runtime.db.write(agent_write, anna, cid, text)
     runtime.outbox.wake()
     received = (await sink.wait_for(2))[-1]
-    message = email.message_from_bytes(received.data, policy=email.policy.default)
+    message = email.message_from_bytes(received.raw, policy=email.policy.default)
     assert message.get_content_type() == "multipart/alternative"
     parts = {p.get_content_type(): p.get_content() for p in message.iter_parts()}
     assert (
