@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "CHANNEL_IDS",
+    "SENDS_TO",
     "Attachment",
     "Channel",
     "ChannelContext",
@@ -49,6 +51,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The channel ids, declared here once (DESIGN.md "Names used everywhere"): channels.yaml's
+#: ``channel:``, the routing fact ``channel`` (handed to the rules language), agents'
+#: capacity keys and the fake channel's repertoire all come from this tuple.
+CHANNEL_IDS: tuple[str, ...] = ("email", "sms", "voice", "webchat", "messenger", "whatsapp")
 _DURATION = re.compile(r"^\d+[smhd]$")
 
 
@@ -324,7 +331,7 @@ class ChannelContext:
 
 
 # The identity kind each channel sends messages to (a phone inbox sends none: it calls).
-SENDS_TO = {
+SENDS_TO: Mapping[str, str] = {
     "email": "email",
     "sms": "phone",
     "whatsapp": "whatsapp",

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from pydantic import SecretStr
 
 from channels.base import (
+    CHANNEL_IDS,
     Attachment,
     Channel,
     ChannelContext,
@@ -44,8 +45,6 @@ from channels.base import (
 )
 
 __all__ = ["FakeChannel", "FakeConfig", "read_sent_log", "sign"]
-
-CHANNEL_IDS = ("email", "sms", "voice", "webchat", "messenger", "whatsapp")
 
 
 class FakeConfig(InboxConfig):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from router.exceptions import OmnirouteError
+from router.types import CHANNEL_IDS
 from routing_rules import (
     RulesError,
     TraceStep,
@@ -57,7 +58,7 @@ def _print_errors(exc: RulesError, path: Path) -> NoReturn:
 
 def _load_rules(path: Path) -> Any:
     try:
-        return load_ruleset(_read(path), str(path))
+        return load_ruleset(_read(path), str(path), channels=CHANNEL_IDS)
     except RulesError as exc:
         _print_errors(exc, path)
 
@@ -164,7 +165,9 @@ def _replay_decision(decision_id: int, trace: bool) -> None:
         _fail_usage(
             f"decision {decision_id} was made with ruleset {row.ruleset_version}, which is not stored"
         )
-    ruleset = load_ruleset(text.encode("utf-8"), f"ruleset {row.ruleset_version}")
+    ruleset = load_ruleset(
+        text.encode("utf-8"), f"ruleset {row.ruleset_version}", channels=CHANNEL_IDS
+    )
     typer.echo(
         f"decision {decision_id} for conversation {row.conversation_id} with ruleset {row.ruleset_version}"
     )
