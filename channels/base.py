@@ -353,6 +353,9 @@ class Channel:
     messaging_window: ClassVar[timedelta | None] = None
     uncertain_policy: ClassVar[UncertainPolicy] = UncertainPolicy.ASK
     webhook: ClassVar[bool] = False  # receives provider webhooks (verify + parse)
+    # The kinds of webhook it receives, the last segment of
+    # ``/webhooks/{provider}/{inbox}/{kind}``; none: its webhook is ``/webhooks/{provider}/{inbox}``.
+    webhook_kinds: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         self.slug = slug

@@ -447,6 +447,7 @@ class TwilioSmsChannel(TwilioChannel):
     max_text_length = MAX_BODY
     attachments = True
     webhook = True
+    webhook_kinds = frozenset({"sms", "sms-status"})
     uncertain_policy = UncertainPolicy.CHECK
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:

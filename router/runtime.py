@@ -32,6 +32,7 @@ from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedIt
 from channels.webchat import WebChatChannel
 from router.abandon import abandon_gone_visitors, gone_visitors
 from router.assignment.service import Assignment, register_process
+from router.calls import Calls
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
@@ -54,7 +55,6 @@ from router.secret_check import secret_problems
 from router.serialize import visitor_payload
 from router.settings import Settings
 from router.tasks import TaskGroup, periodic
-from router.voice import Voice
 from routing_rules import RulesError
 
 __all__ = ["Runtime"]
@@ -193,7 +193,7 @@ class Runtime:
         self.background = TaskGroup()
         self.rules.listeners.append(self._on_rules_activated)
         self.assignment.rerouted.append(self.route_pending)
-        self.voice = Voice(self)
+        self.calls = Calls(self)
         # Sockets close when the credential they signed in with ends (router.revocation).
         self.guard = SocketGuard(
             self.db,
@@ -203,7 +203,7 @@ class Runtime:
             on_signed_out=lambda reason: self.metrics.sockets_signed_out.labels(reason).inc(),
         )
         self.db.context["credentials_changed"] = self._credentials_changed
-        self.assignment.connecting.append(self.voice.connect)
+        self.assignment.connecting.append(self.calls.connect)
         self._lock_file: Any = None
         self.started = False
         self.ready_reasons: list[str] = ["starting"]

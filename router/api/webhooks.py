@@ -14,8 +14,8 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import Response
 
 from channels.base import Channel, WebhookRequest
+from channels.calls import CallChannel
 from channels.meta import MetaChannel, entries, handshake, route, verify_signature
-from channels.twilio_voice import MESSAGE_KINDS, VOICE_KINDS, TwilioVoiceChannel
 from router import policy
 from router.api.deps import declare, get_runtime
 from router.channels_config import MetaApp
@@ -116,12 +116,6 @@ async def fake_webhook(
     return await handle(runtime, inbox_channel(runtime, inbox, "fake"), request, background)
 
 
-_TWILIO_KINDS = {
-    "sms": ("sms", "sms-status"),
-    "voice": tuple(sorted(VOICE_KINDS | MESSAGE_KINDS)),
-}
-
-
 @router.post(
     "/twilio/{inbox}/{kind}",
     summary="Twilio webhooks, signed with X-Twilio-Signature. SMS inboxes: sms, sms-status. "
@@ -136,13 +130,14 @@ async def twilio_webhook(
     runtime: Runtime = Depends(get_runtime),
 ) -> Response:
     channel = inbox_channel(runtime, inbox, "twilio")
-    if kind not in _TWILIO_KINDS.get(channel.channel_id, ()):
+    if kind not in channel.webhook_kinds:
         raise NotFound(f"no Twilio {channel.channel_id} webhook {kind!r}")
-    if isinstance(channel, TwilioVoiceChannel) and kind in VOICE_KINDS:
+    if isinstance(channel, CallChannel) and kind in channel.call_kinds:
         hook = await verified(runtime, channel, request)
         if isinstance(hook, Response):
             return hook
-        return await runtime.voice.webhook(channel, kind, hook)
+        answer = await runtime.calls.webhook(channel, kind, hook)
+        return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
     return await handle(runtime, channel, request, background)
 
 
