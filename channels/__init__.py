@@ -9,7 +9,7 @@ from __future__ import annotations
 from channels.base import Channel
 from channels.email import EmailChannel
 from channels.fake import FakeChannel
-from channels.meta import MetaChannel
+from channels.meta import MessengerChannel, WhatsAppChannel
 from channels.twilio_sms import TwilioSmsChannel
 from channels.twilio_voice import TwilioVoiceChannel
 from channels.webchat import WebChatChannel
@@ -21,7 +21,7 @@ CHANNELS: dict[str, dict[str, type[Channel]]] = {
     "omniroute": {"webchat": WebChatChannel},
     "imap": {"email": EmailChannel},
     "twilio": {"sms": TwilioSmsChannel, "voice": TwilioVoiceChannel},
-    "meta": {c: MetaChannel for c in MetaChannel.channel_ids},
+    "meta": {"messenger": MessengerChannel, "whatsapp": WhatsAppChannel},
 }
 
 

@@ -46,8 +46,10 @@ __all__ = [
     "StatusUpdate",
     "TemporarySendError",
     "UncertainPolicy",
+    "WebhookApp",
     "WebhookRequest",
     "WebhookResponse",
+    "WebhookUnit",
 ]
 
 log = logging.getLogger(__name__)
@@ -418,3 +420,61 @@ class Channel:
     async def find_sent(self, message: OutboundMessage, since: datetime) -> SendReceipt | None:
         """For ``check``: the provider's record of this message if it was sent, else None."""
         return None
+
+
+class WebhookUnit(Protocol):
+    """One event of a shared webhook's delivery, as a :class:`WebhookApp` splits it."""
+
+    def raw(self) -> bytes:
+        """The event on its own, as the provider's JSON (what a quarantine keeps)."""
+        ...
+
+
+class WebhookApp:
+    """A provider webhook that serves several inboxes: one callback URL per app of the
+    provider (a Meta app calls one URL for all its pages and numbers).
+
+    channels.yaml lists the apps under ``section`` (``meta_apps: {main: {...}}``), each
+    validated by ``config_model``; an inbox names its app with its ``inbox_key`` (``app:
+    main``) and finds the app's settings in ``ChannelContext.options``. The core serves
+    ``GET`` and ``POST /webhooks/{provider}/{app}``: ``handshake`` answers the GET; a POST
+    is ``verify``-ed on the raw bytes, ``split`` into units, ``route``-d to the inboxes of
+    the app, and each inbox's units ``parse``-d."""
+
+    title: ClassVar[str] = ""  # in messages: 'unknown Meta app "x"'
+    section: ClassVar[str] = ""
+    config_model: ClassVar[type[BaseModel]] = BaseModel
+    inbox_key: ClassVar[str] = "app"
+    summary: ClassVar[str] = ""  # of the POST route (OpenAPI)
+
+    @classmethod
+    def options(cls, app: BaseModel) -> dict[str, Any]:
+        """What an inbox of ``app`` gets in ``ChannelContext.options``: its settings."""
+        return {name: getattr(app, name) for name in type(app).model_fields}
+
+    @classmethod
+    def handshake(cls, app: BaseModel, query: Mapping[str, str]) -> str | None:
+        """The body to answer a subscription check with (``200 text/plain``); None: 403."""
+        return None
+
+    @classmethod
+    def verify(cls, app: BaseModel, request: WebhookRequest) -> bool:
+        """Check the delivery's signature over the raw bytes. Deny by default."""
+        return False
+
+    @classmethod
+    def split(cls, body: bytes) -> list[WebhookUnit]:
+        """The delivery's events, in order; ``ValueError`` when the body cannot be read."""
+        raise ValueError(f"the {cls.title} webhook cannot be read")
+
+    @classmethod
+    def route(
+        cls, units: list[WebhookUnit], channels: list[Channel]
+    ) -> tuple[dict[Channel, list[WebhookUnit]], list[WebhookUnit]]:
+        """The units by the inbox (of this app) they belong to, and those none claims."""
+        return {}, list(units)
+
+    @classmethod
+    async def parse(cls, channel: Channel, units: list[WebhookUnit]) -> list[ParsedItem]:
+        """One inbox's units as items (media fetched), like ``Channel.parse_async``."""
+        return []

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from channels import meta
+from channels.meta import graph as meta
 from channels.base import (
     Attachment,
     ChannelContext,
