@@ -358,6 +358,7 @@ class Channel:
     # The kinds of webhook it receives, the last segment of
     # ``/webhooks/{provider}/{inbox}/{kind}``; none: its webhook is ``/webhooks/{provider}/{inbox}``.
     webhook_kinds: ClassVar[frozenset[str]] = frozenset()
+    webhook_summary: ClassVar[str] = ""  # what its webhook route says of itself (OpenAPI)
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         self.slug = slug
@@ -446,6 +447,7 @@ class WebhookApp:
     config_model: ClassVar[type[BaseModel]] = BaseModel
     inbox_key: ClassVar[str] = "app"
     summary: ClassVar[str] = ""  # of the POST route (OpenAPI)
+    handshake_summary: ClassVar[str] = ""  # of the GET route
 
     @classmethod
     def options(cls, app: BaseModel) -> dict[str, Any]:

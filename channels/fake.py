@@ -85,6 +85,7 @@ class FakeChannel(Channel):
     channel_ids = CHANNEL_IDS
     config_model: ClassVar[type[InboxConfig]] = FakeConfig
     webhook = True
+    webhook_summary = "The fake channel's signed JSON webhook (tests, demos, benchmarks)"
     attachments = True
     uncertain_policy = UncertainPolicy.CHECK
 

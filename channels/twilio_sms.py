@@ -365,6 +365,8 @@ class TwilioChannel(Channel):
     """What the Twilio channels share: the media fetcher's test hooks and one HTTP pool for
     the REST API."""
 
+    webhook_summary = "Twilio webhooks, signed with X-Twilio-Signature"
+
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         super().__init__(slug, config, context)
         if not isinstance(config, self.config_model):

@@ -399,6 +399,7 @@ def channels_check(
     ] = None,
 ) -> None:
     """Validate channels.yaml and print every error, one per line."""
+    from channels import WEBHOOK_APPS
     from router.channels_config import load_channels
 
     queues = set(_load_rules(rules).queues) if rules is not None else None
@@ -406,7 +407,11 @@ def channels_check(
         config = load_channels(_read(path), str(path), queues=queues)
     except RulesError as exc:
         _print_errors(exc, path)
-    typer.echo(f"ok: {len(config.inboxes)} inboxes, {len(config.meta_apps)} Meta apps")
+    apps = "".join(
+        f", {len(config.apps.get(provider, {}))} {kind.title} apps"
+        for provider, kind in WEBHOOK_APPS.items()
+    )
+    typer.echo(f"ok: {len(config.inboxes)} inboxes{apps}")
 
 
 @app.command("serve")

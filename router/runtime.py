@@ -27,7 +27,7 @@ from sqlalchemy import delete, select, update
 from adapters.blobs import LocalBlobs
 from adapters.bus import Bus, make_bus
 from adapters.clock import Clock, SystemClock
-from channels import Channel, channel_class
+from channels import WEBHOOK_APPS, Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
 from router.abandon import abandon_gone_visitors, gone_visitors
@@ -501,12 +501,11 @@ class Runtime:
             await channel.start()
 
     @staticmethod
-    def _channel_options(config: Any, inbox_config: Any) -> dict[str, Any]:
-        """A Meta inbox gets its app's secrets (the webhook belongs to the app)."""
-        app = config.meta_apps.get(getattr(inbox_config, "app", None) or "")
-        if app is None:
-            return {}
-        return {"app_secret": app.app_secret, "verify_token": app.verify_token}
+    def _channel_options(config: ChannelsConfig, inbox_config: InboxConfig) -> dict[str, Any]:
+        """An inbox of an app (a Meta app) gets its app's settings: the webhook is the app's."""
+        app = config.app_of(inbox_config)
+        kind = WEBHOOK_APPS.get(inbox_config.provider)
+        return kind.options(app) if app is not None and kind is not None else {}
 
     @property
     def channel_secret(self) -> bytes:

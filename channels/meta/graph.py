@@ -322,6 +322,7 @@ class MetaApp(WebhookApp):
     config_model = MetaAppConfig
     inbox_key = "app"
     summary = "Messenger and WhatsApp webhooks of a Meta app, signed with X-Hub-Signature-256"
+    handshake_summary = "Meta's subscription handshake (hub.mode, hub.verify_token)"
 
     @classmethod
     def handshake(cls, app: BaseModel, query: Mapping[str, str]) -> str | None:
