@@ -42,6 +42,7 @@ from channels.calls import (
     CallArrived,
     CallChannel,
     CallEnded,
+    CallEvent,
     ChoiceMade,
     HangUp,
     HoldTurn,
@@ -380,7 +381,7 @@ class Calls:
         """A verified call webhook: its event applied, answered in the channel's terms."""
         return channel.answer(await self._on(channel, channel.call_event(kind, hook)))
 
-    async def _on(self, channel: CallChannel, event: object) -> CallAnswer:
+    async def _on(self, channel: CallChannel, event: CallEvent | None) -> CallAnswer:
         match event:
             case CallArrived(message):
                 if channel.has_menu:

@@ -45,9 +45,10 @@ def test_every_provider_gets_its_routes_from_the_registry() -> None:
         ("GET", "/webhooks/meta/{app}"),
         ("POST", "/webhooks/meta/{app}"),
     }
-    assert "voice inboxes: hold, participant-status" in paths[
-        ("POST", "/webhooks/twilio/{inbox}/{kind}")
-    ]
+    assert (
+        "voice inboxes: hold, participant-status"
+        in paths[("POST", "/webhooks/twilio/{inbox}/{kind}")]
+    )
     toys = routes({"toy": {"sms": ToyChannel}, "toykinds": {"sms": ToyKindsChannel}}, {})
     assert {r.path for r in toys.routes} == {  # type: ignore[attr-defined]
         "/webhooks/toy/{inbox}",
