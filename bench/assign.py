@@ -45,10 +45,11 @@ from router.assignment.service import Assignment  # noqa: E402
 from router.db import Database, Tx  # noqa: E402
 from router.migrate import upgrade  # noqa: E402
 from router.models import Agent, AgentLoad, AgentSkill, Contact, Conversation, Inbox, User  # noqa: E402
+from router.types import CHANNEL_IDS  # noqa: E402
 from routing_rules import load_ruleset  # noqa: E402
 
 RULES = "version: 1\nqueues:\n  general: {offer_timeout: 1h}\n  billing: {skills: {billing: 3}, offer_timeout: 1h}\ndefault: {queue: general}\n"
-QUEUES = load_ruleset(RULES).queues
+QUEUES = load_ruleset(RULES, channels=CHANNEL_IDS).queues
 
 
 def seed_agents(tx: Tx, count: int, rng: random.Random) -> None:

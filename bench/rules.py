@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from channels.base import CHANNEL_IDS
 from routing_rules import evaluate, load_ruleset, reference_evaluate
 from routing_rules.model import Ruleset
 
-CHANNELS = ["email", "sms", "voice", "webchat", "messenger", "whatsapp"]
+CHANNELS = list(CHANNEL_IDS)
 WORDS = [
     "refund",
     "invoice",
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'rules':>6} {'naive us/eval':>14} {'engine us/eval':>15} {'ratio':>7}  target")
     failed = False
     for n in sizes:
-        ruleset = load_ruleset(generate_rules(n))
+        ruleset = load_ruleset(generate_rules(n), channels=CHANNEL_IDS)
         facts = generate_facts(200 if args.smoke else 1000, n)
         mismatches = sum(evaluate(f, ruleset) != reference_evaluate(f, ruleset) for f in facts)
         if mismatches:

@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "CHANNEL_IDS",
+    "SENDS_TO",
     "Attachment",
     "Channel",
     "ChannelContext",
@@ -44,11 +46,18 @@ __all__ = [
     "StatusUpdate",
     "TemporarySendError",
     "UncertainPolicy",
+    "WebhookApp",
     "WebhookRequest",
     "WebhookResponse",
+    "WebhookUnit",
 ]
 
 log = logging.getLogger(__name__)
+
+#: The channel ids, declared here once (DESIGN.md "Names used everywhere"): channels.yaml's
+#: ``channel:``, the routing fact ``channel`` (handed to the rules language), agents'
+#: capacity keys and the fake channel's repertoire all come from this tuple.
+CHANNEL_IDS: tuple[str, ...] = ("email", "sms", "voice", "webchat", "messenger", "whatsapp")
 _DURATION = re.compile(r"^\d+[smhd]$")
 
 
@@ -324,7 +333,7 @@ class ChannelContext:
 
 
 # The identity kind each channel sends messages to (a phone inbox sends none: it calls).
-SENDS_TO = {
+SENDS_TO: Mapping[str, str] = {
     "email": "email",
     "sms": "phone",
     "whatsapp": "whatsapp",
@@ -346,6 +355,10 @@ class Channel:
     messaging_window: ClassVar[timedelta | None] = None
     uncertain_policy: ClassVar[UncertainPolicy] = UncertainPolicy.ASK
     webhook: ClassVar[bool] = False  # receives provider webhooks (verify + parse)
+    # The kinds of webhook it receives, the last segment of
+    # ``/webhooks/{provider}/{inbox}/{kind}``; none: its webhook is ``/webhooks/{provider}/{inbox}``.
+    webhook_kinds: ClassVar[frozenset[str]] = frozenset()
+    webhook_summary: ClassVar[str] = ""  # what its webhook route says of itself (OpenAPI)
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         self.slug = slug
@@ -408,3 +421,62 @@ class Channel:
     async def find_sent(self, message: OutboundMessage, since: datetime) -> SendReceipt | None:
         """For ``check``: the provider's record of this message if it was sent, else None."""
         return None
+
+
+class WebhookUnit(Protocol):
+    """One event of a shared webhook's delivery, as a :class:`WebhookApp` splits it."""
+
+    def raw(self) -> bytes:
+        """The event on its own, as the provider's JSON (what a quarantine keeps)."""
+        ...
+
+
+class WebhookApp:
+    """A provider webhook that serves several inboxes: one callback URL per app of the
+    provider (a Meta app calls one URL for all its pages and numbers).
+
+    channels.yaml lists the apps under ``section`` (``meta_apps: {main: {...}}``), each
+    validated by ``config_model``; an inbox names its app with its ``inbox_key`` (``app:
+    main``) and finds the app's settings in ``ChannelContext.options``. The core serves
+    ``GET`` and ``POST /webhooks/{provider}/{app}``: ``handshake`` answers the GET; a POST
+    is ``verify``-ed on the raw bytes, ``split`` into units, ``route``-d to the inboxes of
+    the app, and each inbox's units ``parse``-d."""
+
+    title: ClassVar[str] = ""  # in messages: 'unknown Meta app "x"'
+    section: ClassVar[str] = ""
+    config_model: ClassVar[type[BaseModel]] = BaseModel
+    inbox_key: ClassVar[str] = "app"
+    summary: ClassVar[str] = ""  # of the POST route (OpenAPI)
+    handshake_summary: ClassVar[str] = ""  # of the GET route
+
+    @classmethod
+    def options(cls, app: BaseModel) -> dict[str, Any]:
+        """What an inbox of ``app`` gets in ``ChannelContext.options``: its settings."""
+        return {name: getattr(app, name) for name in type(app).model_fields}
+
+    @classmethod
+    def handshake(cls, app: BaseModel, query: Mapping[str, str]) -> str | None:
+        """The body to answer a subscription check with (``200 text/plain``); None: 403."""
+        return None
+
+    @classmethod
+    def verify(cls, app: BaseModel, request: WebhookRequest) -> bool:
+        """Check the delivery's signature over the raw bytes. Deny by default."""
+        return False
+
+    @classmethod
+    def split(cls, body: bytes) -> list[WebhookUnit]:
+        """The delivery's events, in order; ``ValueError`` when the body cannot be read."""
+        raise ValueError(f"the {cls.title} webhook cannot be read")
+
+    @classmethod
+    def route(
+        cls, units: list[WebhookUnit], channels: list[Channel]
+    ) -> tuple[dict[Channel, list[WebhookUnit]], list[WebhookUnit]]:
+        """The units by the inbox (of this app) they belong to, and those none claims."""
+        return {}, list(units)
+
+    @classmethod
+    async def parse(cls, channel: Channel, units: list[WebhookUnit]) -> list[ParsedItem]:
+        """One inbox's units as items (media fetched), like ``Channel.parse_async``."""
+        return []

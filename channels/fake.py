@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from pydantic import SecretStr
 
 from channels.base import (
+    CHANNEL_IDS,
     Attachment,
     Channel,
     ChannelContext,
@@ -44,8 +45,6 @@ from channels.base import (
 )
 
 __all__ = ["FakeChannel", "FakeConfig", "read_sent_log", "sign"]
-
-CHANNEL_IDS = ("email", "sms", "voice", "webchat", "messenger", "whatsapp")
 
 
 class FakeConfig(InboxConfig):
@@ -86,6 +85,7 @@ class FakeChannel(Channel):
     channel_ids = CHANNEL_IDS
     config_model: ClassVar[type[InboxConfig]] = FakeConfig
     webhook = True
+    webhook_summary = "The fake channel's signed JSON webhook (tests, demos, benchmarks)"
     attachments = True
     uncertain_policy = UncertainPolicy.CHECK
 

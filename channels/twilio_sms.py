@@ -62,7 +62,6 @@ import email.utils
 import logging
 import mimetypes
 import re
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,7 +71,6 @@ from urllib.parse import parse_qsl, urlsplit
 from xml.sax.saxutils import escape
 
 import httpx
-import phonenumbers
 from pydantic import Field, SecretStr, field_validator, model_validator
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.request_validator import RequestValidator
@@ -96,7 +94,9 @@ from channels.base import (
     WebhookRequest,
     WebhookResponse,
 )
+from channels.phone import normalize_e164
 from channels.safe_fetch import MediaRefused, Resolver, fetch_media, system_resolver
+from channels.text import split_text as _split_text
 from channels.twilio_http import HttpxTwilioClient
 
 __all__ = [
@@ -131,9 +131,7 @@ _OPT_OUT_TYPES: dict[str, OptOut] = {"STOP": "stop", "START": "start", "HELP": "
 
 _ACCOUNT_SID = r"^AC[0-9a-f]{32}$"
 _SERVICE_SID = r"^MG[0-9a-f]{32}$"
-_PHONE_CHARS = re.compile(r"^\+[0-9 ().\-/]{2,30}$")
 _MEDIA_KEY = re.compile(r"^MediaUrl(\d{1,2})$")
-_NOT_SMS_PREFIXES = ("whatsapp:", "messenger:", "client:", "sip:", "rcs:")
 _XML_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 # httpx errors raised before the request could reach Twilio: retrying cannot duplicate.
 _NOT_SENT = (
@@ -150,28 +148,6 @@ _NO_SID = "an incoming message without MessageSid: it cannot be deduplicated, so
 
 
 # -- helpers ------------------------------------------------------------------------
-def normalize_e164(value: str) -> str:
-    """``value`` as an E.164 number (``+14155550100``); ValueError when it is not a phone number.
-
-    Twilio sends E.164 already; this also accepts the usual punctuation (``+1 (415) 555-0100``)
-    but never a number without its ``+country`` prefix (there is no region to guess from).
-    """
-    text = value.strip()
-    if text.lower().startswith(_NOT_SMS_PREFIXES):
-        raise ValueError("not an SMS address (channel prefix)")
-    if not _PHONE_CHARS.match(text):
-        raise ValueError("not a phone number in international format (+country...)")
-    try:
-        number = phonenumbers.parse(text, None)
-    except phonenumbers.NumberParseException as exc:
-        raise ValueError(f"not a phone number: {exc}") from exc
-    # is_possible (length per country), not is_valid: validity metadata lags behind newly
-    # allocated ranges, and refusing a real customer is worse than accepting an odd number.
-    if not phonenumbers.is_possible_number(number):
-        raise ValueError("not a possible phone number for its country code")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-
-
 def opt_out_keyword(body: str, opt_out_type: str | None = None) -> OptOut | None:
     """The opt-out meaning of an inbound message, if any.
 
@@ -194,36 +170,9 @@ def opt_out_keyword(body: str, opt_out_type: str | None = None) -> OptOut | None
     return None
 
 
-def _joins(char: str) -> bool:
-    return unicodedata.combining(char) != 0 or char in "\u200d\ufe0e\ufe0f"
-
-
 def split_text(text: str, limit: int = MAX_BODY) -> list[str]:
-    """``text`` in parts of at most ``limit`` characters, broken at a newline or space in the
-    second half of a part when there is one (whitespace at the break is dropped)."""
-    parts: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        cut = -1
-        for separator in ("\n", " "):
-            cut = rest.rfind(separator, limit // 2, limit + 1)
-            if cut > 0:
-                break
-        if cut > 0:
-            head, rest = rest[:cut], rest[cut + 1 :]
-        else:
-            cut = limit
-            # Do not cut between a character and its combining mark or emoji joiner.
-            while cut > limit // 2 and _joins(rest[cut]):
-                cut -= 1
-            head, rest = rest[:cut], rest[cut:]
-        head = head.rstrip()
-        rest = rest.lstrip()
-        if head:
-            parts.append(head)
-    if rest or not parts:
-        parts.append(rest)
-    return parts
+    """:func:`channels.text.split_text`, at Twilio's body limit unless told otherwise."""
+    return _split_text(text, limit)
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -416,6 +365,8 @@ class TwilioChannel(Channel):
     """What the Twilio channels share: the media fetcher's test hooks and one HTTP pool for
     the REST API."""
 
+    webhook_summary = "Twilio webhooks, signed with X-Twilio-Signature"
+
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         super().__init__(slug, config, context)
         if not isinstance(config, self.config_model):
@@ -447,6 +398,7 @@ class TwilioSmsChannel(TwilioChannel):
     max_text_length = MAX_BODY
     attachments = True
     webhook = True
+    webhook_kinds = frozenset({"sms", "sms-status"})
     uncertain_policy = UncertainPolicy.CHECK
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:

@@ -2,8 +2,9 @@
 
 A caller is never lost: they wait in a conference of their own (``conv-<id>``) that only
 starts when an agent's phone leg joins; an agent's leg that is not answered leaves the
-caller waiting for the next agent. The core (:mod:`router.voice`) decides; this module
-speaks Twilio: it verifies and parses the webhooks, writes TwiML and calls the REST API.
+caller waiting for the next agent. The core decides (``router/calls.py``, through the call
+contract of :mod:`channels.calls`); this module speaks Twilio: it verifies the webhooks and
+parses them into call events, renders the core's answers as TwiML and calls the REST API.
 
 Webhooks (``POST``, form-encoded, signed with ``X-Twilio-Signature``), all under
 ``{public_base_url}/webhooks/twilio/{inbox}/``:
@@ -61,6 +62,30 @@ from channels.base import (
     WebhookRequest,
     WebhookResponse,
 )
+from channels.calls import (
+    ENDED,
+    Acknowledge,
+    CallAnswer,
+    CallArrived,
+    CallChannel,
+    CallEnded,
+    CallEvent,
+    ChoiceMade,
+    HangUp,
+    HoldTurn,
+    LegAnswered,
+    LegEnded,
+    LegFailed,
+    LegRinging,
+    LegTag,
+    Menu,
+    OnHold,
+    RecordVoicemail,
+    StandBy,
+    VoicemailLeft,
+    VoicemailReached,
+    WaitForAgent,
+)
 from channels.safe_fetch import MediaRefused, fetch_media
 from channels.twilio_sms import (
     EMPTY_TWIML,
@@ -80,7 +105,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The webhooks the core answers itself (TwiML that depends on the conversation) and the
+# The webhooks that carry call events (the core answers them, through ``answer``) and the
 # ones that go through the generic path (verify, parse, persist, acknowledge).
 VOICE_KINDS = frozenset(
     {"voice", "voice-gather", "voice-status", "hold", "voicemail", "participant-status"}
@@ -88,6 +113,10 @@ VOICE_KINDS = frozenset(
 MESSAGE_KINDS = frozenset({"recording", "transcription"})
 # Twilio's stand-ins for a withheld caller ID
 _ANONYMOUS = frozenset({"anonymous", "restricted", "unknown", "+266696687", "+86282452253"})
+# a participant's CallStatus: the leg rings, or it was answered
+_LEG_RINGING = frozenset({"initiated", "ringing", "queued"})
+_LEG_ANSWERED = frozenset({"in-progress", "answered"})
+_GONE = "20404"  # Twilio: the resource (call, participant) does not exist (any more)
 
 
 def conference_name(conversation_id: int) -> str:
@@ -140,14 +169,16 @@ class TwilioVoiceConfig(TwilioAccountConfig):
         return value
 
 
-class TwilioVoiceChannel(TwilioChannel):
-    """Voice over Twilio; :mod:`router.voice` drives the call, this class speaks Twilio."""
+class TwilioVoiceChannel(TwilioChannel, CallChannel):
+    """Voice over Twilio: the call contract (:mod:`channels.calls`) in Twilio's terms."""
 
     channel_id = "voice"
     provider = "twilio"
     channel_ids = ("voice",)
     config_model: ClassVar[type[InboxConfig]] = TwilioVoiceConfig
     webhook = True
+    webhook_kinds = VOICE_KINDS | MESSAGE_KINDS
+    call_kinds = VOICE_KINDS
 
     def __init__(self, slug: str, config: InboxConfig, context: ChannelContext) -> None:
         super().__init__(slug, config, context)
@@ -295,6 +326,77 @@ class TwilioVoiceChannel(TwilioChannel):
     def ack(self, request: WebhookRequest) -> WebhookResponse:
         return WebhookResponse(200, EMPTY_TWIML, "text/xml")
 
+    # -- call events --------------------------------------------------------------------
+    @property
+    def has_menu(self) -> bool:
+        return self.voice_config.ivr is not None
+
+    def call_event(self, kind: str, request: WebhookRequest) -> CallEvent | None:
+        """The call event of a verified webhook: the kinds are our URLs (the numbers'
+        "A call comes in" and "Call status changes", and those we hand Twilio in TwiML or
+        API calls, with the conversation, offer and agent in their query)."""
+        form, query = request.form, request.query
+        status = form.get("CallStatus", "")
+        if kind == "voice":
+            return CallArrived(self.call_message(request))
+        if kind == "voice-gather":
+            choice = form.get("Digits") or None
+            return ChoiceMade(self.call_message(request, choice), choice)
+        if kind == "hold":
+            return HoldTurn(_int(query.get("conversation")))
+        if kind == "voicemail":
+            if query.get("done"):
+                return VoicemailLeft()
+            caller = query.get("from") or self.caller(form).address
+            return VoicemailReached(_int(query.get("conversation")), caller)
+        if kind == "voice-status":
+            call_sid = form.get("CallSid", "")
+            if status not in ENDED or not call_sid:
+                return None
+            return CallEnded(
+                call_sid,
+                status,
+                form.get("CallDuration"),
+                _int(query.get("conversation")),
+                self.call_message(request),
+            )
+        if kind == "participant-status":
+            tag = LegTag(
+                _int(query.get("conversation")),
+                _int(query.get("offer")),
+                _int(query.get("agent")),
+                bool(query.get("monitor")),
+            )
+            leg = form.get("CallSid", "")
+            if status in _LEG_ANSWERED:
+                return LegAnswered(tag, leg)
+            if status in _LEG_RINGING:
+                return LegRinging(tag, leg)
+            if status == "completed":
+                return LegEnded(tag, leg, form.get("CallDuration") or "0")
+            if status in ENDED:
+                return LegFailed(tag, leg, status)
+        return None
+
+    def answer(self, answer: CallAnswer) -> WebhookResponse:
+        """The core's answer as TwiML."""
+        match answer:
+            case Menu():
+                body = self.ivr_twiml()
+            case WaitForAgent(conversation_id):
+                body = self.conference_twiml(conversation_id)
+            case OnHold(position, estimated_wait):
+                body = self.hold_twiml(position, estimated_wait)
+            case RecordVoicemail(conversation_id, caller):
+                body = self.voicemail_twiml(conversation_id, caller)
+            case HangUp(text):
+                body = self.goodbye_twiml() if text is None else self.goodbye_twiml(text)
+            case StandBy():
+                body = self.pause_twiml()
+            case Acknowledge():
+                body = EMPTY_TWIML
+        return WebhookResponse(200, body, "text/xml")
+
     # -- TwiML ------------------------------------------------------------------------
     def _say(self, response: VoiceResponse | Gather, text: str) -> None:
         response.say(text, language=self.voice_config.language)
@@ -390,18 +492,17 @@ class TwilioVoiceChannel(TwilioChannel):
         except (TwilioException, httpx.HTTPError) as exc:
             raise TemporarySendError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
-    async def add_agent_leg(
-        self,
-        conversation_id: int,
-        to: str,
-        *,
-        timeout: int,
-        status_query: dict[str, Any],
-        muted: bool = False,
+    async def ring_agent(
+        self, conversation_id: int, to: str, *, timeout: int, tag: LegTag, muted: bool = False
     ) -> str:
         """Ring ``to`` (E.164 or a SIP URI) into the conversation's conference; its
-        progress is posted to ``participant-status`` with ``status_query``. Returns the
+        progress is posted to ``participant-status`` with the tag in the query. Returns the
         leg's CallSid."""
+        status_query: dict[str, Any] = (
+            {"monitor": 1}
+            if tag.monitor
+            else {"conversation": tag.conversation_id, "offer": tag.offer_id, "agent": tag.agent_id}
+        )
         client = self._client()
         participant = await self._api(
             "add the agent's phone",
@@ -432,13 +533,15 @@ class TwilioVoiceChannel(TwilioChannel):
                 .delete_async(),
             )
         except PermanentSendError as exc:
-            if exc.code != "20404":
+            if exc.code != _GONE:
                 raise
 
-    async def redirect(self, call_sid: str, url: str) -> None:
-        """Send a live call to other TwiML (the caller out of the hold, into voicemail)."""
+    async def send_to_voicemail(self, call_id: str, conversation_id: int, caller: str) -> None:
+        """Redirect the holding caller's call (out of the conference's wait URL) to our
+        ``voicemail`` webhook."""
+        url = self.url("voicemail", conversation=conversation_id, **{"from": caller or None})
         await self._api(
-            "redirect the call", self._client().calls(call_sid).update_async(url=url, method="POST")
+            "redirect the call", self._client().calls(call_id).update_async(url=url, method="POST")
         )
 
     async def hang_up(self, call_sid: str) -> None:
@@ -447,7 +550,7 @@ class TwilioVoiceChannel(TwilioChannel):
                 "hang up", self._client().calls(call_sid).update_async(status="completed")
             )
         except PermanentSendError as exc:
-            if exc.code != "20404":
+            if exc.code != _GONE:
                 raise
 
     async def call_back(self, conversation_id: int, to: str) -> str:
@@ -479,3 +582,11 @@ class TwilioVoiceChannel(TwilioChannel):
             "a phone call carries no text: call the customer back or answer by SMS",
             code="voice_text",
         )
+
+
+def _int(value: Any) -> int | None:
+    """A number from our own URLs' query (anything else: None)."""
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

@@ -178,23 +178,23 @@ def create_app(
     app.add_middleware(SecurityHeaders)
     quiet_invalid_utf8()
 
-    for module in (
-        health,
-        admin,
-        agents,
-        queues,
-        conversations,
-        compose,
-        contacts,
-        reports,
-        users,
-        me,
-        webhooks,
-        ws_agent,
-        ws_chat,
-        ws_supervisor,
-        pages,
-        console,
+    for router in (
+        health.router,
+        admin.router,
+        agents.router,
+        queues.router,
+        conversations.router,
+        compose.router,
+        contacts.router,
+        reports.router,
+        users.router,
+        me.router,
+        webhooks.routes(),  # one set per provider of the channel registry
+        ws_agent.router,
+        ws_chat.router,
+        ws_supervisor.router,
+        pages.router,
+        console.router,
     ):
-        app.include_router(module.router)
+        app.include_router(router)
     return app

@@ -1,4 +1,5 @@
-"""``channels.yaml``: inboxes (and Meta apps), validated with every error located.
+"""``channels.yaml``: inboxes (and the apps of providers whose one webhook serves several
+inboxes, like ``meta_apps``), validated with every error located.
 
     version: 1
     inboxes:
@@ -9,7 +10,8 @@
       main: {app_secret: "${META_APP_SECRET}", verify_token: "${META_VERIFY_TOKEN}"}
 
 ``${VAR}`` expands only inside string values; a missing variable is an error naming the
-variable, never a value. Each inbox is validated by its channel class's config model.
+variable, never a value. Each inbox is validated by its channel class's config model, each
+app by its provider's (``channels.WEBHOOK_APPS``).
 """
 
 from __future__ import annotations
@@ -20,30 +22,31 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from channels import CHANNELS, channel_class
-from channels.base import InboxConfig
+from channels import CHANNELS, WEBHOOK_APPS, channel_class
+from channels.base import InboxConfig, WebhookApp
 from routing_rules import LocatedError, RulesError, did_you_mean
 from routing_rules.yamlsafe import MapNode, Node, ScalarNode, SeqNode, load_yaml, to_python
 
-__all__ = ["ChannelsConfig", "MetaApp", "load_channels"]
+__all__ = ["ChannelsConfig", "load_channels"]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_TOP = ("version", "inboxes", "meta_apps")
-
-
-class MetaApp(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    app_secret: SecretStr
-    verify_token: SecretStr
+_TOP = ("version", "inboxes", *(app.section for app in WEBHOOK_APPS.values()))
 
 
 @dataclass
 class ChannelsConfig:
     inboxes: dict[str, InboxConfig] = field(default_factory=dict)
-    meta_apps: dict[str, MetaApp] = field(default_factory=dict)
+    # provider -> app slug -> the app's settings (``meta_apps`` is ``apps["meta"]``)
+    apps: dict[str, dict[str, BaseModel]] = field(default_factory=dict)
+
+    def app_of(self, inbox: InboxConfig) -> BaseModel | None:
+        """The settings of the app whose webhook carries ``inbox``, if its provider has apps."""
+        kind = WEBHOOK_APPS.get(inbox.provider)
+        name = getattr(inbox, kind.inbox_key, None) if kind is not None else None
+        return self.apps.get(inbox.provider, {}).get(name) if isinstance(name, str) else None
 
 
 class _Errors:
@@ -197,27 +200,8 @@ def load_channels(
         if inbox is not None:
             config.inboxes[key.text] = inbox
 
-    apps = root.get("meta_apps")
-    if apps is not None and not isinstance(apps, MapNode):
-        errors.add(apps, "meta_apps", "expected a mapping of app slug: {app_secret, verify_token}")
-    for key, node in apps.items if isinstance(apps, MapNode) else []:
-        where = f"meta_apps.{key.text}"
-        if not isinstance(node, MapNode):
-            errors.add(node, where, "expected a mapping")
-            continue
-        app = _validate(MetaApp, node, where, errors)
-        if app is not None:
-            config.meta_apps[key.text] = app
-    for key, node in inboxes.items if isinstance(inboxes, MapNode) else []:
-        app_node = node.get("app") if isinstance(node, MapNode) else None
-        app_name = getattr(app_node, "value", None)
-        if app_node is not None and isinstance(app_name, str) and app_name not in config.meta_apps:
-            errors.add(
-                app_node,
-                f"inboxes.{key.text}.app",
-                f'unknown Meta app "{app_name}" (define it under meta_apps)'
-                f"{did_you_mean(app_name, sorted(config.meta_apps))}",
-            )
+    for provider_id, app_kind in WEBHOOK_APPS.items():
+        _apps(root, provider_id, app_kind, config, errors)
     for key, node in inboxes.items if isinstance(inboxes, MapNode) else []:
         for name, wanted in (("verify_email_inbox", "email"), ("verify_sms_inbox", "sms")):
             ref = node.get(name) if isinstance(node, MapNode) else None
@@ -235,3 +219,39 @@ def load_channels(
     if errors.items:
         raise RulesError(errors.items, source)
     return config
+
+
+def _apps(
+    root: MapNode, provider: str, kind: type[WebhookApp], config: ChannelsConfig, errors: _Errors
+) -> None:
+    """The provider's apps (its ``section``), and that each of its inboxes names one."""
+    section = kind.section
+    apps = root.get(section)
+    found: dict[str, BaseModel] = config.apps.setdefault(provider, {})
+    if apps is not None and not isinstance(apps, MapNode):
+        keys = ", ".join(kind.config_model.model_fields)
+        errors.add(apps, section, f"expected a mapping of app slug: {{{keys}}}")
+    for key, node in apps.items if isinstance(apps, MapNode) else []:
+        where = f"{section}.{key.text}"
+        if not isinstance(node, MapNode):
+            errors.add(node, where, "expected a mapping")
+            continue
+        app = _validate(kind.config_model, node, where, errors)
+        if app is not None:
+            found[key.text] = app
+    inboxes = root.get("inboxes")
+    for key, node in inboxes.items if isinstance(inboxes, MapNode) else []:
+        if (
+            not isinstance(node, MapNode)
+            or getattr(node.get("provider"), "value", None) != provider
+        ):
+            continue
+        app_node = node.get(kind.inbox_key)
+        app_name = getattr(app_node, "value", None)
+        if app_node is not None and isinstance(app_name, str) and app_name not in found:
+            errors.add(
+                app_node,
+                f"inboxes.{key.text}.{kind.inbox_key}",
+                f'unknown {kind.title} app "{app_name}" (define it under {section})'
+                f"{did_you_mean(app_name, sorted(found))}",
+            )

@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from router.exceptions import OmnirouteError
+from router.types import CHANNEL_IDS
 from routing_rules import (
     RulesError,
     TraceStep,
@@ -58,7 +59,7 @@ def _print_errors(exc: RulesError, path: Path) -> NoReturn:
 
 def _load_rules(path: Path) -> Any:
     try:
-        return load_ruleset(_read(path), str(path))
+        return load_ruleset(_read(path), str(path), channels=CHANNEL_IDS)
     except RulesError as exc:
         _print_errors(exc, path)
 
@@ -196,7 +197,9 @@ def _replay_decision(decision_id: int, trace: bool, rules: Path | None = None) -
         _fail_usage(
             f"decision {decision_id} was made with ruleset {row.ruleset_version}, which is not stored"
         )
-    ruleset = load_ruleset(text.encode("utf-8"), f"ruleset {row.ruleset_version}")
+    ruleset = load_ruleset(
+        text.encode("utf-8"), f"ruleset {row.ruleset_version}", channels=CHANNEL_IDS
+    )
     replayed = _print_decision(ruleset, row.facts, trace).to_dict()
     same = {k: v for k, v in replayed.items() if k != "queue"} == {
         k: v for k, v in stored.items() if k != "queue"
@@ -464,6 +467,7 @@ def channels_check(
     ] = None,
 ) -> None:
     """Validate channels.yaml and print every error, one per line."""
+    from channels import WEBHOOK_APPS
     from router.channels_config import load_channels
 
     queues = set(_load_rules(rules).queues) if rules is not None else None
@@ -471,7 +475,11 @@ def channels_check(
         config = load_channels(_read(path), str(path), queues=queues)
     except RulesError as exc:
         _print_errors(exc, path)
-    typer.echo(f"ok: {len(config.inboxes)} inboxes, {len(config.meta_apps)} Meta apps")
+    apps = "".join(
+        f", {len(config.apps.get(provider, {}))} {kind.title} apps"
+        for provider, kind in WEBHOOK_APPS.items()
+    )
+    typer.echo(f"ok: {len(config.inboxes)} inboxes{apps}")
 
 
 @app.command("serve")

@@ -153,16 +153,18 @@ def _check_window(
 ) -> None:
     """An agent's message outside the window: a clear refusal, or the template choice."""
     channel = tx.context["channels"][inbox_id]
+    # the window's length is the channel's (Meta's 24 hours), not the core's
+    span = channel.messaging_window
+    ago = f"more than {span.total_seconds() / 3600:g} hours ago" if span else "too long ago"
     if window == "closed":
         raise Conflict(
-            "the customer last wrote more than 24 hours ago: this channel allows no reply "
-            "until they write again",
+            f"the customer last wrote {ago}: this channel allows no reply until they write again",
             window=window,
         )
     if window == "template_only" and not provider_template:
         names = channel.templates()
         raise Conflict(
-            "the customer last wrote more than 24 hours ago: only an approved template can "
+            f"the customer last wrote {ago}: only an approved template can "
             + (
                 f"be sent (one of {', '.join(names)})"
                 if names

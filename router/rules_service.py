@@ -31,7 +31,7 @@ from router.leases import try_acquire
 from router.models import Conversation, Process, Queue, QueueMember
 from router.models import Ruleset as RulesetRow
 from router.tasks import periodic
-from router.types import OPEN_STATES
+from router.types import CHANNEL_IDS, OPEN_STATES
 from routing_rules import LocatedError, RulesError, Ruleset, format_duration, load_ruleset
 
 __all__ = ["RulesService", "activate", "queue_spec"]
@@ -192,7 +192,9 @@ class RulesService:
                 return False
             row_id, version, text = latest
             try:
-                ruleset = load_ruleset(text.encode("utf-8"), f"ruleset #{row_id}")
+                ruleset = load_ruleset(
+                    text.encode("utf-8"), f"ruleset #{row_id}", channels=CHANNEL_IDS
+                )
             except RulesError:  # cannot happen for a validated row; keep routing with what we have
                 log.exception(
                     "stored ruleset #%s does not load; keeping %s", row_id, self.active_id
@@ -236,7 +238,7 @@ class RulesService:
             return None
         report = LoadReport(datetime.now(UTC).isoformat(), str(self.rules_path), version)
         try:
-            ruleset = load_ruleset(data, str(self.rules_path))
+            ruleset = load_ruleset(data, str(self.rules_path), channels=CHANNEL_IDS)
             await self.db.write(
                 activate, ruleset, "file", str(self.rules_path), f"file:{self.process_id}"
             )
@@ -261,7 +263,7 @@ class RulesService:
     async def put(self, data: bytes, by: str) -> Ruleset:
         """Validate and activate a ruleset sent through the API (raises with located errors)."""
         try:
-            ruleset = load_ruleset(data, "rules.yaml")
+            ruleset = load_ruleset(data, "rules.yaml", channels=CHANNEL_IDS)
         except RulesError as exc:
             raise RulesRejected(
                 "the ruleset has errors", errors=[e.to_dict() for e in exc.errors]

@@ -27,12 +27,13 @@ from sqlalchemy import delete, select, update
 from adapters.blobs import LocalBlobs
 from adapters.bus import Bus, make_bus
 from adapters.clock import Clock, SystemClock
-from channels import Channel, channel_class
+from channels import WEBHOOK_APPS, Channel, channel_class
 from channels.base import ChannelContext, InboxConfig, OutboundMessage, ParsedItem, SendReceipt
 from channels.webchat import WebChatChannel
 from router import retention
 from router.abandon import abandon_gone_visitors, gone_visitors
 from router.assignment.service import Assignment, register_process
+from router.calls import Calls
 from router.channel_state import InboxState
 from router.channels_config import ChannelsConfig, load_channels
 from router.db import Database, StreamRecord, Tx, insert_ignore
@@ -55,7 +56,6 @@ from router.secret_check import secret_problems
 from router.serialize import visitor_payload
 from router.settings import Settings
 from router.tasks import TaskGroup, periodic
-from router.voice import Voice
 from routing_rules import RulesError
 
 __all__ = ["Runtime"]
@@ -194,7 +194,7 @@ class Runtime:
         self.background = TaskGroup()
         self.rules.listeners.append(self._on_rules_activated)
         self.assignment.rerouted.append(self.route_pending)
-        self.voice = Voice(self)
+        self.calls = Calls(self)
         # Sockets close when the credential they signed in with ends (router.revocation).
         self.guard = SocketGuard(
             self.db,
@@ -204,7 +204,7 @@ class Runtime:
             on_signed_out=lambda reason: self.metrics.sockets_signed_out.labels(reason).inc(),
         )
         self.db.context["credentials_changed"] = self._credentials_changed
-        self.assignment.connecting.append(self.voice.connect)
+        self.assignment.connecting.append(self.calls.connect)
         self._lock_file: Any = None
         self.started = False
         self.ready_reasons: list[str] = ["starting"]
@@ -541,12 +541,11 @@ class Runtime:
             await channel.start()
 
     @staticmethod
-    def _channel_options(config: Any, inbox_config: Any) -> dict[str, Any]:
-        """A Meta inbox gets its app's secrets (the webhook belongs to the app)."""
-        app = config.meta_apps.get(getattr(inbox_config, "app", None) or "")
-        if app is None:
-            return {}
-        return {"app_secret": app.app_secret, "verify_token": app.verify_token}
+    def _channel_options(config: ChannelsConfig, inbox_config: InboxConfig) -> dict[str, Any]:
+        """An inbox of an app (a Meta app) gets its app's settings: the webhook is the app's."""
+        app = config.app_of(inbox_config)
+        kind = WEBHOOK_APPS.get(inbox_config.provider)
+        return kind.options(app) if app is not None and kind is not None else {}
 
     @property
     def channel_secret(self) -> bytes:

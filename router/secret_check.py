@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
+from channels import WEBHOOK_APPS
 from router.channels_config import ChannelsConfig
 from router.settings import Settings
 
@@ -85,10 +86,9 @@ def secret_problems(settings: Settings, channels: ChannelsConfig | None) -> list
             problems.append(f"OMNIROUTE_SECRET_KEY: {reason}")
     if channels is not None:
         where = settings.channels_path
-        found = [
-            *_secrets(channels.inboxes, "inboxes"),
-            *_secrets(channels.meta_apps, "meta_apps"),
-        ]
+        found = [*_secrets(channels.inboxes, "inboxes")]
+        for provider, kind in WEBHOOK_APPS.items():
+            found.extend(_secrets(channels.apps.get(provider, {}), kind.section))
         for path, value in found:
             if is_placeholder(value):
                 problems.append(

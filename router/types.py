@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
+from channels.base import CHANNEL_IDS
+
 __all__ = [
     "CAPACITY_KEYS",
     "CHANNEL_IDS",
@@ -21,7 +23,7 @@ __all__ = [
     "Role",
 ]
 
-CHANNEL_IDS = ("email", "sms", "voice", "webchat", "messenger", "whatsapp")
+# the channel ids are the channel contract's (channels/base.py), re-exported for the core
 CAPACITY_KEYS = (*CHANNEL_IDS, "total")
 
 

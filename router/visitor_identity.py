@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from channels.base import OutboundMessage, PermanentSendError, Sender, TemporarySendError
-from channels.twilio_sms import normalize_e164
+from channels.phone import normalize_e164
 from channels.webchat import WebChatChannel
 from router.db import Tx
 from router.exceptions import Conflict, OmnirouteError

@@ -2,7 +2,7 @@
 
 Pure: no database or network I/O. Typical use::
 
-    ruleset = load_ruleset(Path("rules.yaml").read_bytes(), "rules.yaml")
+    ruleset = load_ruleset(Path("rules.yaml").read_bytes(), "rules.yaml", channels=("sms", "email"))
     decision = evaluate({"channel": "sms", "message.text": "refund please"}, ruleset)
 """
 
@@ -15,11 +15,10 @@ from routing_rules.cases import Case, CaseResult, load_cases, run_cases
 from routing_rules.durations import format_duration, parse_duration
 from routing_rules.errors import LocatedError, RulesError, did_you_mean, format_errors
 from routing_rules.facts import (
-    CHANNELS,
-    FACTS,
     Fact,
     FactRegistry,
     FactType,
+    builtin_facts,
     flatten_facts,
     parse_time,
 )
@@ -43,8 +42,6 @@ from routing_rules.templates import Template, parse_template
 from routing_rules.yamlsafe import load_yaml, to_python
 
 __all__ = [
-    "CHANNELS",
-    "FACTS",
     "OPERATORS",
     "PRIORITIES",
     "STRATEGIES",
@@ -67,6 +64,7 @@ __all__ = [
     "Team",
     "Template",
     "TraceStep",
+    "builtin_facts",
     "did_you_mean",
     "evaluate",
     "flatten_facts",

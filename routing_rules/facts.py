@@ -4,6 +4,10 @@ A fact is a named, typed value known about a conversation when it is routed
 (``channel``, ``contact.vip``, ``message.text``...). Rules may only test registered
 facts, templates may only use registered facts as placeholders, and every later
 feature adds its facts here, so ``rules check`` knows them all.
+
+The rules language knows no channels of its own: the values of the ``channel`` fact are
+the deployment's channel ids, which the caller hands to :func:`builtin_facts` (through
+``load_ruleset(..., channels=...)``).
 """
 
 from __future__ import annotations
@@ -16,12 +20,11 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
-    "CHANNELS",
-    "FACTS",
     "MATCH_LIMIT",
     "Fact",
     "FactRegistry",
     "FactType",
+    "builtin_facts",
     "flatten_facts",
     "fold",
     "is_number",
@@ -29,7 +32,6 @@ __all__ = [
 ]
 
 MATCH_LIMIT = 10_000  # "matches" looks at this many characters, so text can never stall routing
-CHANNELS = ("email", "sms", "voice", "webchat", "messenger", "whatsapp")
 
 
 class FactType(StrEnum):
@@ -87,48 +89,55 @@ class FactRegistry:
 
 _S, _B, _N = FactType.STRING, FactType.BOOL, FactType.NUMBER
 
-FACTS = FactRegistry(
-    [
-        Fact("channel", FactType.ENUM, "the channel the customer used", CHANNELS),
-        Fact("inbox", _S, "the inbox slug from channels.yaml"),
-        Fact("contact.name", _S, "the contact's display name"),
-        Fact("contact.email", _S, "the contact's email address (verified or not)"),
-        Fact("contact.phone", _S, "the contact's phone number in E.164"),
-        Fact("contact.language", _S, "the contact's ISO 639-1 language, like de"),
-        Fact("contact.tier", _S, "the contact's service tier"),
-        Fact("contact.vip", _B, "whether the contact is a VIP"),
-        Fact(
-            "message.text", _S, "the text of the message that opened (or reopened) the conversation"
-        ),
-        Fact("message.subject", _S, "the email subject"),
-        Fact("message.language", _S, "the message's language as set by the channel or widget"),
-        Fact("ivr.choice", _S, "the key(s) a caller pressed in the phone inbox's IVR menu"),
-        Fact("conversation.tags", FactType.LIST, "tags already on the conversation"),
-        Fact("conversation.reopened", _B, "true when a resolved conversation is being reopened"),
-        Fact("time", FactType.TIME, "when the conversation is routed (RFC 3339 with offset)"),
-        Fact(
-            "history.conversations",
-            _N,
-            "how many earlier conversations the contact had, on any channel",
-        ),
-        Fact("history.last_queue", _S, "the queue of the contact's latest earlier conversation"),
-        Fact(
-            "history.last_agent",
-            _S,
-            "the agent (user name) of the contact's latest earlier conversation that had one",
-        ),
-        Fact(
-            "history.last_csat",
-            _N,
-            "the contact's latest CSAT answer (1-5), missing when they never answered",
-        ),
-        Fact(
-            "history.open_elsewhere",
-            _N,
-            "how many of the contact's conversations are open on other channels",
-        ),
-    ]
+
+# every fact but ``channel``, whose values the caller supplies
+_FACTS = (
+    Fact("inbox", _S, "the inbox slug from channels.yaml"),
+    Fact("contact.name", _S, "the contact's display name"),
+    Fact("contact.email", _S, "the contact's email address (verified or not)"),
+    Fact("contact.phone", _S, "the contact's phone number in E.164"),
+    Fact("contact.language", _S, "the contact's ISO 639-1 language, like de"),
+    Fact("contact.tier", _S, "the contact's service tier"),
+    Fact("contact.vip", _B, "whether the contact is a VIP"),
+    Fact("message.text", _S, "the text of the message that opened (or reopened) the conversation"),
+    Fact("message.subject", _S, "the email subject"),
+    Fact("message.language", _S, "the message's language as set by the channel or widget"),
+    Fact("ivr.choice", _S, "the key(s) a caller pressed in the phone inbox's IVR menu"),
+    Fact("conversation.tags", FactType.LIST, "tags already on the conversation"),
+    Fact("conversation.reopened", _B, "true when a resolved conversation is being reopened"),
+    Fact("time", FactType.TIME, "when the conversation is routed (RFC 3339 with offset)"),
+    Fact(
+        "history.conversations",
+        _N,
+        "how many earlier conversations the contact had, on any channel",
+    ),
+    Fact("history.last_queue", _S, "the queue of the contact's latest earlier conversation"),
+    Fact(
+        "history.last_agent",
+        _S,
+        "the agent (user name) of the contact's latest earlier conversation that had one",
+    ),
+    Fact(
+        "history.last_csat",
+        _N,
+        "the contact's latest CSAT answer (1-5), missing when they never answered",
+    ),
+    Fact(
+        "history.open_elsewhere",
+        _N,
+        "how many of the contact's conversations are open on other channels",
+    ),
 )
+
+
+def builtin_facts(channels: Iterable[str]) -> FactRegistry:
+    """The registered facts; ``channels`` are the values the ``channel`` fact may take."""
+    values = tuple(channels)
+    if not values:
+        raise ValueError("the channel fact needs at least one channel id")
+    return FactRegistry(
+        [Fact("channel", FactType.ENUM, "the channel the customer used", values), *_FACTS]
+    )
 
 
 def fold(text: str) -> str:

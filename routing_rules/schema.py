@@ -21,7 +21,7 @@ import re2
 
 from routing_rules.durations import parse_duration
 from routing_rules.errors import LocatedError, RulesError, did_you_mean
-from routing_rules.facts import FACTS, Fact, FactRegistry, FactType, fold, is_number
+from routing_rules.facts import Fact, FactRegistry, FactType, builtin_facts, fold, is_number
 from routing_rules.hours import DAYS, Hours
 from routing_rules.model import (
     PRIORITIES,
@@ -831,9 +831,13 @@ def _names(section: MapNode | None) -> set[str]:
 
 
 def load_ruleset(
-    data: bytes | str, source: str = "rules.yaml", registry: FactRegistry = FACTS
+    data: bytes | str, source: str = "rules.yaml", *, channels: Iterable[str]
 ) -> Ruleset:
-    """Validate and compile a rules file; raise :class:`RulesError` listing every problem."""
+    """Validate and compile a rules file; raise :class:`RulesError` listing every problem.
+
+    ``channels`` are the channel ids the ``channel`` fact may take: the caller's vocabulary
+    (omniroute passes the channel contract's ``CHANNEL_IDS``), never one of this package."""
+    registry = builtin_facts(channels)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     version = "sha256:" + hashlib.sha256(raw).hexdigest()
     try:

@@ -185,9 +185,9 @@ async def call_back(
     caller: Caller = Depends(needs(policy.WORK_CONVERSATION)),
 ) -> dict[str, str]:
     try:
-        return await runtime.voice.call_back(_agent_of(caller), conversation_id)
+        return await runtime.calls.call_back(_agent_of(caller), conversation_id)
     except (TemporarySendError, PermanentSendError) as exc:
-        raise Unavailable(f"Twilio: {exc.reason}") from exc
+        raise Unavailable(f"the phone provider: {exc.reason}") from exc
 
 
 class Monitor(BaseModel):
@@ -216,9 +216,9 @@ async def monitor(
     if not to:
         raise Conflict("say which phone to ring (to), or set one on your agent profile")
     try:
-        return {"leg": await runtime.voice.monitor(conversation_id, to)}
+        return {"leg": await runtime.calls.monitor(conversation_id, to)}
     except (TemporarySendError, PermanentSendError) as exc:
-        raise Unavailable(f"Twilio: {exc.reason}") from exc
+        raise Unavailable(f"the phone provider: {exc.reason}") from exc
 
 
 @router.post(

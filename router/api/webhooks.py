@@ -1,29 +1,35 @@
 """Provider webhooks: verify the signature on the raw bytes before anything else (403 and
 nothing stored otherwise), persist every item, answer, and only then route.
 
+The routes come from the channel registry (``channels.CHANNELS``, ``channels.WEBHOOK_APPS``):
+``POST /webhooks/{provider}/{inbox}``, ``POST /webhooks/{provider}/{inbox}/{kind}`` for a
+provider whose channels declare ``webhook_kinds``, and ``GET``/``POST
+/webhooks/{provider}/{app}`` for a provider whose one webhook serves several inboxes. A
+call channel's call webhooks go to the call handling (``router/calls.py``). Nothing here
+knows a vendor.
+
 The URL a signature covers is the configured public base URL plus the path (never the Host
 header, which a proxy may change), so signatures verify behind load balancers."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
-from channels.base import Channel, WebhookRequest
-from channels.meta import MetaChannel, entries, handshake, route, verify_signature
-from channels.twilio_voice import MESSAGE_KINDS, VOICE_KINDS, TwilioVoiceChannel
+from channels import CHANNELS, WEBHOOK_APPS
+from channels.base import Channel, WebhookApp, WebhookRequest, WebhookResponse
+from channels.calls import CallChannel
 from router import policy
 from router.api.deps import declare, get_runtime
-from router.channels_config import MetaApp
 from router.exceptions import NotFound
 from router.pipeline import quarantine
 from router.runtime import Runtime
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"], dependencies=[declare(policy.WEBHOOK)])
 log = logging.getLogger(__name__)
 
 
@@ -93,8 +99,11 @@ async def handle(
         items = []
     outcomes = await runtime.ingest(channel.slug, items)
     background.add_task(runtime.after_ingest, outcomes)  # route after the provider has its answer
-    ack = channel.ack(hook)
-    return Response(ack.body, status_code=ack.status, media_type=ack.content_type)
+    return _response(channel.ack(hook))
+
+
+def _response(answer: WebhookResponse) -> Response:
+    return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
 
 
 def inbox_channel(runtime: Runtime, slug: str, provider: str) -> Channel:
@@ -104,113 +113,86 @@ def inbox_channel(runtime: Runtime, slug: str, provider: str) -> Channel:
     return channel
 
 
-@router.post(
-    "/fake/{inbox}", summary="The fake channel's signed JSON webhook (tests, demos, benchmarks)"
-)
-async def fake_webhook(
-    inbox: str,
-    request: Request,
-    background: BackgroundTasks,
-    runtime: Runtime = Depends(get_runtime),
-) -> Response:
-    return await handle(runtime, inbox_channel(runtime, inbox, "fake"), request, background)
-
-
-_TWILIO_KINDS = {
-    "sms": ("sms", "sms-status"),
-    "voice": tuple(sorted(VOICE_KINDS | MESSAGE_KINDS)),
-}
-
-
-@router.post(
-    "/twilio/{inbox}/{kind}",
-    summary="Twilio webhooks, signed with X-Twilio-Signature. SMS inboxes: sms, sms-status. "
-    "Voice inboxes: voice, voice-status, voice-gather, hold, voicemail, participant-status, "
-    "recording, transcription",
-)
-async def twilio_webhook(
-    inbox: str,
+async def handle_kind(
+    runtime: Runtime,
+    channel: Channel,
     kind: str,
     request: Request,
     background: BackgroundTasks,
-    runtime: Runtime = Depends(get_runtime),
 ) -> Response:
-    channel = inbox_channel(runtime, inbox, "twilio")
-    if kind not in _TWILIO_KINDS.get(channel.channel_id, ()):
-        raise NotFound(f"no Twilio {channel.channel_id} webhook {kind!r}")
-    if isinstance(channel, TwilioVoiceChannel) and kind in VOICE_KINDS:
+    """A webhook of one kind: a call channel's call webhook is answered by the call
+    handling; the rest take the message path."""
+    if kind not in channel.webhook_kinds:
+        raise NotFound(f"no {channel.provider} {channel.channel_id} webhook {kind!r}")
+    if isinstance(channel, CallChannel) and kind in channel.call_kinds:
         hook = await verified(runtime, channel, request)
         if isinstance(hook, Response):
             return hook
-        return await runtime.voice.webhook(channel, kind, hook)
+        return _response(await runtime.calls.webhook(channel, kind, hook))
     return await handle(runtime, channel, request, background)
 
 
-def _meta_app(runtime: Runtime, app: str) -> MetaApp:
-    found = runtime.channels_config.meta_apps.get(app)
+def _app_settings(runtime: Runtime, provider: str, kind: type[WebhookApp], app: str) -> BaseModel:
+    found = runtime.channels_config.apps.get(provider, {}).get(app)
     if found is None:
-        raise NotFound(f"no Meta app {app!r}")
+        raise NotFound(f"no {kind.title} app {app!r}")
     return found
 
 
-@router.get("/meta/{app}", summary="Meta's subscription handshake (hub.mode, hub.verify_token)")
-async def meta_handshake(
-    app: str, request: Request, runtime: Runtime = Depends(get_runtime)
+async def app_handshake(
+    runtime: Runtime, provider: str, kind: type[WebhookApp], app: str, request: Request
 ) -> Response:
-    secrets = _meta_app(runtime, app)
-    challenge = handshake(dict(request.query_params), secrets.verify_token.get_secret_value())
+    settings = _app_settings(runtime, provider, kind, app)
+    challenge = kind.handshake(settings, dict(request.query_params))
     if challenge is None:
-        runtime.metrics.webhook_rejected.labels("meta", "handshake").inc()
+        runtime.metrics.webhook_rejected.labels(provider, "handshake").inc()
         return Response("forbidden", status_code=403)
     return Response(challenge, media_type="text/plain")
 
 
-@router.post(
-    "/meta/{app}",
-    summary="Messenger and WhatsApp webhooks of a Meta app, signed with X-Hub-Signature-256",
-)
-async def meta_webhook(
+async def app_delivery(
+    runtime: Runtime,
+    provider: str,
+    kind: type[WebhookApp],
     app: str,
     request: Request,
     background: BackgroundTasks,
-    runtime: Runtime = Depends(get_runtime),
 ) -> Response:
     """Verify the app's signature on the raw bytes, split the delivery into events, hand
-    each inbox its own (by page id or phone number id), persist, answer 200, then route.
-    Events no inbox claims are counted and dropped; what cannot be parsed is quarantined."""
-    secret = _meta_app(runtime, app).app_secret.get_secret_value()
+    each inbox its own (for a Meta app: by page id or phone number id), persist, answer
+    200, then route. Events no inbox claims are counted and dropped; what cannot be parsed
+    is quarantined."""
+    settings = _app_settings(runtime, provider, kind, app)
     hook = await checked(
-        runtime,
-        request,
-        "meta",
-        f"meta app {app}",
-        lambda h: verify_signature(secret, h.body, h.headers.get("x-hub-signature-256")),
+        runtime, request, provider, f"{provider} app {app}", lambda h: kind.verify(settings, h)
     )
     if isinstance(hook, Response):
         return hook
     try:
-        units = entries(hook.body)
+        units = kind.split(hook.body)
     except ValueError as exc:
-        await runtime.db.write(quarantine, None, "webhook", f"meta app {app}: {exc}", hook.body)
+        await runtime.db.write(
+            quarantine, None, "webhook", f"{provider} app {app}: {exc}", hook.body
+        )
         runtime.metrics.quarantined.labels("webhook").inc()
         return Response("", status_code=200)
     channels = [
         channel
         for slug, channel in runtime.channels.items()
-        if isinstance(channel, MetaChannel)
-        and channel.meta_config.app == app
+        if channel.provider == provider
+        and getattr(channel.config, kind.inbox_key, None) == app
         and runtime.inboxes[slug].enabled
     ]
-    groups, unclaimed = route(units, channels)
+    groups, unclaimed = kind.route(units, channels)
     if unclaimed:
-        runtime.metrics.webhook_rejected.labels("meta", "no_inbox").inc(len(unclaimed))
+        runtime.metrics.webhook_rejected.labels(provider, "no_inbox").inc(len(unclaimed))
     outcomes = []
     for channel, its_units in groups.items():
         inbox = runtime.inboxes[channel.slug]
         try:
-            items = await channel.parse_items_async(its_units)
+            items = await kind.parse(channel, its_units)
         except Exception as exc:  # a parser bug must not lose the events: keep them raw
-            log.exception("parsing Meta events for %s failed; quarantined", channel.slug)
+            log.exception("parsing %s events for %s failed; quarantined", provider, channel.slug)
             for unit in its_units:
                 await runtime.db.write(
                     quarantine, inbox.id, "webhook", f"parse failed: {exc}", unit.raw()
@@ -219,3 +201,102 @@ async def meta_webhook(
         outcomes.extend(await runtime.ingest(channel.slug, items))
     background.add_task(runtime.after_ingest, outcomes)
     return Response("", status_code=200)
+
+
+# -- the routes, one set per provider of the registry ------------------------------------
+def _inbox_route(router: APIRouter, provider: str, summary: str) -> None:
+    async def webhook(
+        inbox: str,
+        request: Request,
+        background: BackgroundTasks,
+        runtime: Runtime = Depends(get_runtime),
+    ) -> Response:
+        return await handle(runtime, inbox_channel(runtime, inbox, provider), request, background)
+
+    router.add_api_route(
+        f"/{provider}/{{inbox}}",
+        webhook,
+        methods=["POST"],
+        summary=summary,
+        name=f"{provider}_webhook",
+    )
+
+
+def _kind_route(router: APIRouter, provider: str, summary: str) -> None:
+    async def webhook(
+        inbox: str,
+        kind: str,
+        request: Request,
+        background: BackgroundTasks,
+        runtime: Runtime = Depends(get_runtime),
+    ) -> Response:
+        channel = inbox_channel(runtime, inbox, provider)
+        return await handle_kind(runtime, channel, kind, request, background)
+
+    router.add_api_route(
+        f"/{provider}/{{inbox}}/{{kind}}",
+        webhook,
+        methods=["POST"],
+        summary=summary,
+        name=f"{provider}_webhook",
+    )
+
+
+def _app_routes(router: APIRouter, provider: str, kind: type[WebhookApp]) -> None:
+    async def handshake(
+        app: str, request: Request, runtime: Runtime = Depends(get_runtime)
+    ) -> Response:
+        return await app_handshake(runtime, provider, kind, app, request)
+
+    async def delivery(
+        app: str,
+        request: Request,
+        background: BackgroundTasks,
+        runtime: Runtime = Depends(get_runtime),
+    ) -> Response:
+        return await app_delivery(runtime, provider, kind, app, request, background)
+
+    path = f"/{provider}/{{app}}"
+    router.add_api_route(
+        path,
+        handshake,
+        methods=["GET"],
+        summary=kind.handshake_summary,
+        name=f"{provider}_handshake",
+    )
+    router.add_api_route(
+        path, delivery, methods=["POST"], summary=kind.summary, name=f"{provider}_webhook"
+    )
+
+
+def _summary(classes: list[type[Channel]]) -> str:
+    """What a provider's route says: its classes' summary, and the kinds per channel."""
+    said = next((c.webhook_summary for c in classes if c.webhook_summary), "")
+    kinds = [
+        f"{channel_id} inboxes: {', '.join(sorted(cls.webhook_kinds))}"
+        for cls in classes
+        if cls.webhook_kinds
+        for channel_id in cls.channel_ids
+    ]
+    return ". ".join([said, *kinds]) if kinds else said
+
+
+def routes(
+    channels: Mapping[str, Mapping[str, type[Channel]]] | None = None,
+    apps: Mapping[str, type[WebhookApp]] | None = None,
+) -> APIRouter:
+    """The webhook routes of every provider of the registry (``channels.CHANNELS`` and
+    ``channels.WEBHOOK_APPS`` unless given): a provider added there is served here."""
+    router = APIRouter(
+        prefix="/webhooks", tags=["webhooks"], dependencies=[declare(policy.WEBHOOK)]
+    )
+    apps = WEBHOOK_APPS if apps is None else apps
+    for provider, classes in (CHANNELS if channels is None else channels).items():
+        hooked = list(dict.fromkeys(c for c in classes.values() if c.webhook))
+        if provider in apps:
+            _app_routes(router, provider, apps[provider])
+        elif any(c.webhook_kinds for c in hooked):
+            _kind_route(router, provider, _summary(hooked))
+        elif hooked:
+            _inbox_route(router, provider, _summary(hooked))
+    return router

@@ -287,7 +287,7 @@ class Assignment:
         self.dead_after = dead_after
         self.decisions = 0
         self.rerouted: list[Callable[[], Awaitable[Any]]] = []  # what routes conversations
-        # what rings an agent's phone when they accept a call (runtime.voice.connect)
+        # what rings an agent's phone when they accept a call (runtime.calls.connect)
         self.connecting: list[Callable[[dict[str, Any]], Awaitable[Any]]] = []
         self._lock = asyncio.Lock()
         self._dirty = False

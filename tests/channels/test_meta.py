@@ -18,7 +18,6 @@ import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from channels import meta
 from channels.base import (
     Attachment,
     ChannelContext,
@@ -45,6 +44,7 @@ from channels.meta import (
     verify_signature,
     window_state,
 )
+from channels.meta import graph as meta
 from tests.channels.test_twilio_sms import MemoryBlobs, StubResolver
 from tests.fakes.meta import (
     PAGE_ID,

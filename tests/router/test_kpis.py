@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from adapters.clock import FakeClock
-from router import voice
+from router import calls as voice
 from router.auth import create_user
 from router.messaging import agent_write
 from router.models import Conversation, ConversationEvent, Message

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from routing_rules import RulesError, Ruleset, evaluate, load_ruleset, reference_evaluate
+import routing_rules
+from channels.base import CHANNEL_IDS
+from routing_rules import RulesError, Ruleset, evaluate, reference_evaluate
 
 HEADER = """\
 version: 1
@@ -18,6 +20,11 @@ queues:
   q: {}
   other: {}
 """
+
+
+def load_ruleset(data: bytes | str, source: str = "rules.yaml") -> Ruleset:
+    """:func:`routing_rules.load_ruleset` with omniroute's channel ids (as the core passes)."""
+    return routing_rules.load_ruleset(data, source, channels=CHANNEL_IDS)
 
 
 def one_rule(when: str) -> Ruleset:

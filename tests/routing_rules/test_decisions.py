@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from routing_rules import evaluate, load_cases, load_ruleset, parse_template, run_cases
+import routing_rules
+from routing_rules import RulesError, evaluate, load_cases, parse_template, run_cases
+from tests.routing_rules.helpers import load_ruleset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,3 +180,18 @@ def test_shipped_example_uses_every_feature_and_its_cases_pass() -> None:
     results = run_cases(ruleset, cases)
     assert [r.differences for r in results if not r.passed] == []
     assert len(results) >= 8
+
+
+def test_the_channel_vocabulary_is_the_callers() -> None:
+    """The rules language declares no channels: ``channel`` takes the ids it is handed."""
+    text = (
+        "version: 1\nqueues: {q: {}}\n"
+        "rules:\n  - {id: t, when: {channel: telegram}, then: {queue: q}}\n"
+        "default: {queue: q}\n"
+    )
+    ruleset = routing_rules.load_ruleset(text, channels=("sms", "telegram"))
+    assert evaluate({"channel": "telegram"}, ruleset).rule == "t"
+    with pytest.raises(RulesError, match='unknown channel "telegram"'):
+        routing_rules.load_ruleset(text, channels=("sms", "email"))
+    with pytest.raises(ValueError, match="at least one channel"):
+        routing_rules.load_ruleset(text, channels=())

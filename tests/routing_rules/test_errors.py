@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from routing_rules import RulesError, load_ruleset
-from tests.routing_rules.helpers import HEADER, errors_of
+from routing_rules import RulesError
+from tests.routing_rules.helpers import HEADER, errors_of, load_ruleset
 
 
 def rule(when: str = "{channel: sms}", then: str = "{queue: q}") -> str:

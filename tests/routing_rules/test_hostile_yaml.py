@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from routing_rules import RulesError, load_ruleset
+from routing_rules import RulesError
 from routing_rules.yamlsafe import MAX_BYTES, load_yaml, to_python
+from tests.routing_rules.helpers import load_ruleset
 
 VALID_TAIL = "queues: {q: {}}\ndefault: {queue: q}\n"
 

@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from routing_rules import Hours, load_ruleset
+from routing_rules import Hours
+from tests.routing_rules.helpers import load_ruleset
 
 BERLIN_OFFICE = Hours(
     "office",

@@ -10,9 +10,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from routing_rules import evaluate, flatten_facts, load_ruleset, reference_evaluate
+from channels.base import CHANNEL_IDS
+from routing_rules import evaluate, flatten_facts, reference_evaluate
+from tests.routing_rules.helpers import load_ruleset
 
-CHANNELS = ["email", "sms", "voice", "webchat", "messenger", "whatsapp"]
+CHANNELS = list(CHANNEL_IDS)
 INBOXES = ["support", "sales", "Billing", "é-shop"]
 WORDS = ["refund", "Refund", "money", "hello", "straße", "STRASSE", "", "vip"]
 

@@ -3,8 +3,8 @@ and the queue eligibility and tested facts the authorization policy reads."""
 
 from __future__ import annotations
 
-from routing_rules import QueueSpec, Team, load_ruleset
-from tests.routing_rules.helpers import HEADER, errors_of
+from routing_rules import QueueSpec, Team
+from tests.routing_rules.helpers import HEADER, errors_of, load_ruleset
 
 TAIL = "default: {queue: other}\n"
 

@@ -1,5 +1,6 @@
-"""Phone calls: the caller waits in a conference of their own, an accepted offer rings the
-agent's phone into it, and the conversation is assigned only when that leg answers.
+"""Phone calls, the conversation's side: the caller waits in a room of their own, an
+accepted offer rings the agent's phone into it, and the conversation is assigned only when
+that leg answers.
 
 A caller is never lost. An agent's leg that is not answered (no-answer, busy, failed, or
 no callback at all before the offer's extended expiry) ends that offer and the caller,
@@ -9,12 +10,15 @@ and capacity is freed. A caller who waited longer than the queue's ``voicemail_a
 (or calls out of the queue's hours) is offered voicemail; the recording and transcript
 arrive as messages of the conversation, which stays queued as a callback.
 
-The call's state lives in ``conversations.data["call"]``: ``sid`` (the caller's CallSid),
+The call's state lives in ``conversations.data["call"]``: ``sid`` (the caller's call id),
 ``caller``, ``stage`` (queued: holding for an agent; connected: talking to one; voicemail;
 ended; an accept rings the agent's phone while the stage is queued or connected, so a
-transfer of a call in progress brings the new agent in by phone), ``legs`` (agent id -> the leg's CallSid) and
-``ringing`` (offer id -> the leg's CallSid). Channel I/O (Twilio's REST API) happens after
-the transaction that decided it commits.
+transfer of a call in progress brings the new agent in by phone), ``legs`` (agent id -> the
+leg's id) and ``ringing`` (offer id -> the leg's id).
+
+The provider is behind the call contract (:mod:`channels.calls`): the channel parses its
+webhooks into call events, renders the answers chosen here, and performs the actions asked
+of it (ringing a leg, hanging up...) after the transaction that decided them commits.
 """
 
 from __future__ import annotations
@@ -23,12 +27,38 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from fastapi.responses import Response
 from sqlalchemy import and_, func, or_, select, update
 
-from channels.base import PermanentSendError, TemporarySendError, WebhookRequest
-from channels.twilio_sms import EMPTY_TWIML
-from channels.twilio_voice import TwilioVoiceChannel
+from channels.base import (
+    InboundMessage,
+    PermanentSendError,
+    TemporarySendError,
+    WebhookRequest,
+    WebhookResponse,
+)
+from channels.calls import (
+    Acknowledge,
+    CallAnswer,
+    CallArrived,
+    CallChannel,
+    CallEnded,
+    CallEvent,
+    ChoiceMade,
+    HangUp,
+    HoldTurn,
+    LegAnswered,
+    LegEnded,
+    LegFailed,
+    LegRinging,
+    LegTag,
+    Menu,
+    OnHold,
+    RecordVoicemail,
+    StandBy,
+    VoicemailLeft,
+    VoicemailReached,
+    WaitForAgent,
+)
 from router.assignment import flow
 from router.assignment.core import abandon, end_offer, take_offered
 from router.assignment.sla import queue_hours
@@ -43,11 +73,10 @@ from router.types import ConversationState as S
 if TYPE_CHECKING:
     from router.runtime import Runtime
 
-__all__ = ["Voice"]
+__all__ = ["Calls"]
 
 log = logging.getLogger(__name__)
 
-_ENDED = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 _WAITING = (S.NEW.value, S.QUEUED.value, S.OFFERED.value)
 _OPEN = (OfferState.PENDING.value, OfferState.CONNECTING.value)
 _RECENT_WAITS = 20  # assigned calls of the queue whose waits estimate the next one's
@@ -69,7 +98,7 @@ def _save_call(tx: Tx, row: Any, call: dict[str, Any]) -> None:
 
 
 def start_call(tx: Tx, conversation_id: int, call_sid: str, caller: str) -> None:
-    """The caller is waiting (idempotent: Twilio may retry the webhook)."""
+    """The caller is waiting (idempotent: the provider may retry the webhook)."""
     row = _locked(tx, conversation_id)
     call = dict((row.data or {}).get("call") or {})
     if call.get("sid") == call_sid:
@@ -223,8 +252,8 @@ def go_to_voicemail(tx: Tx, conversation_id: int, why: str) -> bool:
 
 
 def back_to_hold(tx: Tx, conversation_id: int) -> None:
-    """Voicemail could not be reached (Twilio refused the redirect): the caller is still
-    holding, so they are a live call again."""
+    """Voicemail could not be reached (the provider refused to move the call): the caller
+    is still holding, so they are a live call again."""
     row = _locked(tx, conversation_id)
     call = dict((row.data or {}).get("call") or {})
     if call.get("stage") == "voicemail":
@@ -335,55 +364,55 @@ def conversation_of_call(conn: Connection, inbox_id: int, call_sid: str) -> int 
     return int(found) if found is not None else None
 
 
-def _twiml(body: bytes) -> Response:
-    return Response(body, media_type="text/xml")
-
-
 # -- the controller ---------------------------------------------------------------------
-class Voice:
-    """Answers the calls' webhooks with TwiML and drives the legs (see the module doc)."""
+class Calls:
+    """Answers the call channels' webhooks and drives the legs (see the module doc)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def _channel_of(self, conversation_inbox: int) -> TwilioVoiceChannel | None:
-        channel = self.runtime.channel_for_inbox_id(conversation_inbox)
-        return channel if isinstance(channel, TwilioVoiceChannel) else None
+    def _channel_of(self, inbox_id: int) -> CallChannel | None:
+        channel = self.runtime.channel_for_inbox_id(inbox_id)
+        return channel if isinstance(channel, CallChannel) else None
 
     async def webhook(
-        self, channel: TwilioVoiceChannel, kind: str, hook: WebhookRequest
-    ) -> Response:
-        handler = {
-            "voice": self._incoming,
-            "voice-gather": self._gathered,
-            "hold": self._hold,
-            "voicemail": self._voicemail,
-            "voice-status": self._call_status,
-            "participant-status": self._leg_status,
-        }[kind]
-        return await handler(channel, hook)
+        self, channel: CallChannel, kind: str, hook: WebhookRequest
+    ) -> WebhookResponse:
+        """A verified call webhook: its event applied, answered in the channel's terms."""
+        return channel.answer(await self._on(channel, channel.call_event(kind, hook)))
 
-    async def _incoming(self, channel: TwilioVoiceChannel, hook: WebhookRequest) -> Response:
-        if channel.voice_config.ivr is not None:
-            return _twiml(channel.ivr_twiml())  # stored once the caller has chosen
-        return await self._arrive(channel, hook, None)
+    async def _on(self, channel: CallChannel, event: CallEvent | None) -> CallAnswer:
+        match event:
+            case CallArrived(message):
+                if channel.has_menu:
+                    return Menu()  # the call is stored once the caller has chosen
+                return await self._arrive(channel, message)
+            case ChoiceMade(message):
+                return await self._arrive(channel, message)
+            case HoldTurn(conversation_id):
+                return await self._hold(channel, conversation_id)
+            case VoicemailReached(conversation_id, caller):
+                if conversation_id is None:
+                    return HangUp("Sorry, no message can be left now.")
+                return RecordVoicemail(conversation_id, caller)
+            case VoicemailLeft():
+                return HangUp()
+            case CallEnded():
+                await self._call_ended(channel, event)
+            case LegRinging() | LegAnswered() | LegEnded() | LegFailed():
+                await self._leg(channel, event)
+        return Acknowledge()
 
-    async def _gathered(self, channel: TwilioVoiceChannel, hook: WebhookRequest) -> Response:
-        return await self._arrive(channel, hook, hook.form.get("Digits") or None)
-
-    async def _arrive(
-        self, channel: TwilioVoiceChannel, hook: WebhookRequest, choice: str | None
-    ) -> Response:
-        """Store the call (the CallSid dedupes a retried webhook), route it now (the answer
-        depends on the queue's hours), then hold the caller in their conference."""
+    async def _arrive(self, channel: CallChannel, message: InboundMessage) -> CallAnswer:
+        """Store the call (its id dedupes a retried webhook), route it now (the answer
+        depends on the queue's hours), then hold the caller in their room."""
         runtime = self.runtime
-        message = channel.call_message(hook, choice)
         if not message.external_id:
-            return _twiml(channel.goodbye_twiml("Sorry, this call cannot be taken."))
+            return HangUp("Sorry, this call cannot be taken.")
         outcome = (await runtime.ingest(channel.slug, [message]))[0]
         cid = outcome.conversation_id
         if cid is None:
-            return _twiml(channel.goodbye_twiml("Sorry, this call cannot be taken."))
+            return HangUp("Sorry, this call cannot be taken.")
         await runtime.db.write(start_call, cid, message.external_id, message.sender.address)
         await runtime.route_pending()
         await runtime.after_ingest([outcome])
@@ -393,8 +422,8 @@ class Voice:
             and self._closed(info["queue"])
             and await runtime.db.write(go_to_voicemail, cid, "out of hours")
         ):
-            return _twiml(channel.voicemail_twiml(cid, message.sender.address))
-        return _twiml(channel.conference_twiml(cid))
+            return RecordVoicemail(cid, message.sender.address)
+        return WaitForAgent(cid)
 
     def _closed(self, queue: str | None) -> bool:
         ruleset = self.runtime.rules.active
@@ -410,85 +439,72 @@ class Voice:
         waited = self.runtime.clock.now() - info["entered"]
         return waited >= spec.voicemail_after
 
-    async def _hold(self, channel: TwilioVoiceChannel, hook: WebhookRequest) -> Response:
-        cid = _int(hook.query.get("conversation"))
+    async def _hold(self, channel: CallChannel, cid: int | None) -> CallAnswer:
         info = await self.runtime.db.read(hold_info, cid) if cid is not None else None
         if info is None or cid is None:
-            return _twiml(channel.hold_twiml(None, None))
+            return OnHold(None, None)
         call = info["call"]
         holding = call.get("stage") == "queued"
         if self._voicemail_due(info) or (holding and self._closed(info["queue"])):
             why = "out of hours" if self._closed(info["queue"]) else "waited too long"
             if await self.runtime.db.write(go_to_voicemail, cid, why):
-                url = channel.url("voicemail", conversation=cid, **{"from": call.get("caller")})
                 try:
-                    await channel.redirect(call["sid"], url)
+                    await channel.send_to_voicemail(call["sid"], cid, call.get("caller") or "")
                 except (TemporarySendError, PermanentSendError) as exc:
                     log.warning("call %s not sent to voicemail: %s", call["sid"], exc.reason)
                     await self.runtime.db.write(back_to_hold, cid)
                 else:
-                    return _twiml(channel.pause_twiml())
-        return _twiml(channel.hold_twiml(info["position"], info["estimate"]))
+                    return StandBy()
+        return OnHold(info["position"], info["estimate"])
 
-    async def _voicemail(self, channel: TwilioVoiceChannel, hook: WebhookRequest) -> Response:
-        if hook.query.get("done"):
-            return _twiml(channel.goodbye_twiml())
-        cid = _int(hook.query.get("conversation"))
-        if cid is None:
-            return _twiml(channel.goodbye_twiml("Sorry, no message can be left now."))
-        caller = hook.query.get("from") or channel.caller(hook.form).address
-        return _twiml(channel.voicemail_twiml(cid, caller))
-
-    async def _call_status(self, channel: TwilioVoiceChannel, hook: WebhookRequest) -> Response:
-        status = hook.form.get("CallStatus", "")
-        call_sid = hook.form.get("CallSid", "")
-        if status not in _ENDED or not call_sid:
-            return _twiml(EMPTY_TWIML)
+    async def _call_ended(self, channel: CallChannel, event: CallEnded) -> None:
         runtime = self.runtime
         inbox_id = runtime.inboxes[channel.slug].id
-        cid = _int(hook.query.get("conversation")) or await runtime.db.read(
-            conversation_of_call, inbox_id, call_sid
+        cid = event.conversation_id or await runtime.db.read(
+            conversation_of_call, inbox_id, event.call_id
         )
-        if cid is None:  # hung up in the IVR menu: still a call that came in, and was missed
-            outcome = (await runtime.ingest(channel.slug, [channel.call_message(hook)]))[0]
+        if cid is None:  # hung up in the menu: still a call that came in, and was missed
+            outcome = (await runtime.ingest(channel.slug, [event.message]))[0]
             cid = outcome.conversation_id
             if cid is None:
-                return _twiml(EMPTY_TWIML)
-            caller = channel.caller(hook.form).address
-            await runtime.db.write(start_call, cid, call_sid, caller)
-        ringing = await runtime.db.write(call_ended, cid, status, hook.form.get("CallDuration"))
+                return
+            await runtime.db.write(start_call, cid, event.call_id, event.message.sender.address)
+        ringing = await runtime.db.write(call_ended, cid, event.status, event.seconds)
         for leg in ringing:
             await self._quietly(channel.hang_up(leg))
         await runtime.assignment.dispatch()  # capacity may have been freed
-        return _twiml(EMPTY_TWIML)
 
-    async def _leg_status(self, channel: TwilioVoiceChannel, hook: WebhookRequest) -> Response:
-        status = hook.form.get("CallStatus", "")
-        leg = hook.form.get("CallSid", "")
-        offer_id = _int(hook.query.get("offer"))
-        cid = _int(hook.query.get("conversation"))
-        agent_id = _int(hook.query.get("agent"))
+    async def _leg(
+        self, channel: CallChannel, event: LegRinging | LegAnswered | LegEnded | LegFailed
+    ) -> None:
+        tag, leg = event.tag, event.leg_id
+        cid, agent_id, offer_id = tag.conversation_id, tag.agent_id, tag.offer_id
         if cid is None or agent_id is None or not leg:
-            return _twiml(EMPTY_TWIML)
+            return  # a supervisor listening in, or not one of ours: nothing to record
         db = self.runtime.db
         if offer_id is None:  # a call back's agent leg: only its end is news
-            if status == "completed":
-                await db.write(leg_ended, cid, agent_id, leg, hook.form.get("CallDuration") or "0")
-            return _twiml(EMPTY_TWIML)
-        if status in ("in-progress", "answered"):
-            result = await db.write(leg_answered, offer_id, leg)
-            if result.get("hangup"):
-                await self._quietly(channel.hang_up(leg))
-            for other in result.get("remove", []):
-                await self._quietly(channel.remove_leg(cid, other))
-        elif status in ("initiated", "ringing", "queued"):
-            await db.write(note_ringing, cid, offer_id, leg)
-        elif status in _ENDED:
-            if await db.write(leg_failed, offer_id, f"phone {status}"):
-                await self.runtime.assignment.dispatch()
-            elif status == "completed":
-                await db.write(leg_ended, cid, agent_id, leg, hook.form.get("CallDuration") or "0")
-        return _twiml(EMPTY_TWIML)
+            if isinstance(event, LegEnded):
+                await db.write(leg_ended, cid, agent_id, leg, event.seconds)
+            return
+        match event:
+            case LegAnswered():
+                result = await db.write(leg_answered, offer_id, leg)
+                if result.get("hangup"):
+                    await self._quietly(channel.hang_up(leg))
+                for other in result.get("remove", []):
+                    await self._quietly(channel.remove_leg(cid, other))
+            case LegRinging():
+                await db.write(note_ringing, cid, offer_id, leg)
+            case LegFailed(why=why):
+                if await db.write(leg_failed, offer_id, f"phone {why}"):
+                    await self.runtime.assignment.dispatch()
+            case LegEnded(seconds=seconds):
+                # answered and hung up; never answered as far as we know (its "answered"
+                # never came): the offer ends like a leg that failed
+                if await db.write(leg_failed, offer_id, "phone completed"):
+                    await self.runtime.assignment.dispatch()
+                else:
+                    await db.write(leg_ended, cid, agent_id, leg, seconds)
 
     async def _quietly(self, action: Any) -> None:
         try:
@@ -509,12 +525,12 @@ class Voice:
         channel = self._channel_of(int(inbox_id))
         try:
             if channel is None:
-                raise PermanentSendError("the call's inbox is not a Twilio voice inbox")
-            leg = await channel.add_agent_leg(
+                raise PermanentSendError("the call's inbox is not a phone inbox")
+            leg = await channel.ring_agent(
                 cid,
                 connect["to"],
                 timeout=connect["timeout"],
-                status_query={"conversation": cid, "offer": offer_id, "agent": connect["agent_id"]},
+                tag=LegTag(cid, offer_id, connect["agent_id"]),
             )
         except (TemporarySendError, PermanentSendError) as exc:
             log.warning(
@@ -527,17 +543,17 @@ class Voice:
 
     async def call_back(self, agent_id: int, conversation_id: int) -> dict[str, str]:
         """The agent calls the customer back: the customer is called into the conversation's
-        conference and the agent's phone is rung into it too."""
+        room and the agent's phone is rung into it too."""
         db = self.runtime.db
         plan = await db.write(calling_back, agent_id, conversation_id)
         channel = self._channel_of(int(plan["inbox_id"]))
         if channel is None:
-            raise Conflict("the conversation's inbox is not a Twilio voice inbox")
-        leg = await channel.add_agent_leg(
+            raise Conflict("the conversation's inbox is not a phone inbox")
+        leg = await channel.ring_agent(
             conversation_id,
             plan["agent_phone"],
             timeout=30,
-            status_query={"conversation": conversation_id, "agent": agent_id},
+            tag=LegTag(conversation_id, None, agent_id),
         )
         try:
             customer = await channel.call_back(conversation_id, plan["customer"])
@@ -557,13 +573,6 @@ class Voice:
         channel = self._channel_of(int(inbox_id)) if inbox_id is not None else None
         if channel is None:
             raise PermanentSendError("not a phone conversation")
-        return await channel.add_agent_leg(
-            conversation_id, to, timeout=30, status_query={"monitor": 1}, muted=True
+        return await channel.ring_agent(
+            conversation_id, to, timeout=30, tag=LegTag(monitor=True), muted=True
         )
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
