@@ -20,10 +20,8 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    Float,
     and_,
     bindparam,
-    cast,
     exists,
     func,
     insert,
@@ -36,6 +34,7 @@ from sqlalchemy.orm import aliased
 from router.agents import record_status
 from router.assignment import flow
 from router.assignment.capacity import CapacityFull, claim, release, release_many, take
+from router.assignment.strategies import Scope, strategy_of
 from router.assignment.timers import PREFERRED, clear_timers, current_ruleset
 from router.csat import send_survey
 from router.db import Tx, any_of, prepared, prepared_each
@@ -73,47 +72,6 @@ __all__ = [
 ]
 
 S = ConversationState
-
-
-def _strategy_order(spec: QueueSpec, conversation: Any, total_load: Any) -> list[Any]:
-    """ORDER BY for a queue's strategy (best first)."""
-    if spec.strategy == "least_busy":  # lowest occupancy ratio
-        return [cast(total_load.used, Float) / total_load.cap, Agent.idle_since, Agent.id]
-    if spec.strategy == "round_robin":  # the rotation is stored, so it survives restarts
-        return [Agent.rr_position, Agent.id]
-    if spec.strategy == "most_skilled":  # the highest levels on the required skills
-        required = list((conversation.required_skills or spec.skills or {}).keys())
-        levels = (
-            select(func.coalesce(func.sum(AgentSkill.level), 0))
-            .where(AgentSkill.agent_id == Agent.id, AgentSkill.skill.in_(required))
-            .scalar_subquery()
-        )
-        return [levels.desc(), total_load.used, Agent.idle_since, Agent.id]
-    # longest_idle: an agent holding work is not idle; agents free of work first, longest
-    # idle (since their last work ended) first, then those with the fewest conversations
-    return [total_load.used, Agent.idle_since, Agent.id]
-
-
-def strategy_rank(
-    spec: QueueSpec,
-    required: dict[str, int],
-    idle_since: Any,
-    agent_id: int,
-    rr_position: int,
-    skills: dict[str, int],
-    load: dict[str, list[int]],
-) -> tuple[Any, ...]:
-    """The same order in memory (for the batch matcher): smaller is better."""
-    if spec.strategy == "least_busy":
-        used, cap = load.get("total", [0, 1])
-        return (used / cap if cap else 1.0, idle_since, agent_id)
-    if spec.strategy == "round_robin":
-        return (rr_position, agent_id)
-    used = load.get("total", [0, 1])[0]
-    if spec.strategy == "most_skilled":
-        levels = sum(skills.get(s, 0) for s in (required or spec.skills))
-        return (-levels, used, idle_since, agent_id)
-    return (used, idle_since, agent_id)
 
 
 def candidate_agents(
@@ -171,9 +129,8 @@ def candidate_agents(
         query = query.where(Agent.id.not_in(list(exclude)))
     if only is not None:
         query = query.where(Agent.id == only)
-    rows = conn.execute(
-        query.order_by(*_strategy_order(spec, conversation, total_load)).limit(limit * 2)
-    ).all()
+    order = strategy_of(spec).order_by(Scope.of(spec, conversation), total_load)
+    rows = conn.execute(query.order_by(*order).limit(limit * 2)).all()
     out = []
     for row in rows:
         exclusive = row.exclusive_channels or []
@@ -297,7 +254,7 @@ def offer_now(tx: Tx, conversation_id: int, agent_id: int, spec: QueueSpec) -> d
         take(tx, agent_id, conversation.channel, "offered", presence=AgentPresence.ONLINE.value)
     except CapacityFull:
         raise LostRace from None
-    if spec.strategy == "round_robin":
+    if strategy_of(spec).rotates:
         tx.execute(_ROTATE, {"p_agent": agent_id})
     if spec.auto_accept:
         add_event(

@@ -26,7 +26,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.functions import FunctionElement
 
-from router.assignment.core import candidate_agents, strategy_rank, try_offer
+from router.assignment.core import candidate_agents, try_offer
+from router.assignment.strategies import LONGEST_IDLE, Scope, strategy_of
 from router.db import Tx, any_of, prepared
 from router.models import Agent, AgentLoad, AgentSkill, Conversation, Offer, User
 from router.types import AgentPresence, ConversationState, OfferState
@@ -136,6 +137,9 @@ _OFFERS_OF = prepared(
 _DECLINED_STATES = frozenset((OfferState.REJECTED.value, OfferState.EXPIRED.value))
 
 
+_NO_SCOPE = Scope()
+
+
 @dataclass
 class _Candidate:
     id: int
@@ -175,10 +179,9 @@ class _Candidate:
             and self.skills.get(f"lang_{row.language}", 0) < 1
         )
 
-    def idle_key(self) -> tuple[int, datetime, int]:
-        """Longest idle order: free of work first, longest idle first, then fewest
-        conversations (the same order as :func:`strategy_rank`)."""
-        return (self.load.get("total", [0, 0])[0], self.idle_since, self.id)
+    def idle_key(self) -> tuple[Any, ...]:
+        """The longest idle order (the pool's order)."""
+        return LONGEST_IDLE.rank(self, _NO_SCOPE)
 
     def free_any(self) -> bool:
         used, cap = self.load.get("total", (0, 0))
@@ -187,7 +190,7 @@ class _Candidate:
     def take(self, channel: str, spec: QueueSpec) -> None:
         for key in (channel, "total"):
             self.load.setdefault(key, [0, 0])[0] += 1
-        if spec.strategy == "round_robin":
+        if strategy_of(spec).rotates:
             self.rr_position = 1 << 62  # rotated to the back (the database holds the real value)
 
 
@@ -279,16 +282,10 @@ def _pick(
     qualified = (
         a for a in pool if qualifies(a) and (allow_declined or (row.id, a.id) not in declined)
     )
-    if spec.strategy == "longest_idle":
+    strategy, scope = strategy_of(spec), Scope.of(spec, row)
+    if strategy is LONGEST_IDLE:
         return next(qualified, None)
-    required = row.required_skills or {}
-    return min(
-        qualified,
-        key=lambda a: strategy_rank(
-            spec, required, a.idle_since, a.id, a.rr_position, a.skills, a.load
-        ),
-        default=None,
-    )
+    return min(qualified, key=lambda a: strategy.rank(a, scope), default=None)
 
 
 Attempt = Callable[[Any, int, QueueSpec], bool]
