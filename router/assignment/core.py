@@ -129,22 +129,27 @@ def candidate_agents(
         query = query.where(Agent.id.not_in(list(exclude)))
     if only is not None:
         query = query.where(Agent.id == only)
-    order = strategy_of(spec).order_by(Scope.of(spec, conversation), total_load)
-    rows = conn.execute(query.order_by(*order).limit(limit * 2)).all()
-    out = []
-    for row in rows:
-        exclusive = row.exclusive_channels or []
-        if exclusive and conversation.channel not in exclusive:
-            busy = conn.execute(
-                select(func.coalesce(func.sum(AgentLoad.used), 0)).where(
-                    AgentLoad.agent_id == row.id, AgentLoad.channel.in_(exclusive)
-                )
-            ).scalar_one()
-            if busy:
-                continue
-        out.append(int(row.id))
-        if len(out) >= limit:
+    query = query.order_by(*strategy_of(spec).order_by(Scope.of(spec, conversation), total_load))
+    out: list[int] = []
+    page, offset = limit * 2, 0
+    while len(out) < limit:  # paging on past agents busy on an exclusive channel
+        rows = conn.execute(query.offset(offset).limit(page)).all()
+        for row in rows:
+            exclusive = row.exclusive_channels or []
+            if exclusive and conversation.channel not in exclusive:
+                busy = conn.execute(
+                    select(func.coalesce(func.sum(AgentLoad.used), 0)).where(
+                        AgentLoad.agent_id == row.id, AgentLoad.channel.in_(exclusive)
+                    )
+                ).scalar_one()
+                if busy:
+                    continue
+            out.append(int(row.id))
+            if len(out) >= limit:
+                break
+        if len(rows) < page:
             break
+        offset += page
     return out
 
 

@@ -1,12 +1,122 @@
-"""Assignment strategies: the registry the router orders agents by, and the strategies the
-rules language accepts."""
+"""Assignment strategies: the registry, and the SQL order (candidate_agents) against the
+batch matcher's order in memory, on SQLite and PostgreSQL, through the real database
+functions."""
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
+from sqlalchemy import delete, insert, update
+
+from adapters.clock import FakeClock
+from router.agents import create_agent
+from router.assignment.core import candidate_agents
 from router.assignment.strategies import STRATEGIES, Strategy, TotalUsed
+from router.auth import create_user
+from router.db import Database, Tx
+from router.models import Agent, AgentLoad, AgentSkill
+from router.types import CAPACITY_KEYS
 from routing_rules import STRATEGIES as RULE_STRATEGIES
+from routing_rules import QueueSpec
+
+NAMES = tuple(f"agent{i}" for i in range(7))
+SKILLS = ("billing", "sales", "lang_de", "lang_fr")
+CHANNELS = ("sms", "webchat", "voice", "email")
+BASE = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class AgentState:
+    presence: str
+    disconnected: bool
+    idle_since: datetime
+    rr_position: int
+    skills: dict[str, int]
+    exclusive: list[str]
+    load: dict[str, tuple[int, int]]  # channel (and total) -> (used, cap)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A waiting conversation as the matcher reads it (matcher._WAITING)."""
+
+    channel: str
+    required_skills: dict[str, int]
+    language: str | None
+    data: dict[str, Any] = field(default_factory=dict)
+    id: int = 1
+    queue: str = "own"
+    preferred_agent_id: int | None = None
+
+
+@dataclass
+class Floor:
+    """A database with a fixed set of agents, rearranged for each example."""
+
+    db: Database
+    ids: list[int]
+
+    def arrange(self, tx: Tx, states: list[AgentState]) -> None:
+        tx.execute(delete(AgentSkill))
+        for agent_id, state in zip(self.ids, states, strict=True):
+            tx.execute(
+                update(Agent)
+                .where(Agent.id == agent_id)
+                .values(
+                    presence=state.presence,
+                    disconnected_at=tx.now if state.disconnected else None,
+                    idle_since=state.idle_since,
+                    rr_position=state.rr_position,
+                    exclusive_channels=state.exclusive,
+                )
+            )
+            if state.skills:
+                tx.execute(
+                    insert(AgentSkill),
+                    [
+                        {"agent_id": agent_id, "skill": s, "level": n}
+                        for s, n in state.skills.items()
+                    ],
+                )
+            for channel, (used, cap) in state.load.items():
+                tx.execute(
+                    update(AgentLoad)
+                    .where(AgentLoad.agent_id == agent_id, AgentLoad.channel == channel)
+                    .values(used=used, cap=cap)
+                )
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """As the matcher runs: in the writer's transaction on SQLite (dispatch_batch), in a
+        read on PostgreSQL (plan_batch)."""
+        if self.db.dialect == "sqlite":
+            return await self.db.write(fn, *args)
+        return await self.db.read(fn, *args)
+
+
+@pytest.fixture
+async def floor(db_url: str) -> AsyncIterator[Floor]:
+    db = Database(db_url, clock=FakeClock(BASE))
+    await db.start()
+
+    def add(tx: Tx) -> list[int]:
+        ids = []
+        for name in NAMES:
+            user_id, _ = create_user(tx, name, "agent")
+            ids.append(create_agent(tx, user_id, name, {}, dict.fromkeys(CAPACITY_KEYS, 0)))
+        return ids
+
+    try:
+        yield Floor(db, await db.write(add))
+    finally:
+        await db.close()
+
+
+def _first(ids: list[int]) -> int | None:
+    return ids[0] if ids else None
 
 
 def test_the_registry_implements_exactly_the_strategies_of_the_rules_language() -> None:
@@ -19,3 +129,42 @@ def test_the_registry_implements_exactly_the_strategies_of_the_rules_language() 
 def test_a_strategy_ends_with_the_agent_id_so_its_order_is_total() -> None:
     with pytest.raises(ValueError, match="the last key must be the agent id"):
         Strategy("unfair", (TotalUsed(),))
+
+
+# -- where the SQL and the in-memory paths disagreed (each test failed before its fix) --
+
+
+def state(
+    used: int = 0, idle: int = 0, *, online: bool = True, skills: dict[str, int] | None = None
+) -> AgentState:
+    load = dict.fromkeys(CHANNELS, (0, 3))
+    load["total"] = (used, 6)
+    return AgentState(
+        "online" if online else "offline",
+        False,
+        BASE + timedelta(seconds=idle),
+        0,
+        skills or {},
+        [],
+        load,
+    )
+
+
+def on_a_call(idle: int) -> AgentState:
+    """Busy on an exclusive voice call: takes nothing else meanwhile."""
+    busy = state(1, idle)
+    return replace(busy, exclusive=["voice"], load={**busy.load, "voice": (1, 3)})
+
+
+OFFLINE = state(online=False)
+
+
+async def test_candidate_agents_looks_past_agents_on_an_exclusive_call(floor: Floor) -> None:
+    # the two first in the order are on calls: the query used to read 2 x limit rows and
+    # drop those, finding nobody although the third agent is free
+    await floor.db.write(floor.arrange, [on_a_call(0), on_a_call(1), state(1, 5)] + [OFFLINE] * 4)
+    spec = QueueSpec(name="own")
+    first = await floor.run(
+        lambda c: candidate_agents(c, Row("sms", {}, None), spec, exclude=set(), limit=1)
+    )
+    assert first == [floor.ids[2]]
