@@ -117,9 +117,11 @@ _IDLE_SLICE = (
     .order_by(Agent.idle_since, Agent.id)
     .limit(bindparam("n"))
 )
+# Both slices in longest-idle order, so that together they are a prefix of it (the idle one
+# is that order among agents free of work: an index walk by idle time).
 _BUSY_SLICE = (
     _FREE_AGENTS.where(AgentLoad.used > 0)
-    .order_by(Agent.idle_since, Agent.id)
+    .order_by(*LONGEST_IDLE.order_by(Scope(), AgentLoad))
     .limit(bindparam("n"))
 )
 # the dispatch runs them in the writer's transaction on SQLite (router.db.prepared)

@@ -15,6 +15,7 @@ from sqlalchemy import delete, insert, update
 from adapters.clock import FakeClock
 from router.agents import create_agent
 from router.assignment.core import candidate_agents
+from router.assignment.matcher import _pool
 from router.assignment.strategies import STRATEGIES, Strategy, TotalUsed
 from router.auth import create_user
 from router.db import Database, Tx
@@ -168,3 +169,15 @@ async def test_candidate_agents_looks_past_agents_on_an_exclusive_call(floor: Fl
         lambda c: candidate_agents(c, Row("sms", {}, None), spec, exclude=set(), limit=1)
     )
     assert first == [floor.ids[2]]
+
+
+async def test_the_slice_of_busy_agents_is_in_longest_idle_order(floor: Floor) -> None:
+    # nobody free of work: the one holding the least comes first, however long the other
+    # has been idle (the slice used to be ordered by idle time alone)
+    await floor.db.write(floor.arrange, [state(2, 0), state(1, 5)] + [OFFLINE] * 5)
+    sliced = await floor.run(lambda c: [a.id for a in _pool(c, 1)])
+    assert sliced == [floor.ids[1]]
+    row = Row("sms", {}, None)
+    assert await floor.run(
+        lambda c: candidate_agents(c, row, QueueSpec(name="own"), exclude=set())
+    ) == [floor.ids[1], floor.ids[0]]
