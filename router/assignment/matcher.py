@@ -273,21 +273,30 @@ def _pick(
     *,
     allow_declined: bool,
 ) -> _Candidate | None:
-    """The best qualified agent for ``row`` by the queue's strategy (the pool is in longest-idle
-    order, so for that strategy the first qualified agent is the best)."""
+    """The best qualified agent for ``row``, in the order :func:`_candidates` asks the
+    database for: agents eligible by its own queue first, then those eligible by a queue an
+    overflow step added, each by that queue's strategy. (The pool is in longest-idle order, so
+    with that strategy and one way to be eligible the first qualified agent is the best.)"""
 
     def qualifies(agent: _Candidate) -> bool:
         return any(agent.qualifies(s, view) for s, view in ways)
 
     if row.preferred_agent_id is not None:  # its preferred agent only, until its wait is over
         return next((a for a in pool if a.id == row.preferred_agent_id and qualifies(a)), None)
-    qualified = (
-        a for a in pool if qualifies(a) and (allow_declined or (row.id, a.id) not in declined)
-    )
-    strategy, scope = strategy_of(spec), Scope.of(spec, row)
-    if strategy is LONGEST_IDLE:
-        return next(qualified, None)
-    return min(qualified, key=lambda a: strategy.rank(a, scope), default=None)
+    orders = [(s, view, strategy_of(s), Scope.of(s, view)) for s, view in ways]
+    allowed = (a for a in pool if allow_declined or (row.id, a.id) not in declined)
+    if len(orders) == 1 and orders[0][2] is LONGEST_IDLE:
+        return next((a for a in allowed if a.qualifies(orders[0][0], orders[0][1])), None)
+    best: _Candidate | None = None
+    best_key: tuple[Any, ...] = ()
+    for agent in allowed:
+        for tier, (s, view, strategy, scope) in enumerate(orders):
+            if agent.qualifies(s, view):
+                key = (tier, strategy.rank(agent, scope))
+                if best is None or key < best_key:
+                    best, best_key = agent, key
+                break
+    return best
 
 
 Attempt = Callable[[Any, int, QueueSpec], bool]
@@ -319,8 +328,12 @@ def _match(conn: Reads, queues: dict[str, QueueSpec], limit: int, attempt: Attem
     declined = _declined(conn, (r.id for r in waiting))
     # With only the default strategy in play the longest idle agents are the best ones: one
     # read of a slice of them serves the whole batch. Otherwise, with few waiting, indexed
-    # candidate queries per conversation cost less than reading every free agent.
-    longest_idle_only = all(queues[r.queue].strategy == "longest_idle" for r in waiting)
+    # candidate queries per conversation cost less than reading every free agent. (A queue an
+    # overflow step added ranks its agents after the queue's own, by its own strategy: a
+    # slice in longest-idle order is not enough for that.)
+    longest_idle_only = all(
+        [s.strategy for s, _ in eligibility(queues, r)] == [LONGEST_IDLE.name] for r in waiting
+    )
     per_conversation = len(waiting) <= SMALL and not longest_idle_only
     pool: list[_Candidate] | None = None
     complete = False

@@ -15,7 +15,7 @@ from sqlalchemy import delete, insert, update
 from adapters.clock import FakeClock
 from router.agents import create_agent
 from router.assignment.core import candidate_agents
-from router.assignment.matcher import _pool
+from router.assignment.matcher import _candidates, _pick, _pool, eligibility
 from router.assignment.strategies import STRATEGIES, Strategy, TotalUsed
 from router.auth import create_user
 from router.db import Database, Tx
@@ -120,6 +120,11 @@ def _first(ids: list[int]) -> int | None:
     return ids[0] if ids else None
 
 
+def _pick_id(pool: list[Any], row: Row, spec: QueueSpec, ways: Any) -> int | None:
+    agent = _pick(pool, row, spec, ways, set(), allow_declined=False)
+    return agent.id if agent is not None else None
+
+
 def test_the_registry_implements_exactly_the_strategies_of_the_rules_language() -> None:
     # routing_rules validates `strategy:` and must not import the router: the names are
     # declared there, and every one of them needs an implementation here (and no more)
@@ -181,3 +186,26 @@ async def test_the_slice_of_busy_agents_is_in_longest_idle_order(floor: Floor) -
     assert await floor.run(
         lambda c: candidate_agents(c, row, QueueSpec(name="own"), exclude=set())
     ) == [floor.ids[1], floor.ids[0]]
+
+
+async def test_an_added_queues_agents_come_after_the_queues_own_by_their_strategy(
+    floor: Floor,
+) -> None:
+    extra = QueueSpec(name="extra", strategy="longest_idle")
+    row = Row("sms", {"billing": 2}, None, data={"extra_queues": ["extra"]})
+
+    def both(conn: Any, own: QueueSpec) -> tuple[int | None, int | None]:
+        ways = eligibility({"own": own, "extra": extra}, row)
+        return _first(_candidates(conn, row, ways, set())), _pick_id(_pool(conn), row, own, ways)
+
+    # eligible by the added queue only: ranked by its strategy (longest idle), not by the
+    # queue's own (the highest levels)
+    idle_long, billing_1 = state(0, 0), state(0, 3, skills={"billing": 1})
+    await floor.db.write(floor.arrange, [idle_long, billing_1] + [OFFLINE] * 5)
+    own = QueueSpec(name="own", strategy="most_skilled", skills={"billing": 2})
+    assert await floor.run(both, own) == (floor.ids[0], floor.ids[0])
+    # eligible by the queue itself: first, however long an agent of the added queue is idle
+    billing_2 = state(0, 3, skills={"billing": 2})
+    await floor.db.write(floor.arrange, [idle_long, billing_2] + [OFFLINE] * 5)
+    own = QueueSpec(name="own", skills={"billing": 2})
+    assert await floor.run(both, own) == (floor.ids[1], floor.ids[1])
