@@ -20,10 +20,8 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    Float,
     and_,
     bindparam,
-    cast,
     exists,
     func,
     insert,
@@ -36,6 +34,7 @@ from sqlalchemy.orm import aliased
 from router.agents import record_status
 from router.assignment import flow
 from router.assignment.capacity import CapacityFull, claim, release, release_many, take
+from router.assignment.strategies import Scope, strategy_of
 from router.assignment.timers import PREFERRED, clear_timers, current_ruleset
 from router.csat import send_survey
 from router.db import Tx, any_of, prepared, prepared_each
@@ -73,47 +72,6 @@ __all__ = [
 ]
 
 S = ConversationState
-
-
-def _strategy_order(spec: QueueSpec, conversation: Any, total_load: Any) -> list[Any]:
-    """ORDER BY for a queue's strategy (best first)."""
-    if spec.strategy == "least_busy":  # lowest occupancy ratio
-        return [cast(total_load.used, Float) / total_load.cap, Agent.idle_since, Agent.id]
-    if spec.strategy == "round_robin":  # the rotation is stored, so it survives restarts
-        return [Agent.rr_position, Agent.id]
-    if spec.strategy == "most_skilled":  # the highest levels on the required skills
-        required = list((conversation.required_skills or spec.skills or {}).keys())
-        levels = (
-            select(func.coalesce(func.sum(AgentSkill.level), 0))
-            .where(AgentSkill.agent_id == Agent.id, AgentSkill.skill.in_(required))
-            .scalar_subquery()
-        )
-        return [levels.desc(), total_load.used, Agent.idle_since, Agent.id]
-    # longest_idle: an agent holding work is not idle; agents free of work first, longest
-    # idle (since their last work ended) first, then those with the fewest conversations
-    return [total_load.used, Agent.idle_since, Agent.id]
-
-
-def strategy_rank(
-    spec: QueueSpec,
-    required: dict[str, int],
-    idle_since: Any,
-    agent_id: int,
-    rr_position: int,
-    skills: dict[str, int],
-    load: dict[str, list[int]],
-) -> tuple[Any, ...]:
-    """The same order in memory (for the batch matcher): smaller is better."""
-    if spec.strategy == "least_busy":
-        used, cap = load.get("total", [0, 1])
-        return (used / cap if cap else 1.0, idle_since, agent_id)
-    if spec.strategy == "round_robin":
-        return (rr_position, agent_id)
-    used = load.get("total", [0, 1])[0]
-    if spec.strategy == "most_skilled":
-        levels = sum(skills.get(s, 0) for s in (required or spec.skills))
-        return (-levels, used, idle_since, agent_id)
-    return (used, idle_since, agent_id)
 
 
 def candidate_agents(
@@ -171,23 +129,27 @@ def candidate_agents(
         query = query.where(Agent.id.not_in(list(exclude)))
     if only is not None:
         query = query.where(Agent.id == only)
-    rows = conn.execute(
-        query.order_by(*_strategy_order(spec, conversation, total_load)).limit(limit * 2)
-    ).all()
-    out = []
-    for row in rows:
-        exclusive = row.exclusive_channels or []
-        if exclusive and conversation.channel not in exclusive:
-            busy = conn.execute(
-                select(func.coalesce(func.sum(AgentLoad.used), 0)).where(
-                    AgentLoad.agent_id == row.id, AgentLoad.channel.in_(exclusive)
-                )
-            ).scalar_one()
-            if busy:
-                continue
-        out.append(int(row.id))
-        if len(out) >= limit:
+    query = query.order_by(*strategy_of(spec).order_by(Scope.of(spec, conversation), total_load))
+    out: list[int] = []
+    page, offset = limit * 2, 0
+    while len(out) < limit:  # paging on past agents busy on an exclusive channel
+        rows = conn.execute(query.offset(offset).limit(page)).all()
+        for row in rows:
+            exclusive = row.exclusive_channels or []
+            if exclusive and conversation.channel not in exclusive:
+                busy = conn.execute(
+                    select(func.coalesce(func.sum(AgentLoad.used), 0)).where(
+                        AgentLoad.agent_id == row.id, AgentLoad.channel.in_(exclusive)
+                    )
+                ).scalar_one()
+                if busy:
+                    continue
+            out.append(int(row.id))
+            if len(out) >= limit:
+                break
+        if len(rows) < page:
             break
+        offset += page
     return out
 
 
@@ -297,7 +259,7 @@ def offer_now(tx: Tx, conversation_id: int, agent_id: int, spec: QueueSpec) -> d
         take(tx, agent_id, conversation.channel, "offered", presence=AgentPresence.ONLINE.value)
     except CapacityFull:
         raise LostRace from None
-    if spec.strategy == "round_robin":
+    if strategy_of(spec).rotates:
         tx.execute(_ROTATE, {"p_agent": agent_id})
     if spec.auto_accept:
         add_event(

@@ -26,7 +26,8 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.functions import FunctionElement
 
-from router.assignment.core import candidate_agents, strategy_rank, try_offer
+from router.assignment.core import candidate_agents, try_offer
+from router.assignment.strategies import LONGEST_IDLE, Scope, strategy_of
 from router.db import Tx, any_of, prepared
 from router.models import Agent, AgentLoad, AgentSkill, Conversation, Offer, User
 from router.types import AgentPresence, ConversationState, OfferState
@@ -116,9 +117,11 @@ _IDLE_SLICE = (
     .order_by(Agent.idle_since, Agent.id)
     .limit(bindparam("n"))
 )
+# Both slices in longest-idle order, so that together they are a prefix of it (the idle one
+# is that order among agents free of work: an index walk by idle time).
 _BUSY_SLICE = (
     _FREE_AGENTS.where(AgentLoad.used > 0)
-    .order_by(Agent.idle_since, Agent.id)
+    .order_by(*LONGEST_IDLE.order_by(Scope(), AgentLoad))
     .limit(bindparam("n"))
 )
 # the dispatch runs them in the writer's transaction on SQLite (router.db.prepared)
@@ -134,6 +137,9 @@ _OFFERS_OF = prepared(
     )
 )
 _DECLINED_STATES = frozenset((OfferState.REJECTED.value, OfferState.EXPIRED.value))
+
+
+_NO_SCOPE = Scope()
 
 
 @dataclass
@@ -175,10 +181,9 @@ class _Candidate:
             and self.skills.get(f"lang_{row.language}", 0) < 1
         )
 
-    def idle_key(self) -> tuple[int, datetime, int]:
-        """Longest idle order: free of work first, longest idle first, then fewest
-        conversations (the same order as :func:`strategy_rank`)."""
-        return (self.load.get("total", [0, 0])[0], self.idle_since, self.id)
+    def idle_key(self) -> tuple[Any, ...]:
+        """The longest idle order (the pool's order)."""
+        return LONGEST_IDLE.rank(self, _NO_SCOPE)
 
     def free_any(self) -> bool:
         used, cap = self.load.get("total", (0, 0))
@@ -187,7 +192,7 @@ class _Candidate:
     def take(self, channel: str, spec: QueueSpec) -> None:
         for key in (channel, "total"):
             self.load.setdefault(key, [0, 0])[0] += 1
-        if spec.strategy == "round_robin":
+        if strategy_of(spec).rotates:
             self.rr_position = 1 << 62  # rotated to the back (the database holds the real value)
 
 
@@ -268,27 +273,30 @@ def _pick(
     *,
     allow_declined: bool,
 ) -> _Candidate | None:
-    """The best qualified agent for ``row`` by the queue's strategy (the pool is in longest-idle
-    order, so for that strategy the first qualified agent is the best)."""
+    """The best qualified agent for ``row``, in the order :func:`_candidates` asks the
+    database for: agents eligible by its own queue first, then those eligible by a queue an
+    overflow step added, each by that queue's strategy. (The pool is in longest-idle order, so
+    with that strategy and one way to be eligible the first qualified agent is the best.)"""
 
     def qualifies(agent: _Candidate) -> bool:
         return any(agent.qualifies(s, view) for s, view in ways)
 
     if row.preferred_agent_id is not None:  # its preferred agent only, until its wait is over
         return next((a for a in pool if a.id == row.preferred_agent_id and qualifies(a)), None)
-    qualified = (
-        a for a in pool if qualifies(a) and (allow_declined or (row.id, a.id) not in declined)
-    )
-    if spec.strategy == "longest_idle":
-        return next(qualified, None)
-    required = row.required_skills or {}
-    return min(
-        qualified,
-        key=lambda a: strategy_rank(
-            spec, required, a.idle_since, a.id, a.rr_position, a.skills, a.load
-        ),
-        default=None,
-    )
+    orders = [(s, view, strategy_of(s), Scope.of(s, view)) for s, view in ways]
+    allowed = (a for a in pool if allow_declined or (row.id, a.id) not in declined)
+    if len(orders) == 1 and orders[0][2] is LONGEST_IDLE:
+        return next((a for a in allowed if a.qualifies(orders[0][0], orders[0][1])), None)
+    best: _Candidate | None = None
+    best_key: tuple[Any, ...] = ()
+    for agent in allowed:
+        for tier, (s, view, strategy, scope) in enumerate(orders):
+            if agent.qualifies(s, view):
+                key = (tier, strategy.rank(agent, scope))
+                if best is None or key < best_key:
+                    best, best_key = agent, key
+                break
+    return best
 
 
 Attempt = Callable[[Any, int, QueueSpec], bool]
@@ -320,8 +328,12 @@ def _match(conn: Reads, queues: dict[str, QueueSpec], limit: int, attempt: Attem
     declined = _declined(conn, (r.id for r in waiting))
     # With only the default strategy in play the longest idle agents are the best ones: one
     # read of a slice of them serves the whole batch. Otherwise, with few waiting, indexed
-    # candidate queries per conversation cost less than reading every free agent.
-    longest_idle_only = all(queues[r.queue].strategy == "longest_idle" for r in waiting)
+    # candidate queries per conversation cost less than reading every free agent. (A queue an
+    # overflow step added ranks its agents after the queue's own, by its own strategy: a
+    # slice in longest-idle order is not enough for that.)
+    longest_idle_only = all(
+        [s.strategy for s, _ in eligibility(queues, r)] == [LONGEST_IDLE.name] for r in waiting
+    )
     per_conversation = len(waiting) <= SMALL and not longest_idle_only
     pool: list[_Candidate] | None = None
     complete = False
